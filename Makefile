@@ -1,0 +1,38 @@
+# winnow: `make demo` and `make test` each work alone on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# CPU machines: a local file of this torch exists; any other version pulls GBs of CUDA wheels.
+TORCH  ?= torch==2.13.0
+EXTRAS ?= cpu,dev,ray
+PIP    := $(BIN)/python -m pip --quiet --quiet --disable-pip-version-check
+
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test lint bench-cpu clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+# The main job on the built-in demo corpus, on CPU: corpus -> proxy training -> EL2N -> prune -> shards + report.
+demo: $(STAMP)
+	$(BIN)/winnow demo-data data/demo
+	$(BIN)/winnow run configs/demo.yaml
+	$(BIN)/winnow inspect runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs data/demo .pytest_cache
