@@ -1,0 +1,112 @@
+"""The `winnow` command line.
+
+    winnow run RECIPE [--set key=value ...]   score, select and emit shards, manifest and report
+    winnow validate RECIPE [--set ...]        check a recipe and print it with defaults filled in
+    winnow report RUN                         (re)write RUN/report.html
+    winnow inspect RUN                        print a run's summary in the terminal
+    winnow demo-data OUT                      write the built-in demo corpus (jsonl) to OUT
+
+Errors in the user's input print one line naming the file, column or key, and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import winnow
+from winnow.errors import WinnowError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="winnow", description="Data selection and reweighting for training data.")
+    p.add_argument("--version", action="version", version=f"winnow {winnow.__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run a recipe: train proxies, score, select, emit shards and report")
+    r.add_argument("recipe", type=Path)
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set select.fraction=0.5 (repeatable)")
+
+    v = sub.add_parser("validate", help="validate a recipe and print it with defaults filled in")
+    v.add_argument("recipe", type=Path)
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    rep = sub.add_parser("report", help="write RUN/report.html")
+    rep.add_argument("run", type=Path)
+
+    ins = sub.add_parser("inspect", help="print a run's summary")
+    ins.add_argument("run", type=Path)
+
+    d = sub.add_parser("demo-data", help="write the built-in multi-domain demo corpus as jsonl")
+    d.add_argument("out", type=Path)
+    d.add_argument("--per-domain", type=int, default=500, help="rows per domain (default 500)")
+    d.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from winnow.pipeline.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rich.console import Console
+
+    from winnow.flows.run import run_recipe
+
+    summary = run_recipe(recipe)
+    con = Console(stderr=False)
+    con.print(f"[bold]winnow run {recipe.name}[/]: {summary['rows']} rows, {summary['kept']} kept, "
+              f"{summary['shards']} shard(s) in {summary['run_dir']}")
+    for s in summary["steps"]:
+        con.print(f"  {s['step']:<28} {s['state']:<24} {s['seconds']:>8.2f}s")
+    con.print(f"report: {summary['report']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "run":
+            return _run(args)
+        if args.cmd == "validate":
+            from winnow.pipeline.recipe import dump_recipe, load_recipe
+
+            print(dump_recipe(load_recipe(args.recipe, args.overrides)), end="")
+            return 0
+        if args.cmd == "report":
+            from winnow.pipeline.report import write_report
+
+            print(write_report(args.run))
+            return 0
+        if args.cmd == "inspect":
+            from winnow.pipeline.report import print_summary
+
+            print_summary(args.run)
+            return 0
+        if args.cmd == "demo-data":
+            from winnow.pipeline.demo import build_demo_corpus
+
+            if args.out.exists() and any(args.out.iterdir()) and not args.force:
+                print(f"{args.out} exists; keeping it (use --force to rebuild)")
+                return 0
+            counts = build_demo_corpus(args.out, per_domain=args.per_domain)
+            print(f"wrote {sum(counts.values())} rows to {args.out}: "
+                  + ", ".join(f"{k} {v}" for k, v in counts.items()))
+            return 0
+    except WinnowError as e:
+        print(f"winnow: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except FileNotFoundError as e:
+        print(f"winnow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("winnow: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""The main Prefect flow: tokenizer → proxy training → scoring → merge → select → emit → report.
+
+One task per seed (training) and per input shard (scoring); every task is cached by a
+fingerprint of its inputs and parameters (`cache_policy` keyed on the task's `fp` argument, with
+the cache records under `runs/NAME/.prefect/`), so rerunning an unchanged recipe redoes nothing
+and a crashed run resumes from the tasks that finished. Outputs are files written atomically;
+a cached task whose files have since gone is run again.
+
+User errors (`WinnowError`) are not retried; other failures are retried once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import CachePolicy
+
+import winnow
+from winnow.errors import WinnowError
+from winnow.pipeline.atomic import clean_temporaries, fingerprint, write_json, write_text
+from winnow.pipeline.recipe import Recipe, dump_recipe, recipe_from_dict
+from winnow.pipeline.sources import (
+    InputShard,
+    check_columns,
+    iter_raw_batches,
+    list_shards,
+    shards_fingerprint,
+)
+
+
+# -- run directory -------------------------------------------------------------------------------
+def prepare_run_dir(recipe: Recipe) -> Path:
+    """Create or reopen the run folder; refuse one that holds a different run."""
+    run_dir = recipe.run_dir()
+    ident = {"name": recipe.name, "source": recipe.data.source, "task": recipe.model.task}
+    marker = run_dir / "run.json"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not marker.exists():
+            raise WinnowError(f"output.dir: {run_dir} is not empty and holds no winnow run (no run.json); "
+                              f"choose another output.dir")
+        import json
+
+        try:
+            old = json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            raise WinnowError(f"{marker}: unreadable; delete {run_dir} or choose another output.dir") from None
+        diff = [k for k in ident if old.get(k) != ident[k]]
+        if diff:
+            k = diff[0]
+            raise WinnowError(f"output.dir: {run_dir} holds a different run ({k} {old.get(k)!r}, this recipe "
+                              f"has {ident[k]!r}); choose another output.dir or delete the folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clean_temporaries(run_dir)
+    write_json(marker, dict(ident, winnow_version=winnow.__version__))
+    write_text(run_dir / "config.yaml", dump_recipe(recipe))
+    return run_dir
+
+
+# -- caching -------------------------------------------------------------------------------------
+def _fp_key(context: Any, parameters: dict[str, Any]) -> str:
+    return f"{context.task.name}-{parameters['fp']}"
+
+
+def _no_retry_for_user_errors(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except WinnowError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def _policy(run_dir: Path) -> CachePolicy:
+    return CachePolicy.from_cache_key_fn(_fp_key).configure(key_storage=str(run_dir / ".prefect"))
+
+
+TASK_OPTS: dict[str, Any] = dict(persist_result=True, retries=1, retry_delay_seconds=1,
+                                 retry_condition_fn=_no_retry_for_user_errors)
+
+
+# -- shared helpers for tasks (run in threads or on Ray workers) ----------------------------------
+def _setup(recipe_d: dict[str, Any], threads: int | None) -> Recipe:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads:
+        torch.set_num_threads(threads)
+    return recipe_from_dict(recipe_d)
+
+
+def _featurizer(recipe: Recipe, tok_dir: str | None):
+    from winnow.pipeline.collate import Featurizer
+    from winnow.pipeline.models import class_names, load_tokenizer
+
+    tok = None
+    if recipe.model.task != "image_classification":
+        if tok_dir is None:
+            raise WinnowError("no tokenizer: set model.tokenizer.path or model.tokenizer.train")
+        tok = load_tokenizer(tok_dir, recipe.model.trust_remote_code)
+    names, n = class_names(recipe)
+    return Featurizer(recipe, tok, names, n, vocab_size=None), tok, n
+
+
+def _progress(desc: str, total: int | None, unit: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, mininterval=1.0, leave=False, dynamic_ncols=True)
+
+
+# -- tasks ---------------------------------------------------------------------------------------
+@task(name="tokenizer", **TASK_OPTS)
+def tokenizer_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], fp: str) -> str:
+    from winnow.pipeline.models import train_tokenizer
+    from winnow.pipeline.train import shard_examples  # noqa: F401  (keeps import cost in the task)
+
+    recipe = _setup(recipe_d, None)
+    out = Path(run_dir) / f"tokenizer-{fp[:12]}"
+    if (out / "tokenizer.json").exists():
+        return str(out)
+    cfg = recipe.model.tokenizer.train
+    assert cfg is not None
+    col = recipe.data.text_column
+
+    def texts():
+        n = 0
+        # round-robin over shards so every domain is represented in the vocabulary
+        its = [iter_raw_batches(recipe.data, InputShard.from_dict(s)) for s in shards]
+        while its and n < cfg.max_rows:
+            for it in list(its):
+                batch = next(it, None)
+                if batch is None:
+                    its.remove(it)
+                    continue
+                for t in batch[col]:
+                    if isinstance(t, str):
+                        n += 1
+                        yield t
+
+    train_tokenizer(texts(), recipe, out)
+    return str(out)
+
+
+@task(name="train", **TASK_OPTS)
+def train_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], tok_dir: str | None, seed: int,
+               train_fp: str, threads: int | None, fp: str) -> list[dict[str, Any]]:
+    from winnow.pipeline.train import train_proxy
+
+    recipe = _setup(recipe_d, threads)
+    feat, tok, n = _featurizer(recipe, tok_dir)
+    bar = _progress(f"train seed {seed}", recipe.train.steps, "step")
+
+    def cb(step: int, total: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    try:
+        return train_proxy(recipe, Path(run_dir), [InputShard.from_dict(s) for s in shards], feat, seed,
+                           train_fp, tok, n, progress=cb)
+    finally:
+        bar.close()
+
+
+@task(name="score", **TASK_OPTS)
+def score_task(recipe_d: dict[str, Any], run_dir: str, shard: dict, ckpts: list[dict], tok_dir: str | None,
+               threads: int | None, fp: str) -> dict[str, Any]:
+    from winnow.pipeline.scoring import score_shard
+
+    recipe = _setup(recipe_d, threads)
+    feat, _, _ = _featurizer(recipe, tok_dir)
+    sh = InputShard.from_dict(shard)
+    bar = _progress(f"score {sh.name}", None, "row")
+    try:
+        return score_shard(recipe, Path(run_dir), sh, ckpts, feat, fp, progress=bar.update)
+    finally:
+        bar.close()
+
+
+@task(name="merge-scores", **TASK_OPTS)
+def merge_task(recipe_d: dict[str, Any], run_dir: str, parts: list[dict], provenance: dict, fp: str) -> dict:
+    from winnow.pipeline.selection import merge_parts
+
+    return merge_parts(_setup(recipe_d, None), Path(run_dir), parts, provenance)
+
+
+@task(name="select", **TASK_OPTS)
+def select_task(recipe_d: dict[str, Any], run_dir: str, fp: str) -> dict:
+    from winnow.pipeline.selection import write_selection
+
+    return write_selection(_setup(recipe_d, None), Path(run_dir))
+
+
+@task(name="emit", **TASK_OPTS)
+def emit_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], tok_dir: str | None,
+              fingerprints: dict[str, str], fp: str) -> dict:
+    from winnow.pipeline.shards import emit_shards
+
+    recipe = _setup(recipe_d, None)
+    feat, _, _ = _featurizer(recipe, tok_dir)
+    return emit_shards(recipe, Path(run_dir), [InputShard.from_dict(s) for s in shards], feat, fingerprints)
+
+
+@task(name="report", **TASK_OPTS)
+def report_task(run_dir: str, fp: str) -> str:
+    from winnow.pipeline.report import write_report
+
+    return str(write_report(Path(run_dir)))
+
+
+# -- the flow ------------------------------------------------------------------------------------
+def _outputs_present(name: str, result: Any, run_dir: Path) -> bool:
+    from winnow.pipeline.shards import check_shards
+
+    if name == "train":
+        return all((run_dir / c["path"] / "state.json").exists() for c in result)
+    if name == "score":
+        return Path(result["scores"]).exists() and Path(result["rows_file"]).exists()
+    if name == "select":
+        return (run_dir / "selection.parquet").exists()
+    if name == "emit":
+        return check_shards(run_dir)
+    if name == "report":
+        return Path(result).exists()
+    if name == "tokenizer":
+        return (Path(result) / "tokenizer.json").exists()
+    if name == "merge-scores":
+        return (run_dir / "scores" / "rows.parquet").exists()
+    return True
+
+
+class _Steps:
+    """Runs tasks with the run's cache policy and records each step's final state."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.policy = _policy(run_dir)
+        self.log: list[dict[str, Any]] = []
+
+    def submit(self, t: Any, label: str, **kw: Any):
+        return (t.with_options(cache_policy=self.policy).submit(**kw), t, label, kw)
+
+    def result(self, handle) -> Any:
+        fut, t, label, kw = handle
+        t0 = time.time()
+        res = fut.result()
+        state = fut.state
+        if state.name == "Cached" and not _outputs_present(t.name, res, self.run_dir):
+            res = t.with_options(cache_policy=self.policy, refresh_cache=True)(**kw)
+            state_name = "Completed (cache stale)"
+        else:
+            state_name = state.name
+        self.log.append({"step": label, "state": state_name, "seconds": round(time.time() - t0, 2)})
+        return res
+
+
+@flow(name="winnow-run", log_prints=True, validate_parameters=False)
+def run_flow(recipe_d: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    recipe = recipe_from_dict(recipe_d)
+    rd = Path(run_dir)
+    logger = get_run_logger()
+    steps = _Steps(rd)
+    shards = list_shards(recipe.data)
+    first = shards[0]
+    for raw in iter_raw_batches(recipe.data, first, batch_size=8):
+        check_columns(recipe.data, list(raw), first.location)
+        break
+    shard_ds = [s.to_dict() for s in shards]
+    input_fp = shards_fingerprint(shards, recipe.data)
+    logger.info(f"{len(shards)} input shard(s), input fingerprint {input_fp[:12]}")
+    workers = recipe.runner.max_workers
+    threads = recipe.runner.torch_threads or max(1, (os.cpu_count() or 1) // workers)
+
+    from winnow.pipeline.models import model_source_fingerprint, tokenizer_fingerprint
+    from winnow.pipeline.scoring import score_fingerprint
+    from winnow.pipeline.train import train_fingerprint
+
+    # tokenizer
+    tok_dir: str | None = None
+    if recipe.model.task != "image_classification":
+        if recipe.model.tokenizer.train is not None:
+            fp = fingerprint("tokenizer", recipe.model.tokenizer.model_dump(), recipe.model.task,
+                             recipe.model.max_length, input_fp)
+            tok_dir = steps.result(steps.submit(tokenizer_task, "tokenizer", recipe_d=recipe_d, run_dir=run_dir,
+                                                shards=shard_ds, fp=fp))
+        else:
+            tok_dir = recipe.model.tokenizer.path or recipe.model.path
+    tok_fp = tokenizer_fingerprint(tok_dir) if tok_dir else None
+    model_fp = model_source_fingerprint(recipe)
+
+    # proxy training, one task per seed
+    train_fp = train_fingerprint(recipe, input_fp, tok_fp, model_fp)
+    handles = [steps.submit(train_task, f"train seed {s}", recipe_d=recipe_d, run_dir=run_dir, shards=shard_ds,
+                            tok_dir=tok_dir, seed=s, train_fp=train_fp, threads=threads,
+                            fp=fingerprint(train_fp, s, recipe.train.checkpoint_steps()))
+               for s in recipe.train.seeds]
+    ckpts = [c for h in handles for c in steps.result(h)]
+
+    # scoring, one task per input shard
+    handles = []
+    for s in shards:
+        fp = score_fingerprint(recipe, s, ckpts, tok_fp)
+        handles.append(steps.submit(score_task, f"score {s.name}", recipe_d=recipe_d, run_dir=run_dir,
+                                    shard=s.to_dict(), ckpts=ckpts, tok_dir=tok_dir, threads=threads, fp=fp))
+    parts = [steps.result(h) for h in handles]
+    parts_fp = fingerprint([p["scores"] for p in parts])
+    provenance = {"model_fingerprint": model_fp, "tokenizer_fingerprint": tok_fp, "train_fingerprint": train_fp,
+                  "checkpoints": ckpts, "seeds": recipe.train.seeds, "input_fingerprint": input_fp}
+    merged = steps.result(steps.submit(merge_task, "merge scores", recipe_d=recipe_d, run_dir=run_dir,
+                                       parts=parts, provenance=provenance, fp=fingerprint("merge", parts_fp)))
+    if merged["duplicate_rows"]:
+        logger.warning(f"{merged['duplicate_rows']} rows are exact duplicates of others and share their id")
+
+    select_fp = fingerprint("select", parts_fp, recipe.select.model_dump())
+    selected = steps.result(steps.submit(select_task, "select", recipe_d=recipe_d, run_dir=run_dir, fp=select_fp))
+    recipe_fp = fingerprint("recipe", recipe.model_dump(exclude={"runner"}))
+    fps = {"recipe": recipe_fp, "input": input_fp, "model": model_fp}
+    emit_fp = fingerprint("emit", select_fp, recipe.output.model_dump(), fps)
+    emitted = steps.result(steps.submit(emit_task, "emit shards", recipe_d=recipe_d, run_dir=run_dir, shards=shard_ds,
+                                        tok_dir=tok_dir, fingerprints=fps, fp=emit_fp))
+    report = steps.result(steps.submit(report_task, "report", run_dir=run_dir,
+                                       fp=fingerprint("report", emit_fp, winnow.__version__)))
+    summary = {"run_dir": run_dir, "rows": merged["rows"], "kept": selected["kept"],
+               "shards": emitted["shards"], "report": report, "steps": steps.log}
+    _artifact(recipe, rd, summary)
+    return summary
+
+
+def _artifact(recipe: Recipe, run_dir: Path, summary: dict[str, Any]) -> None:
+    import json
+
+    man = json.loads((run_dir / "manifest.json").read_text())
+    lines = [f"# winnow run `{recipe.name}`", "",
+             f"- rows: **{man['counts']['input_rows']}** in, **{man['counts']['kept_rows']}** kept, "
+             f"{man['counts']['pruned_rows']} pruned",
+             f"- selector: `{recipe.select.method}` by `{recipe.select.score}` "
+             f"({'fraction ' + str(recipe.select.fraction) if recipe.select.fraction else ''}"
+             f"{'count ' + str(recipe.select.count) if recipe.select.count is not None else ''}"
+             f"{'threshold ' + str(recipe.select.threshold) if recipe.select.threshold is not None else ''}, "
+             f"keep {recipe.select.keep})",
+             f"- shards: {len(man['shards'])} under `{run_dir / 'shards'}`",
+             f"- report: [{summary['report']}](file://{Path(summary['report']).resolve()})", ""]
+    if man["domains"]:
+        lines += ["| domain | input | kept | proportion |", "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {v['input_rows']} | {v['kept_rows']} | {v['proportion']:.3f} |"
+                  for k, v in man["domains"].items()]
+    lines += ["", "| step | state | seconds |", "|---|---|---:|"]
+    lines += [f"| {s['step']} | {s['state']} | {s['seconds']} |" for s in summary["steps"]]
+    key = "winnow-" + "".join(c if c.isalnum() else "-" for c in recipe.name.lower())
+    create_markdown_artifact("\n".join(lines), key=key[:100], description=f"winnow run {recipe.name}")
+    write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
+    _ = json  # keep import local
+
+
+def task_runner(recipe: Recipe):
+    if recipe.runner.kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise WinnowError("runner.kind is 'ray' but prefect-ray is not installed: pip install 'winnow[ray]'") from None
+        init = {"num_cpus": recipe.runner.max_workers, "include_dashboard": False, "log_to_driver": True}
+        return RayTaskRunner(address=recipe.runner.ray_address, init_kwargs=init)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=recipe.runner.max_workers)
+
+
+def run_recipe(recipe: Recipe) -> dict[str, Any]:
+    run_dir = prepare_run_dir(recipe)
+    f = run_flow.with_options(task_runner=task_runner(recipe), flow_run_name=f"{recipe.name}")
+    return f(recipe.model_dump(mode="json"), str(run_dir))

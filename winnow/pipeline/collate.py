@@ -1,0 +1,188 @@
+"""From raw column batches to validated examples and model batches.
+
+`Featurizer.featurize` checks every row (label in range, content present), computes ids and
+previews, and tokenizes; `collate` pads a list of examples into the tensors the scorers take
+(see docs/ARCHITECTURE.md, "Scorer interface").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from winnow.errors import WinnowError
+from winnow.pipeline.recipe import Recipe
+from winnow.pipeline.sources import check_columns, content_id
+
+PREVIEW_CHARS = 500
+
+
+@dataclass
+class Example:
+    id: str
+    domain: str | None
+    label: int | None
+    label_name: str | None
+    features: Any  # list[int] of token ids, or a float32 array (C, H, W)
+    preview: str
+    n_tokens: int
+
+
+class Featurizer:
+    def __init__(self, recipe: Recipe, tokenizer: Any | None, label_names: list[str] | None,
+                 num_labels: int | None, vocab_size: int | None = None):
+        self.r = recipe
+        self.data = recipe.data
+        self.task = recipe.model.task
+        self.tok = tokenizer
+        self.label_names = label_names
+        self.num_labels = num_labels
+        self.vocab_size = vocab_size
+        self.max_length = recipe.model.max_length
+        self._label_index = {n: i for i, n in enumerate(label_names or [])}
+        self.pad_id = 0
+        if tokenizer is not None and tokenizer.pad_token_id is not None:
+            self.pad_id = int(tokenizer.pad_token_id)
+
+    # -- rows -------------------------------------------------------------------------------
+    def _label(self, value: Any, where: str) -> tuple[int, str]:
+        col = self.data.label_column
+        if value is None:
+            raise WinnowError(f"{where}: empty label in column {col!r}")
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, (int, np.integer)):
+            y = int(value)
+        elif isinstance(value, float) and value.is_integer():
+            y = int(value)
+        elif isinstance(value, str) and value in self._label_index:
+            y = self._label_index[value]
+        elif isinstance(value, str) and value.strip().lstrip("-").isdigit() and not self._label_index:
+            y = int(value)
+        else:
+            known = f" (known: {', '.join(self.label_names)})" if self.label_names else \
+                " (set data.label_names to map string labels to classes)"
+            raise WinnowError(f"{where}: label {value!r} in column {col!r} is not a class of the model{known}")
+        if self.num_labels is not None and not 0 <= y < self.num_labels:
+            raise WinnowError(f"{where}: label {value!r} in column {col!r} is outside the model's "
+                              f"classes 0..{self.num_labels - 1}")
+        name = self.label_names[y] if self.label_names and y < len(self.label_names) else str(y)
+        return y, name
+
+    def featurize(self, batch: dict[str, list], where: str, row_offset: int = 0) -> list[Example]:
+        d = self.data
+        check_columns(d, list(batch), where)
+        n = len(next(iter(batch.values()))) if batch else 0
+        out: list[Example] = []
+        texts: list[str] | None = None
+        if d.text_column is not None and d.input_ids_column is None and self.task != "image_classification":
+            texts = []
+            for i, t in enumerate(batch[d.text_column]):
+                if t is None:
+                    raise WinnowError(f"{where} row {row_offset + i}: empty value in column {d.text_column!r}")
+                if not isinstance(t, str):
+                    raise WinnowError(f"{where} row {row_offset + i}: column {d.text_column!r} holds "
+                                      f"{type(t).__name__}, expected text")
+                texts.append(t)
+            enc = self.tok(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)
+            token_lists = enc["input_ids"]
+        for i in range(n):
+            w = f"{where} row {row_offset + i}"
+            if texts is not None:
+                feats = token_lists[i]
+                content: Any = texts[i]
+                preview = texts[i][:PREVIEW_CHARS]
+                n_tok = len(feats)
+            elif d.input_ids_column is not None:
+                ids = batch[d.input_ids_column][i]
+                if ids is None or not isinstance(ids, (list, tuple, np.ndarray)):
+                    raise WinnowError(f"{w}: column {d.input_ids_column!r} must hold lists of token ids")
+                ids = [int(x) for x in ids]
+                if self.vocab_size is not None and ids and (max(ids) >= self.vocab_size or min(ids) < 0):
+                    raise WinnowError(f"{w}: token id outside the model's vocabulary 0..{self.vocab_size - 1}")
+                content = ids
+                feats = ids[: self.max_length]
+                n_tok = len(feats)
+                preview = (self.tok.decode(feats[:200]) if self.tok is not None else str(feats[:50]))[:PREVIEW_CHARS]
+            else:
+                raw = batch[d.image_column][i]
+                if raw is None:
+                    raise WinnowError(f"{w}: empty value in column {d.image_column!r}")
+                arr = _image_array(raw, d.image_shape, w, d.image_column)
+                content = arr.tobytes()
+                feats = arr * np.float32(d.pixel_scale)
+                n_tok = int(arr.size)
+                preview = f"image {'x'.join(str(s) for s in arr.shape)}"
+            ident = str(batch[d.id_column][i]) if d.id_column else content_id(content)
+            if d.id_column and batch[d.id_column][i] is None:
+                raise WinnowError(f"{w}: empty id in column {d.id_column!r}")
+            label = label_name = None
+            if d.label_column is not None:
+                label, label_name = self._label(batch[d.label_column][i], w)
+            dom = None
+            if d.domain_column is not None:
+                v = batch[d.domain_column][i]
+                dom = None if v is None else str(v)
+            out.append(Example(ident, dom, label, label_name, feats, preview, n_tok))
+        return out
+
+    def row_ids(self, batch: dict[str, list], where: str) -> list[str]:
+        """The ids `featurize` gives these rows, without tokenizing (for re-reading the source)."""
+        d = self.data
+        check_columns(d, list(batch), where)
+        if d.id_column is not None:
+            return [str(v) for v in batch[d.id_column]]
+        if self.task == "image_classification":
+            return [content_id(_image_array(v, d.image_shape, where, d.image_column).tobytes())
+                    for v in batch[d.image_column]]
+        if d.input_ids_column is not None:
+            return [content_id([int(x) for x in v]) for v in batch[d.input_ids_column]]
+        return [content_id(t) for t in batch[d.text_column]]
+
+    # -- tensors ----------------------------------------------------------------------------
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        if self.task == "image_classification":
+            px = torch.from_numpy(np.stack([e.features for e in examples]).astype(np.float32))
+            return {"pixel_values": px, "labels": torch.tensor([e.label for e in examples], dtype=torch.long)}
+        T = max(1, max(len(e.features) for e in examples))
+        ids = torch.full((len(examples), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), T), dtype=torch.long)
+        for i, e in enumerate(examples):
+            L = len(e.features)
+            if L:
+                ids[i, :L] = torch.tensor(e.features, dtype=torch.long)
+                mask[i, :L] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if self.task == "sequence_classification":
+            batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+        return batch
+
+
+def _image_array(raw: Any, shape: list[int] | None, where: str, col: str) -> np.ndarray:
+    try:
+        if hasattr(raw, "convert"):  # a PIL image from an `Image` feature
+            raw = np.asarray(raw.convert("RGB")).transpose(2, 0, 1)
+        arr = np.asarray(raw, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise WinnowError(f"{where}: column {col!r} does not hold a numeric pixel array ({e})") from None
+    if shape is not None:
+        if arr.size != int(np.prod(shape)):
+            raise WinnowError(f"{where}: column {col!r} holds {arr.size} values, data.image_shape "
+                              f"{shape} needs {int(np.prod(shape))}")
+        arr = arr.reshape(shape)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise WinnowError(f"{where}: column {col!r} holds an array of shape {arr.shape}; expected (C, H, W), "
+                          f"(H, W), or a flat array with data.image_shape")
+    return arr
+
+
+def length_batches(examples: list[Example], batch_size: int) -> list[list[Example]]:
+    """Group examples of similar length to cut padding (order inside the result is restored by id)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].features)
+                   if not isinstance(examples[i].features, np.ndarray) else 0)
+    return [[examples[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]

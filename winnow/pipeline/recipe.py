@@ -1,0 +1,303 @@
+"""Recipes: YAML validated by pydantic.
+
+A recipe names the data, the model, proxy training, scorers, the selector, the output and the
+task runner. Unknown keys, wrong types and missing fields are refused with their dotted path
+(`train.steps: Input should be a valid integer`). `--set a.b=c` overrides any key from the CLI;
+the value is parsed as YAML (`--set train.seeds=[0,1]`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from winnow.errors import WinnowError
+
+Task = Literal["causal_lm", "sequence_classification", "image_classification"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+
+
+class DataConfig(Strict):
+    """Where the examples come from and which columns mean what."""
+
+    source: str = Field(description="glob(s) of jsonl/json/parquet/csv files (comma-separated), "
+                        "a `save_to_disk` folder, or a hub dataset id")
+    format: Literal["auto", "json", "parquet", "csv", "disk", "hub"] = "auto"
+    split: str = "train"
+    id_column: str | None = None
+    text_column: str | None = None
+    input_ids_column: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    domain_column: str | None = None
+    label_names: list[str] | None = Field(
+        default=None, description="names of the classes in index order, for string labels")
+    image_shape: list[int] | None = Field(
+        default=None, description="(C, H, W) to reshape flat pixel arrays into")
+    pixel_scale: float = Field(default=1.0, description="pixels are multiplied by this")
+    read_batch_size: int = Field(default=512, gt=0)
+
+
+class TokenizerTrain(Strict):
+    kind: Literal["bpe"] = "bpe"
+    vocab_size: int = Field(default=4096, ge=64)
+    min_frequency: int = Field(default=2, ge=1)
+    max_rows: int = Field(default=50_000, gt=0, description="rows of the data to train on")
+
+
+class TokenizerConfig(Strict):
+    path: str | None = Field(default=None, description="folder of a saved tokenizer; default: model.path")
+    train: TokenizerTrain | None = None
+
+
+class ModelConfig(Strict):
+    task: Task
+    path: str | None = Field(default=None, description="local folder with config.json and weights")
+    config: dict[str, Any] | None = Field(
+        default=None, description="a transformers config (with model_type) for a random init")
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    max_length: int = Field(default=256, gt=1)
+    num_labels: int | None = Field(default=None, gt=0)
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of model.path (a local folder) or model.config (random init)")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("model.config needs a model_type (e.g. gpt2, llama, bert, vit)")
+        return self
+
+
+class TrainConfig(Strict):
+    """Proxy training: the "early in training" models that EL2N, GraNd and influence need."""
+
+    steps: int = Field(default=200, ge=0)
+    batch_size: int = Field(default=16, gt=0)
+    lr: float = Field(default=5e-4, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    grad_clip: float = Field(default=1.0, ge=0)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    checkpoints: list[int] | None = Field(
+        default=None, description="steps to save (default: the last step)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _checkpoints(self) -> TrainConfig:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"train.seeds has repeated seeds: {self.seeds}")
+        for c in self.checkpoints or []:
+            if not 0 <= c <= self.steps:
+                raise ValueError(f"train.checkpoints: step {c} is outside 0..train.steps ({self.steps})")
+        return self
+
+    def checkpoint_steps(self) -> list[int]:
+        return sorted(set(self.checkpoints or [self.steps]))
+
+
+class ScorerSpec(Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from winnow.scorers import SCORERS
+
+        if v not in SCORERS:
+            raise ValueError(f"unknown scorer {v!r}; known: {', '.join(sorted(SCORERS))}")
+        return v
+
+
+class ScoringConfig(Strict):
+    scorers: list[ScorerSpec] = Field(default_factory=lambda: [ScorerSpec(name="el2n")], min_length=1)
+    batch_size: int = Field(default=32, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("scorers", mode="before")
+    @classmethod
+    def _short_form(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"name": s} if isinstance(s, str) else s for s in v]
+        return v
+
+
+class WeightConfig(Strict):
+    method: Literal["uniform", "normalized", "softmax", "clipped"] = "uniform"
+    score: str | None = Field(default=None, description="score column; default: select.score")
+    temperature: float = Field(default=1.0, gt=0)
+    clip_min: float | None = Field(default=None, ge=0)
+    clip_max: float | None = Field(default=None, gt=0)
+    invert: bool = False
+
+
+class SelectConfig(Strict):
+    method: Literal["score", "random", "all"] = "score"
+    score: str = "el2n"
+    fraction: float | None = Field(default=None, description="keep this fraction, in (0, 1]")
+    count: int | None = Field(default=None, ge=0)
+    threshold: float | None = None
+    keep: Literal["highest", "lowest", "band"] = "highest"
+    offset: float = Field(default=0.0, ge=0, lt=1, description="band: fraction of the top tail to skip")
+    stratify: Literal["domain", "label"] | None = None
+    seed: int = 0
+    weights: WeightConfig = WeightConfig()
+
+    @field_validator("fraction")
+    @classmethod
+    def _fraction(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> SelectConfig:
+        given = [k for k in ("fraction", "count", "threshold") if getattr(self, k) is not None]
+        if self.method == "all":
+            return self
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of select.fraction, select.count, select.threshold "
+                             f"(got {', '.join(given) or 'none'})")
+        if self.method == "random" and self.threshold is not None:
+            raise ValueError("select.method random takes a fraction or a count, not a threshold")
+        return self
+
+
+class OutputConfig(Strict):
+    dir: str | None = Field(default=None, description="run folder; default runs/<name>")
+    shard_max_rows: int = Field(default=100_000, gt=0)
+    shard_max_bytes: int = Field(default=256 * 2**20, gt=0)
+    include_pruned: bool = Field(default=False, description="also write pruned rows, with weight 0")
+    score_columns: list[str] = Field(default_factory=list, description="score columns copied into shards")
+
+
+class RunnerConfig(Strict):
+    kind: Literal["thread", "ray"] = "thread"
+    max_workers: int = Field(default=2, gt=0)
+    ray_address: str | None = Field(default=None, description="ray address; default: start a local Ray")
+    torch_threads: int | None = Field(default=None, gt=0, description="torch threads per task")
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    select: SelectConfig
+    output: OutputConfig = OutputConfig()
+    runner: RunnerConfig = RunnerConfig()
+
+    @model_validator(mode="after")
+    def _columns_for_task(self) -> Recipe:
+        d, task = self.data, self.model.task
+        if task == "image_classification":
+            if d.image_column is None:
+                raise ValueError("data.image_column is required for image_classification")
+        elif d.input_ids_column is None and d.text_column is None:
+            d.text_column = "text"
+        if task != "causal_lm" and d.label_column is None:
+            raise ValueError(f"data.label_column is required for {task}")
+        if self.model.tokenizer.train is not None and d.text_column is None:
+            raise ValueError("model.tokenizer.train needs text: set data.text_column")
+        if self.select.stratify == "domain" and d.domain_column is None:
+            raise ValueError("select.stratify is 'domain' but data.domain_column is not set")
+        if self.select.stratify == "label" and d.label_column is None:
+            raise ValueError("select.stratify is 'label' but data.label_column is not set")
+        score_names = self.score_columns()
+        for key, col in [("select.score", self.select.score if self.select.method == "score" else None),
+                         ("select.weights.score", self.select.weights.score)] + \
+                        [("output.score_columns", c) for c in self.output.score_columns]:
+            if col is not None and col not in score_names:
+                raise ValueError(f"{key}: {col!r} is not a score this recipe computes "
+                                 f"({', '.join(score_names)})")
+        return self
+
+    def score_columns(self) -> list[str]:
+        from winnow.scorers import SCORERS
+
+        cols: list[str] = []
+        for s in self.scoring.scorers:
+            cls = SCORERS[s.name]
+            cols.extend(getattr(cls, "columns", None) or [s.name])
+        return cols
+
+    def run_dir(self) -> Path:
+        return Path(self.output.dir or f"runs/{self.name}")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise WinnowError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise WinnowError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise WinnowError(f"--set {key}: value {raw!r} is not valid YAML ({e})") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "missing required key"
+        lines.append(f"{loc}: {msg}")
+    return f"{where}: " + "; ".join(lines)
+
+
+def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise WinnowError(format_validation_error(e, where)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise WinnowError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise WinnowError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise WinnowError(f"{path}: expected a mapping of sections (name, data, model, ...)")
+    raw = copy.deepcopy(raw)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    recipe = recipe_from_dict(raw, str(path))
+    # Relative data and model paths are relative to the working directory, as on the CLI.
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,133 @@
+"""Scoring one input shard with every scorer at every proxy checkpoint.
+
+Each checkpoint (seed × step) is loaded once per shard and the shard is streamed through it in
+length-sorted batches; one model is in memory at a time. Per checkpoint the scorer's columns are
+kept as `<column>@s<seed>k<step>`, and their mean over checkpoints (ignoring NaN) is `<column>`:
+the average over seeds and checkpoints that Paul et al. (2021) use for EL2N.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+import winnow
+from winnow.pipeline.atomic import fingerprint
+from winnow.pipeline.collate import Example, Featurizer, length_batches
+from winnow.pipeline.models import load_checkpoint, resolve_device
+from winnow.pipeline.recipe import Recipe
+from winnow.pipeline.sources import InputShard, iter_raw_batches
+from winnow.pipeline.store import read_parquet, write_parquet
+from winnow.scorers import get_scorer
+
+
+def ckpt_suffix(ck: dict[str, Any]) -> str:
+    return f"@s{ck['seed']}k{ck['step']}"
+
+
+def build_scorers(recipe: Recipe) -> list[Any]:
+    return [get_scorer(s.name, **s.params) for s in recipe.scoring.scorers]
+
+
+def score_fingerprint(recipe: Recipe, shard: InputShard, ckpts: list[dict[str, Any]], tokenizer_fp: str | None) -> str:
+    return fingerprint("score", shard.fingerprint, recipe.data.model_dump(exclude={"read_batch_size", "source"}),
+                       recipe.model.max_length, [s.model_dump() for s in recipe.scoring.scorers],
+                       [c["fingerprint"] for c in ckpts], tokenizer_fp, winnow.__version__)
+
+
+def part_paths(run_dir: Path, shard: InputShard, fp: str) -> tuple[Path, Path]:
+    parts = run_dir / "scores" / "parts"
+    return (parts / f"scores-{shard.index:05d}-{fp[:12]}.parquet",
+            parts / f"rows-{shard.index:05d}-{fp[:12]}.parquet")
+
+
+def _stream(recipe: Recipe, shard: InputShard, feat: Featurizer):
+    offset = 0
+    for raw in iter_raw_batches(recipe.data, shard):
+        exs = feat.featurize(raw, shard.location, offset)
+        offset += len(exs)
+        yield exs
+
+
+def score_shard(recipe: Recipe, run_dir: Path, shard: InputShard, ckpts: list[dict[str, Any]],
+                feat: Featurizer, fp: str, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Score one shard; write its score and rows parts atomically; return a summary."""
+    scores_path, rows_path = part_paths(run_dir, shard, fp)
+    if scores_path.exists() and rows_path.exists():
+        return {"shard": shard.index, "rows": read_parquet(rows_path).height, "scores": str(scores_path),
+                "rows_file": str(rows_path), "skipped": True}
+    device = resolve_device(recipe.scoring.device)
+    scorers = build_scorers(recipe)
+    task = recipe.model.task
+    bs = recipe.scoring.batch_size
+    t0 = time.time()
+    rows: dict[str, list] = {"id": [], "domain": [], "label": [], "n_tokens": [], "preview": []}
+    per_ckpt: dict[str, list[np.ndarray]] = {}
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    for ci, ck in enumerate(ckpts):
+        model = load_checkpoint(run_dir / ck["path"], task, recipe.model.trust_remote_code).to(device).eval()
+        if use_bf16:
+            model = model.to(torch.bfloat16)
+        chunks: dict[str, list[np.ndarray]] = {}
+        for exs in _stream(recipe, shard, feat):
+            if ci == 0:
+                for e in exs:
+                    rows["id"].append(e.id)
+                    rows["domain"].append(e.domain)
+                    rows["label"].append(e.label_name)
+                    rows["n_tokens"].append(e.n_tokens)
+                    rows["preview"].append(e.preview)
+            out = _score_examples(scorers, model, exs, feat, task, device, bs)
+            for col, arr in out.items():
+                chunks.setdefault(col + ckpt_suffix(ck), []).append(arr)
+            if progress is not None:
+                progress(len(exs))
+        for col, arrs in chunks.items():
+            per_ckpt[col] = [np.concatenate(arrs)] if arrs else [np.zeros(0)]
+        del model
+    data: dict[str, Any] = {"id": rows["id"]}
+    base_cols: list[str] = []
+    for s in scorers:
+        base_cols.extend(getattr(s, "columns", None) or [s.name])
+    for col in base_cols:
+        mats = [per_ckpt[col + ckpt_suffix(ck)][0] for ck in ckpts]
+        for ck, m in zip(ckpts, mats, strict=True):
+            data[col + ckpt_suffix(ck)] = m.astype(np.float64)
+        stack = np.stack(mats) if mats and len(mats[0]) else np.zeros((len(ckpts), 0))
+        with np.errstate(all="ignore"):
+            counts = np.sum(~np.isnan(stack), axis=0)
+            mean = np.where(counts > 0, np.nansum(stack, axis=0) / np.maximum(counts, 1), np.nan)
+        data[col] = mean.astype(np.float64)
+    order = ["id"] + base_cols + [c for c in data if "@" in c]
+    df = pl.DataFrame({k: data[k] for k in order}, schema_overrides={"id": pl.Utf8})
+    rows_df = pl.DataFrame(rows, schema={"id": pl.Utf8, "domain": pl.Utf8, "label": pl.Utf8,
+                                         "n_tokens": pl.Int64, "preview": pl.Utf8})
+    prov = {"shard": shard.to_dict(), "fingerprint": fp, "seconds": round(time.time() - t0, 3)}
+    write_parquet(rows_df, rows_path)
+    write_parquet(df, scores_path, prov)
+    return {"shard": shard.index, "rows": rows_df.height, "scores": str(scores_path),
+            "rows_file": str(rows_path), "skipped": False}
+
+
+@torch.no_grad()
+def _score_examples(scorers: list[Any], model: Any, exs: list[Example], feat: Featurizer, task: str,
+                    device: torch.device, bs: int) -> dict[str, np.ndarray]:
+    """Score examples in length-sorted batches; return columns in the examples' order."""
+    n = len(exs)
+    pos = {id(e): i for i, e in enumerate(exs)}
+    out: dict[str, np.ndarray] = {}
+    for group in length_batches(exs, bs):
+        batch = {k: v.to(device) for k, v in feat.collate(group).items()}
+        idx = np.array([pos[id(e)] for e in group])
+        for s in scorers:
+            res = s.score_batch(model, batch, task)
+            for col, t in res.items():
+                arr = out.setdefault(col, np.full(n, np.nan))
+                arr[idx] = t.detach().float().cpu().numpy()
+    return out

@@ -1,0 +1,88 @@
+"""Merge the per-shard score parts into the score store, then select and weight.
+
+Selection reads the store (never the data) and writes `selection.parquet` (id, kept, weight):
+the rule in `select` picks the rows, `select.weights` turns a score into training weights
+(mean 1 over kept rows, 0 on pruned ones), through the pure functions of `winnow.selectors`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+import winnow
+from winnow.errors import WinnowError
+from winnow.pipeline.recipe import Recipe
+from winnow.pipeline.store import ScoreStore, read_parquet, write_parquet
+from winnow.selectors import random_select, score_to_weight, select
+
+
+def merge_parts(recipe: Recipe, run_dir: Path, parts: list[dict[str, Any]], provenance: dict[str, Any]) -> dict[str, Any]:
+    """Concatenate the shards' parts (in shard order) into scores/<scorer>.parquet and rows.parquet."""
+    parts = sorted(parts, key=lambda p: p["shard"])
+    rows = pl.concat([read_parquet(p["rows_file"]) for p in parts], how="vertical")
+    scores = pl.concat([read_parquet(p["scores"]) for p in parts], how="vertical")
+    if rows.height == 0:
+        raise WinnowError(f"data.source: {recipe.data.source!r} holds no rows")
+    n_all = rows.height
+    dup = rows.group_by("id").len().filter(pl.col("len") > 1)
+    if dup.height and recipe.data.id_column is not None:
+        example = dup["id"][0]
+        raise WinnowError(f"data.id_column {recipe.data.id_column!r}: {dup.height} ids appear more than once "
+                          f"(e.g. {example!r}); ids must be unique")
+    rows = rows.unique(subset="id", keep="first", maintain_order=True)
+    scores = scores.unique(subset="id", keep="first", maintain_order=True)
+    store = ScoreStore(run_dir)
+    for spec in recipe.scoring.scorers:
+        from winnow.scorers import SCORERS
+
+        cols = getattr(SCORERS[spec.name], "columns", None) or [spec.name]
+        keep = ["id"] + [c for c in scores.columns if c in cols or c.split("@")[0] in cols]
+        prov = dict(provenance, scorer=spec.name, params=spec.params, columns=cols,
+                    package_version=winnow.__version__)
+        store.write_scores(spec.name, scores.select(keep), prov)
+    store.write_rows(rows)
+    return {"rows": rows.height, "duplicate_rows": n_all - rows.height}
+
+
+def selection_table(recipe: Recipe, run_dir: Path) -> pl.DataFrame:
+    store = ScoreStore(run_dir)
+    df = store.rows().select("id", "domain", "label").join(store.scores(), on="id", how="left")
+    sel = recipe.select
+    n = df.height
+    strata = None
+    if sel.stratify is not None:
+        strata = np.array([("" if v is None else v) for v in df[sel.stratify].to_list()], dtype=object)
+    try:
+        if sel.method == "all":
+            kept = np.ones(n, dtype=bool)
+        elif sel.method == "random":
+            kept = random_select(n, fraction=sel.fraction, count=sel.count, seed=sel.seed, strata=strata)
+        else:
+            s = df[sel.score].cast(pl.Float64).fill_null(np.nan).to_numpy()
+            kept = select(s, fraction=sel.fraction, count=sel.count, threshold=sel.threshold, keep=sel.keep,
+                          offset=sel.offset, strata=strata)
+        w = sel.weights
+        wcol = w.score or (sel.score if sel.method == "score" else None)
+        if w.method == "uniform" or wcol is None:
+            if w.method != "uniform":
+                raise ValueError(f"weights.method {w.method!r} needs a score: set select.weights.score")
+            ws = np.zeros(n)
+        else:
+            ws = df[wcol].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        weight = score_to_weight(ws, kept, method=w.method, temperature=w.temperature,
+                                 clip_min=w.clip_min, clip_max=w.clip_max, invert=w.invert)
+    except ValueError as e:
+        raise WinnowError(f"select: {e}") from None
+    return pl.DataFrame({"id": df["id"], "kept": kept, "weight": np.asarray(weight, dtype=np.float64)})
+
+
+def write_selection(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
+    table = selection_table(recipe, run_dir)
+    write_parquet(table, run_dir / "selection.parquet",
+                  {"select": recipe.select.model_dump(mode="json"), "package_version": winnow.__version__})
+    kept = int(table["kept"].sum())
+    return {"rows": table.height, "kept": kept}

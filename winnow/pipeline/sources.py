@@ -1,0 +1,209 @@
+"""Data in: any source `datasets` can read, streamed in batches, never whole in memory.
+
+A source is split into *input shards*, the unit of work of the flows (one Prefect task each):
+
+- local files (`data.source` is a glob or a comma-separated list of globs): one shard per file,
+  read with `datasets.load_dataset(<json|parquet|csv>, data_files=[file], streaming=True)`;
+  the shard's fingerprint is the sha256 of the file's bytes;
+- a `save_to_disk` folder: one shard per arrow file of the chosen split, read memory-mapped;
+- a hub id (where the network allows): the streaming dataset's own shards (`n_shards`), read with
+  `IterableDataset.shard`; fingerprint from the id, split and shard index (no content hash exists
+  before reading, so a changed hub dataset needs `--set data.split=...` or a new run name).
+
+Example ids are the id column when the recipe names one, else the first 20 hex digits of the
+sha256 of the example's content (text, token ids or pixels): exact duplicates share an id, and so
+a score and a decision.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from winnow.errors import WinnowError
+from winnow.pipeline.atomic import fingerprint, sha256_file
+from winnow.pipeline.recipe import DataConfig
+
+_EXT_FORMAT = {
+    ".jsonl": "json", ".json": "json", ".ndjson": "json",
+    ".parquet": "parquet", ".pq": "parquet",
+    ".csv": "csv", ".tsv": "csv",
+}
+
+
+@dataclass(frozen=True)
+class InputShard:
+    index: int
+    kind: str  # "file" | "disk" | "hub"
+    location: str  # file path, folder, or hub id
+    format: str
+    fingerprint: str
+    part: int = 0  # arrow file / hub shard index
+    parts: int = 1
+
+    @property
+    def name(self) -> str:
+        if self.kind == "file":
+            return Path(self.location).name
+        return f"{Path(self.location).name}#{self.part:05d}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputShard:
+        return cls(**d)
+
+
+def _format_of(path: str, declared: str) -> str:
+    if declared in ("json", "parquet", "csv"):
+        return declared
+    name = path.lower()
+    for comp in (".gz", ".bz2", ".xz", ".zst"):
+        name = name.removesuffix(comp)
+    ext = os.path.splitext(name)[1]
+    fmt = _EXT_FORMAT.get(ext)
+    if fmt is None:
+        raise WinnowError(f"{path}: cannot tell the format from the extension {ext or '(none)'!r}; "
+                          f"set data.format to json, parquet or csv")
+    return fmt
+
+
+def list_shards(data: DataConfig) -> list[InputShard]:
+    """Resolve `data.source` into input shards, in a stable order."""
+    src = data.source.strip()
+    if data.format == "hub":
+        return _hub_shards(data)
+    if data.format == "disk" or (os.path.isdir(src) and (Path(src) / "dataset_info.json").exists()
+                                 or os.path.isdir(src) and (Path(src) / "dataset_dict.json").exists()):
+        return _disk_shards(data)
+    patterns = [p.strip() for p in src.split(",") if p.strip()]
+    files: list[str] = []
+    for pat in patterns:
+        if os.path.isdir(pat):
+            raise WinnowError(f"data.source: {pat} is a folder but not a `save_to_disk` dataset "
+                              f"(no dataset_info.json); give a glob such as {pat.rstrip('/')}/*.jsonl")
+        hits = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
+        files.extend(os.path.abspath(h) for h in hits if os.path.isfile(h))
+    if not files:
+        if data.format == "auto" and len(patterns) == 1 and "/" not in src and not any(c in src for c in "*?["):
+            raise WinnowError(f"data.source: no file matches {src!r} (for a hub dataset set data.format: hub)")
+        raise WinnowError(f"data.source: no file matches {src!r}")
+    seen: set[str] = set()
+    shards = []
+    for f in files:
+        if f in seen:
+            continue
+        seen.add(f)
+        if os.path.getsize(f) == 0:
+            raise WinnowError(f"{f}: the file is empty")
+        fmt = _format_of(f, data.format)
+        shards.append(InputShard(index=len(shards), kind="file", location=f, format=fmt,
+                                 fingerprint=sha256_file(f)))
+    return shards
+
+
+def _disk_shards(data: DataConfig) -> list[InputShard]:
+    folder = Path(data.source).expanduser().absolute()
+    info = folder / "dataset_dict.json"
+    if info.exists():
+        splits = json.loads(info.read_text())["splits"]
+        if data.split not in splits:
+            raise WinnowError(f"{folder}: no split {data.split!r} (has {', '.join(splits)}); set data.split")
+        folder = folder / data.split
+    state = folder / "state.json"
+    if not state.exists():
+        raise WinnowError(f"{folder}: not a `save_to_disk` dataset (no state.json)")
+    files = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    shards = []
+    for i, fname in enumerate(files):
+        path = folder / fname
+        if not path.exists():
+            raise WinnowError(f"{path}: listed in {state} but missing")
+        shards.append(InputShard(index=i, kind="disk", location=str(folder), format="arrow",
+                                 fingerprint=sha256_file(path), part=i, parts=len(files)))
+    return shards
+
+
+def _hub_shards(data: DataConfig) -> list[InputShard]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(data.source, split=data.split, streaming=True)
+    except Exception as e:  # offline, missing, private
+        raise WinnowError(f"data.source: cannot open hub dataset {data.source!r}: {_first_line(e)}") from None
+    n = ds.num_shards
+    return [InputShard(index=i, kind="hub", location=data.source, format="hub",
+                       fingerprint=fingerprint("hub", data.source, data.split, i, n), part=i, parts=n)
+            for i in range(n)]
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:300]
+
+
+def iter_raw_batches(data: DataConfig, shard: InputShard, batch_size: int | None = None
+                     ) -> Iterator[dict[str, list]]:
+    """Stream one input shard as column batches (dict of lists)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    bs = batch_size or data.read_batch_size
+    where = shard.location if shard.kind != "disk" else f"{shard.location} (arrow file {shard.part})"
+    try:
+        if shard.kind == "file":
+            kwargs: dict[str, Any] = {}
+            if shard.format == "csv" and shard.location.endswith(".tsv"):
+                kwargs["sep"] = "\t"
+            ds = datasets.load_dataset(shard.format, data_files=[shard.location], split="train",
+                                       streaming=True, **kwargs)
+            it = ds.iter(batch_size=bs)
+        elif shard.kind == "disk":
+            full = datasets.load_from_disk(shard.location)
+            it = full.shard(num_shards=shard.parts, index=shard.part, contiguous=True).iter(batch_size=bs)
+        else:
+            ds = datasets.load_dataset(shard.location, split=data.split, streaming=True)
+            it = ds.shard(num_shards=shard.parts, index=shard.part).iter(batch_size=bs)
+        for batch in it:
+            yield dict(batch)
+    except WinnowError:
+        raise
+    except GeneratorExit:
+        raise
+    except Exception as e:
+        raise WinnowError(f"{where}: cannot be read as {shard.format}: {_first_line(e)}") from None
+
+
+def content_id(value: Any) -> str:
+    """The default example id: the first 20 hex digits of sha256 of the content."""
+    h = hashlib.sha256()
+    if isinstance(value, str):
+        h.update(b"t:" + value.encode("utf-8"))
+    elif isinstance(value, bytes | bytearray):
+        h.update(b"b:" + bytes(value))
+    else:
+        h.update(b"j:" + json.dumps(value, separators=(",", ":")).encode())
+    return h.hexdigest()[:20]
+
+
+def check_columns(data: DataConfig, columns: list[str], where: str) -> None:
+    wanted = {
+        "data.id_column": data.id_column, "data.text_column": data.text_column,
+        "data.input_ids_column": data.input_ids_column, "data.image_column": data.image_column,
+        "data.label_column": data.label_column, "data.domain_column": data.domain_column,
+    }
+    for key, col in wanted.items():
+        if col is not None and col not in columns:
+            raise WinnowError(f"{where}: no column {col!r} ({key}); columns are: {', '.join(columns)}")
+
+
+def shards_fingerprint(shards: list[InputShard], data: DataConfig) -> str:
+    cols = data.model_dump(exclude={"read_batch_size"})
+    return fingerprint("input", cols, [s.fingerprint for s in shards])

@@ -1,0 +1,192 @@
+"""Proxy training: short runs whose early checkpoints EL2N, GraNd and influence score with.
+
+AdamW with linear warm-up then cosine decay to 10% of the peak rate, gradient clipping, bf16
+autocast on GPU and fp32 on CPU. Each requested step is saved as a folder
+`checkpoints/<fingerprint>/seed-S/step-K/` holding the model (safetensors), `optimizer.pt`
+(optimizer, scheduler and RNG states) and `state.json`; folders appear atomically. A run that
+was killed resumes from its latest saved checkpoint: the example stream is deterministic per
+seed, so the resumed run sees the same batches as an uninterrupted one.
+
+The example stream interleaves the input shards (at most 8 open at once) through a seeded
+shuffle buffer, so a corpus stored one domain per file still trains on mixed batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from winnow.errors import WinnowError
+from winnow.pipeline.atomic import atomic_path, fingerprint
+from winnow.pipeline.collate import Example, Featurizer
+from winnow.pipeline.models import init_model, resolve_device
+from winnow.pipeline.recipe import Recipe
+from winnow.pipeline.sources import InputShard, iter_raw_batches
+
+SHUFFLE_BUFFER = 4096
+MAX_OPEN_SHARDS = 8
+
+
+def shard_examples(recipe: Recipe, shard: InputShard, feat: Featurizer) -> Iterator[Example]:
+    offset = 0
+    for raw in iter_raw_batches(recipe.data, shard):
+        exs = feat.featurize(raw, shard.location, offset)
+        offset += len(exs)
+        yield from exs
+
+
+def example_stream(recipe: Recipe, shards: list[InputShard], feat: Featurizer, seed: int) -> Iterator[Example]:
+    """Endless, deterministic (per seed) stream of examples over all shards, epoch after epoch."""
+    epoch = 0
+    while True:
+        rng = random.Random(seed * 1_000_003 + epoch)
+        order = list(range(len(shards)))
+        rng.shuffle(order)
+        pending = order[::-1]
+        active: list[Iterator[Example]] = []
+        buffer: list[Example] = []
+        produced = 0
+        while pending or active:
+            while pending and len(active) < MAX_OPEN_SHARDS:
+                active.append(shard_examples(recipe, shards[pending.pop()], feat))
+            for it in list(active):
+                ex = next(it, None)
+                if ex is None:
+                    active.remove(it)
+                    continue
+                produced += 1
+                if len(buffer) < SHUFFLE_BUFFER:
+                    buffer.append(ex)
+                else:
+                    j = rng.randrange(SHUFFLE_BUFFER)
+                    yield buffer[j]
+                    buffer[j] = ex
+        rng.shuffle(buffer)
+        yield from buffer
+        if produced == 0:
+            raise WinnowError(f"data.source: {recipe.data.source!r} holds no rows")
+        epoch += 1
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def model_loss(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    if task == "causal_lm":
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    return model(**batch).loss
+
+
+def train_fingerprint(recipe: Recipe, input_fp: str, tokenizer_fp: str | None, model_fp: str) -> str:
+    t = recipe.train.model_dump(exclude={"seeds", "checkpoints", "device"})
+    return fingerprint("train", t, recipe.model.model_dump(exclude={"tokenizer"}), input_fp, tokenizer_fp, model_fp)
+
+
+def checkpoint_dir(run_dir: Path, train_fp: str, seed: int, step: int) -> Path:
+    return run_dir / "checkpoints" / train_fp[:12] / f"seed-{seed}" / f"step-{step}"
+
+
+def _complete(path: Path, train_fp: str) -> bool:
+    state = path / "state.json"
+    if not state.exists():
+        return False
+    try:
+        return json.loads(state.read_text()).get("fingerprint") == train_fp
+    except json.JSONDecodeError:
+        return False
+
+
+def train_proxy(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: Featurizer, seed: int,
+                train_fp: str, tokenizer: Any | None, num_labels: int | None,
+                progress: Callable[[int, int, float], None] | None = None) -> list[dict[str, Any]]:
+    """Train one seed's proxy; return its checkpoints as [{seed, step, path, fingerprint}]."""
+    tc = recipe.train
+    steps_wanted = tc.checkpoint_steps()
+    wanted = {k: checkpoint_dir(run_dir, train_fp, seed, k) for k in steps_wanted}
+    done = [k for k, p in wanted.items() if _complete(p, train_fp)]
+
+    def result() -> list[dict[str, Any]]:
+        return [{"seed": seed, "step": k, "path": str(wanted[k].relative_to(run_dir)),
+                 "fingerprint": fingerprint(train_fp, seed, k)} for k in steps_wanted]
+
+    if len(done) == len(wanted):
+        return result()
+
+    device = resolve_device(tc.device)
+    model = init_model(recipe, seed, tokenizer, num_labels).to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, tc.steps))
+    torch.manual_seed(seed)
+    start = 0
+    if done:  # resume from the latest complete checkpoint
+        start = max(done)
+        from safetensors.torch import load_model
+
+        load_model(model, str(wanted[start] / "model.safetensors"), strict=False, device=str(device))
+        st = torch.load(wanted[start] / "optimizer.pt", map_location=device, weights_only=False)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["rng"])
+        if device.type == "cuda" and st.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(st["cuda_rng"])
+    stream = example_stream(recipe, shards, feat, seed)
+    for _ in range(start * tc.batch_size):
+        next(stream)
+
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    losses: list[float] = []
+
+    def save(step: int) -> None:
+        path = wanted[step]
+        with atomic_path(path) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+                       tmp / "optimizer.pt")
+            tail = losses[-20:]
+            (tmp / "state.json").write_text(json.dumps({
+                "fingerprint": train_fp, "seed": seed, "step": step, "examples_seen": step * tc.batch_size,
+                "loss_last20": sum(tail) / len(tail) if tail else None, "lr": sched.get_last_lr()[0],
+            }, indent=2))
+
+    if start == 0 and 0 in wanted and not _complete(wanted[0], train_fp):
+        save(0)
+    model.train()
+    for step in range(start + 1, tc.steps + 1):
+        exs = [next(stream) for _ in range(tc.batch_size)]
+        batch = {k: v.to(device) for k, v in feat.collate(exs).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = model_loss(model, batch, recipe.model.task)
+        if not torch.isfinite(loss):
+            raise WinnowError(f"train: loss is {loss.item()} at step {step} (seed {seed}); lower train.lr")
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if progress is not None:
+            progress(step, tc.steps, losses[-1])
+        if step in wanted and not _complete(wanted[step], train_fp):
+            save(step)
+    return result()
