@@ -112,6 +112,37 @@ def test_token_el2n_chunked_equals_full(vocab_chunk, token_chunk):
     assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
+def ref_el2n_stable(logits_row: torch.Tensor, label: int) -> float:
+    """float64 reference that also resolves scores far below 1e-16 (1 - p_y as a sum of the others)."""
+    z = logits_row.double()
+    q = torch.exp(z - torch.logsumexp(z, dim=0))
+    others = torch.cat([q[:label], q[label + 1:]])
+    return float(torch.sqrt((others**2).sum() + others.sum() ** 2))
+
+
+@pytest.mark.parametrize("vocab_chunk", [1, 3, 7, 40])
+def test_token_el2n_extreme_confidence(vocab_chunk):
+    """Identity output layer, so the logits are exact: scores down to ~1e-35 keep relative precision."""
+    g = torch.Generator().manual_seed(7)
+    v, n = 40, 30
+    logits = torch.randn(n, v, generator=g) * 3
+    targets = torch.randint(0, v, (n,), generator=g)
+    gaps = [0.0, 2.0, 5.0, 20.0, 45.0, 60.0, 80.0]
+    for i, gap in enumerate(gaps):  # the target beats the best other class by `gap`
+        others_max = torch.cat([logits[i, : targets[i]], logits[i, targets[i] + 1:]]).max()
+        logits[i, targets[i]] = others_max + gap
+    expected = torch.tensor([ref_el2n_stable(logits[i], int(targets[i])) for i in range(n)], dtype=torch.float64)
+    assert expected.min() < 1e-34
+    got = causal_lm_token_el2n(logits, torch.eye(v), None, targets, vocab_chunk=vocab_chunk, token_chunk=8)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0.0)
+
+
+def test_token_el2n_single_class():
+    got = causal_lm_token_el2n(torch.randn(3, 4), torch.randn(1, 4), None, torch.zeros(3, dtype=torch.long))
+    assert torch.equal(got, torch.zeros(3))
+
+
 def test_token_el2n_mask_shape_and_nan():
     hidden, weight, bias, targets, logits = _token_problem(n=12, bias=False)
     mask = torch.tensor([True, False] * 6)
@@ -364,6 +395,7 @@ def test_registry_and_params():
     assert params == {"reduction": "max", "vocab_chunk": 1024, "token_chunk": 4096, "compile": False}
     assert json.loads(json.dumps(params)) == params
     assert EL2N.tasks == {"causal_lm", "sequence_classification", "image_classification"}
+    assert EL2N.columns == ("el2n",)
 
 
 def test_unknown_scorer():

@@ -12,6 +12,7 @@ User errors (`WinnowError`) are not retried; other failures are retried once.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,12 @@ def tokenizer_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], f
     return str(out)
 
 
+# Dropout draws from torch's process-wide RNG, so two seeds training in threads of one process
+# would interleave their draws and neither would be reproducible: within a process, seeds train
+# one after another (each with all the torch threads). On Ray each task is its own process.
+_TRAIN_LOCK = threading.Lock()
+
+
 @task(name="train", **TASK_OPTS)
 def train_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], tok_dir: str | None, seed: int,
                train_fp: str, threads: int | None, fp: str) -> list[dict[str, Any]]:
@@ -160,8 +167,11 @@ def train_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], tok_d
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
     try:
-        return train_proxy(recipe, Path(run_dir), [InputShard.from_dict(s) for s in shards], feat, seed,
-                           train_fp, tok, n, progress=cb)
+        with _TRAIN_LOCK:
+            if threads:
+                torch.set_num_threads(threads)
+            return train_proxy(recipe, Path(run_dir), [InputShard.from_dict(s) for s in shards], feat, seed,
+                               train_fp, tok, n, progress=cb)
     finally:
         bar.close()
 
@@ -185,14 +195,14 @@ def score_task(recipe_d: dict[str, Any], run_dir: str, shard: dict, ckpts: list[
 def merge_task(recipe_d: dict[str, Any], run_dir: str, parts: list[dict], provenance: dict, fp: str) -> dict:
     from winnow.pipeline.selection import merge_parts
 
-    return merge_parts(_setup(recipe_d, None), Path(run_dir), parts, provenance)
+    return merge_parts(_setup(recipe_d, None), Path(run_dir), parts, provenance, step_fingerprint=fp)
 
 
 @task(name="select", **TASK_OPTS)
 def select_task(recipe_d: dict[str, Any], run_dir: str, fp: str) -> dict:
     from winnow.pipeline.selection import write_selection
 
-    return write_selection(_setup(recipe_d, None), Path(run_dir))
+    return write_selection(_setup(recipe_d, None), Path(run_dir), step_fingerprint=fp)
 
 
 @task(name="emit", **TASK_OPTS)
@@ -202,34 +212,45 @@ def emit_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], tok_di
 
     recipe = _setup(recipe_d, None)
     feat, _, _ = _featurizer(recipe, tok_dir)
-    return emit_shards(recipe, Path(run_dir), [InputShard.from_dict(s) for s in shards], feat, fingerprints)
+    return emit_shards(recipe, Path(run_dir), [InputShard.from_dict(s) for s in shards], feat, fingerprints,
+                       step_fingerprint=fp)
 
 
 @task(name="report", **TASK_OPTS)
 def report_task(run_dir: str, fp: str) -> str:
     from winnow.pipeline.report import write_report
 
-    return str(write_report(Path(run_dir)))
+    return str(write_report(Path(run_dir), fingerprint=fp))
 
 
 # -- the flow ------------------------------------------------------------------------------------
-def _outputs_present(name: str, result: Any, run_dir: Path) -> bool:
+def _outputs_present(name: str, result: Any, run_dir: Path, fp: str) -> bool:
+    """Whether a cached step's files are still on disk, and are the ones this fingerprint made.
+
+    Steps that write to fixed paths (selection, shards, report, merged scores) record their
+    fingerprint in the file: switching a recipe back and forth must not reuse another config's file.
+    """
+    from winnow.pipeline.report import report_fingerprint
     from winnow.pipeline.shards import check_shards
+    from winnow.pipeline.store import read_provenance
+
+    def prov_fp(path: Path) -> str | None:
+        return (read_provenance(path) or {}).get("step_fingerprint") if path.exists() else None
 
     if name == "train":
         return all((run_dir / c["path"] / "state.json").exists() for c in result)
     if name == "score":
         return Path(result["scores"]).exists() and Path(result["rows_file"]).exists()
-    if name == "select":
-        return (run_dir / "selection.parquet").exists()
-    if name == "emit":
-        return check_shards(run_dir)
-    if name == "report":
-        return Path(result).exists()
     if name == "tokenizer":
         return (Path(result) / "tokenizer.json").exists()
     if name == "merge-scores":
-        return (run_dir / "scores" / "rows.parquet").exists()
+        return all(prov_fp(Path(p)) == fp for p in result["files"])
+    if name == "select":
+        return prov_fp(run_dir / "selection.parquet") == fp
+    if name == "emit":
+        return check_shards(run_dir, fp)
+    if name == "report":
+        return report_fingerprint(result) == fp
     return True
 
 
@@ -249,13 +270,27 @@ class _Steps:
         t0 = time.time()
         res = fut.result()
         state = fut.state
-        if state.name == "Cached" and not _outputs_present(t.name, res, self.run_dir):
+        if state.name == "Cached" and not _outputs_present(t.name, res, self.run_dir, kw["fp"]):
             res = t.with_options(cache_policy=self.policy, refresh_cache=True)(**kw)
-            state_name = "Completed (cache stale)"
+            state_name, seconds = "Completed (cache stale)", time.time() - t0
         else:
-            state_name = state.name
-        self.log.append({"step": label, "state": state_name, "seconds": round(time.time() - t0, 2)})
+            state_name, seconds = state.name, _run_seconds(fut.task_run_id, time.time() - t0)
+        self.log.append({"step": label, "state": state_name, "seconds": round(seconds, 2)})
         return res
+
+
+def _run_seconds(task_run_id: Any, fallback: float) -> float:
+    """The task run's own duration as Prefect recorded it (not the time spent waiting on it)."""
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            tr = client.read_task_run(task_run_id)
+        if tr.start_time is not None and tr.end_time is not None:
+            return (tr.end_time - tr.start_time).total_seconds()
+        return tr.total_run_time.total_seconds()
+    except Exception:
+        return fallback
 
 
 @flow(name="winnow-run", log_prints=True, validate_parameters=False)
@@ -295,7 +330,8 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str) -> dict[str, Any]:
     # proxy training, one task per seed
     train_fp = train_fingerprint(recipe, input_fp, tok_fp, model_fp)
     handles = [steps.submit(train_task, f"train seed {s}", recipe_d=recipe_d, run_dir=run_dir, shards=shard_ds,
-                            tok_dir=tok_dir, seed=s, train_fp=train_fp, threads=threads,
+                            tok_dir=tok_dir, seed=s, train_fp=train_fp,
+                            threads=recipe.runner.torch_threads or (os.cpu_count() or 1),
                             fp=fingerprint(train_fp, s, recipe.train.checkpoint_steps()))
                for s in recipe.train.seeds]
     ckpts = [c for h in handles for c in steps.result(h)]

@@ -31,9 +31,12 @@ _BUILD_LOCK = threading.RLock()
 
 
 def _quiet_transformers() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as tf_logging
+
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
 
 
 def auto_class(task: str):
@@ -177,11 +180,14 @@ def init_model(recipe: Recipe, seed: int, tokenizer: Any | None, num_labels: int
         conf = dict(m.config or {})
         mtype = conf.pop("model_type")
         if tokenizer is not None:
+            # a random init takes its vocabulary and special ids from the tokenizer it is trained with
             conf["vocab_size"] = len(tokenizer)
-            for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-                tid = getattr(tokenizer, key, None)
-                if tid is not None:
-                    conf.setdefault(key, tid)
+            eos = tokenizer.eos_token_id
+            ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": eos,
+                   "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos}
+            for key, tid in ids.items():
+                if key not in (m.config or {}):
+                    conf[key] = tid
         if num_labels is not None:
             conf["num_labels"] = num_labels
         try:

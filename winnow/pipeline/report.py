@@ -1094,15 +1094,19 @@ def _render(run: _Run, s: dict) -> str:
     )
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(run_dir: str | Path, fingerprint: str | None = None) -> Path:
     """Write run_dir/report.html (self-contained: inline CSS, plots as PNG data URIs) and return its path.
 
     The file appears atomically: it is written as ``report.html.tmp-<pid>`` in the same folder and
     renamed. Raises FileNotFoundError when run_dir, run_dir/scores or run_dir/selection.parquet is
-    missing; manifest.json, config.yaml and scores/rows.parquet are optional.
+    missing; manifest.json, config.yaml and scores/rows.parquet are optional. `fingerprint`, when
+    given, is recorded in a `<meta name="winnow-fingerprint">` tag (the flow's cache check reads it).
     """
     run = _load(run_dir)
     page = _render(run, _summarize(run))
+    if fingerprint is not None:
+        page = page.replace("<meta charset=\"utf-8\">",
+                            f"<meta charset=\"utf-8\"><meta name=\"winnow-fingerprint\" content=\"{_e(fingerprint)}\">", 1)
     out = run.dir / "report.html"
     tmp = run.dir / f"report.html.tmp-{os.getpid()}"
     try:
@@ -1118,6 +1122,18 @@ def write_report(run_dir: str | Path) -> Path:
 
 # --------------------------------------------------------------------------------------------------
 # terminal
+
+
+def report_fingerprint(path: str | Path) -> str | None:
+    """The fingerprint recorded by `write_report(..., fingerprint=...)`, if any."""
+    import re
+
+    try:
+        head = Path(path).read_text(encoding="utf-8", errors="replace")[:4096]
+    except OSError:
+        return None
+    m = re.search(r'<meta name="winnow-fingerprint" content="([^"]*)">', head)
+    return m.group(1) if m else None
 
 
 def print_summary(run_dir: str | Path, console: Any = None) -> dict:

@@ -20,7 +20,8 @@ from winnow.pipeline.store import ScoreStore, read_parquet, write_parquet
 from winnow.selectors import random_select, score_to_weight, select
 
 
-def merge_parts(recipe: Recipe, run_dir: Path, parts: list[dict[str, Any]], provenance: dict[str, Any]) -> dict[str, Any]:
+def merge_parts(recipe: Recipe, run_dir: Path, parts: list[dict[str, Any]], provenance: dict[str, Any],
+                step_fingerprint: str | None = None) -> dict[str, Any]:
     """Concatenate the shards' parts (in shard order) into scores/<scorer>.parquet and rows.parquet."""
     parts = sorted(parts, key=lambda p: p["shard"])
     rows = pl.concat([read_parquet(p["rows_file"]) for p in parts], how="vertical")
@@ -36,16 +37,20 @@ def merge_parts(recipe: Recipe, run_dir: Path, parts: list[dict[str, Any]], prov
     rows = rows.unique(subset="id", keep="first", maintain_order=True)
     scores = scores.unique(subset="id", keep="first", maintain_order=True)
     store = ScoreStore(run_dir)
+    written = []
     for spec in recipe.scoring.scorers:
         from winnow.scorers import SCORERS
 
         cols = getattr(SCORERS[spec.name], "columns", None) or [spec.name]
         keep = ["id"] + [c for c in scores.columns if c in cols or c.split("@")[0] in cols]
         prov = dict(provenance, scorer=spec.name, params=spec.params, columns=cols,
-                    package_version=winnow.__version__)
-        store.write_scores(spec.name, scores.select(keep), prov)
-    store.write_rows(rows)
-    return {"rows": rows.height, "duplicate_rows": n_all - rows.height}
+                    package_version=winnow.__version__, step_fingerprint=step_fingerprint)
+        written.append(store.write_scores(spec.name, scores.select(keep), prov))
+    written.append(write_parquet(rows, store.dir / "rows.parquet", {"step_fingerprint": step_fingerprint}))
+    for old in store.score_files():  # scores of scorers this recipe no longer runs
+        if old not in written:
+            old.unlink()
+    return {"rows": rows.height, "duplicate_rows": n_all - rows.height, "files": [str(p) for p in written]}
 
 
 def selection_table(recipe: Recipe, run_dir: Path) -> pl.DataFrame:
@@ -80,9 +85,10 @@ def selection_table(recipe: Recipe, run_dir: Path) -> pl.DataFrame:
     return pl.DataFrame({"id": df["id"], "kept": kept, "weight": np.asarray(weight, dtype=np.float64)})
 
 
-def write_selection(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
+def write_selection(recipe: Recipe, run_dir: Path, step_fingerprint: str | None = None) -> dict[str, Any]:
     table = selection_table(recipe, run_dir)
     write_parquet(table, run_dir / "selection.parquet",
-                  {"select": recipe.select.model_dump(mode="json"), "package_version": winnow.__version__})
+                  {"select": recipe.select.model_dump(mode="json"), "package_version": winnow.__version__,
+                   "step_fingerprint": step_fingerprint})
     kept = int(table["kept"].sum())
     return {"rows": table.height, "kept": kept}

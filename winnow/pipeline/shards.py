@@ -70,7 +70,7 @@ class _Roller:
 
 
 def emit_shards(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: Featurizer,
-                fingerprints: dict[str, str]) -> dict[str, Any]:
+                fingerprints: dict[str, str], step_fingerprint: str | None = None) -> dict[str, Any]:
     out = recipe.output
     sel = read_parquet(run_dir / "selection.parquet")
     store = ScoreStore(run_dir)
@@ -167,13 +167,14 @@ def emit_shards(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
         "shards": shard_list,
         "columns": columns,
         "weight_column": "weight",
+        "step_fingerprint": step_fingerprint,
     }
     write_json(run_dir / "manifest.json", manifest)
     return {"shards": len(shard_list), "written_rows": written, "input_rows": input_rows}
 
 
-def check_shards(run_dir: Path) -> bool:
-    """True when manifest.json and every shard it lists exist with their recorded sizes."""
+def check_shards(run_dir: Path, step_fingerprint: str | None = None) -> bool:
+    """True when manifest.json (of this step fingerprint) and every shard it lists exist, sizes intact."""
     import json
 
     m = run_dir / "manifest.json"
@@ -182,6 +183,8 @@ def check_shards(run_dir: Path) -> bool:
     try:
         man = json.loads(m.read_text())
     except json.JSONDecodeError:
+        return False
+    if step_fingerprint is not None and man.get("step_fingerprint") != step_fingerprint:
         return False
     return all((run_dir / s["path"]).exists() and (run_dir / s["path"]).stat().st_size == s["bytes"]
                for s in man.get("shards", []))

@@ -77,13 +77,14 @@ class Param:
 class Scorer:
     """Base class of all scorers.
 
-    Subclasses set ``name``, ``tasks`` and ``PARAMS`` (name -> :class:`Param`) and implement
-    :meth:`score_batch`. Parameters are validated in ``__init__`` and stored as attributes of the same
+    Subclasses set ``name``, ``tasks``, ``columns`` (the keys :meth:`score_batch` returns; empty means
+    just ``(name,)``) and ``PARAMS`` (name -> :class:`Param`) and implement :meth:`score_batch`. Parameters are validated in ``__init__`` and stored as attributes of the same
     name; :meth:`params` returns them as a JSON-able dict (recorded as provenance).
     """
 
     name: ClassVar[str] = ""
     tasks: ClassVar[frozenset[str]] = frozenset()
+    columns: ClassVar[tuple[str, ...]] = ()
     PARAMS: ClassVar[dict[str, Param]] = {}
 
     def __init__(self, **params: Any) -> None:

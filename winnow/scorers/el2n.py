@@ -19,14 +19,16 @@ Deviations and extensions, all deliberate:
   two real tokens) gets NaN under every reduction, ``sum`` included, so that it cannot pass as "easy".
 * The full (tokens, vocab) fp32 softmax is never formed. The final hidden states come from the model's
   base model and the output embedding is applied in vocabulary chunks; per token we keep, in fp32, a
-  running max M and the target-excluded sums S1 = sum_{i != y} exp(z_i - M) and
-  S2 = sum_{i != y} exp(2 (z_i - M)), plus the target logit z_y. With S = S1 + exp(z_y - M):
+  running max M' of the non-target logits, the target-excluded sums S1 = sum_{i != y} exp(z_i - M')
+  and S2 = sum_{i != y} exp(2 (z_i - M')), and the target logit z_y. With S = S1 + exp(z_y - M'):
 
       ||p - e_y||^2 = sum_i p_i^2 - 2 p_y + 1 = sum_{i != y} p_i^2 + (1 - p_y)^2 = (S2 + S1^2) / S^2
 
   This is the identity ``sum p_i^2 - 2 p_y + 1`` with sum p_i^2 = exp(lse(2z) - 2 lse(z)), rearranged
   so that no two nearly equal numbers are subtracted: when p_y is close to 1 the plain form loses all
   digits (an absolute error of ~1e-7 in the squared norm is ~3e-4 in the norm), this form does not.
+  Taking the sums relative to the non-target max (S1 >= 1) and forming the norm in logs keeps full
+  relative precision even for scores far below 1e-19, where squares of fp32 numbers would underflow.
 * Precision. Logits of a chunk (bias included) are computed by the output embedding in the model's
   dtype, as the model's own ``lm_head`` does, so bf16 models give bf16-rounded logits; everything after
   that (scaling, soft-capping, exponentials, sums) runs in fp32. Classification logits are upcast to
@@ -107,9 +109,10 @@ def _token_chunk_el2n(
     n = h.shape[0]
     vocab = weight.shape[0]
     dev = h.device
-    run_max = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
-    s1 = torch.zeros(n, dtype=torch.float32, device=dev)  # sum_{i != y} exp(z_i - M)
-    s2 = torch.zeros(n, dtype=torch.float32, device=dev)  # sum_{i != y} exp(2 (z_i - M))
+    neg_inf = -math.inf
+    run_max = torch.full((n,), neg_inf, dtype=torch.float32, device=dev)  # M': max_{i != y} z_i so far
+    s1 = torch.zeros(n, dtype=torch.float32, device=dev)  # sum_{i != y} exp(z_i - M')
+    s2 = torch.zeros(n, dtype=torch.float32, device=dev)  # sum_{i != y} exp(2 (z_i - M'))
     z_y = torch.zeros(n, dtype=torch.float32, device=dev)
     for v0 in range(0, vocab, vocab_chunk):
         v1 = min(v0 + vocab_chunk, vocab)
@@ -123,28 +126,33 @@ def _token_chunk_el2n(
                 z.div_(softcap).tanh_().mul_(softcap)
         in_chunk = (y >= v0) & (y < v1)
         local = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
-        zt = z.gather(1, local).squeeze(1).float()
-        z_y = torch.where(in_chunk, zt, z_y)
-        m = z.amax(dim=1).float()
+        zt = z.gather(1, local).squeeze(1)
+        z_y = torch.where(in_chunk, zt.float(), z_y)
+        # drop the target: -inf at its place when it lies in this chunk (otherwise rewrite the value
+        # already there), so that the max and both sums run over the other classes only
+        z.scatter_(1, local, torch.where(in_chunk, neg_inf, zt).unsqueeze(1))
+        m = z.amax(dim=1).float()  # -inf only when the chunk holds nothing but the target
+        empty = torch.isneginf(m)
+        m_safe = torch.where(empty, 0.0, m)
         # fp32 from here on: a bf16 z is promoted by the subtraction, an fp32 one is shifted in place
-        if z.dtype == torch.float32:
-            e = z.sub_(m.unsqueeze(1))
-        else:
-            e = z - m.unsqueeze(1)
-        # drop the target from the sums: -inf at its place when it lies in this chunk, otherwise
-        # rewrite the value already there
-        e.scatter_(1, local, torch.where(in_chunk, -math.inf, zt - m).unsqueeze(1))
+        e = z.sub_(m_safe.unsqueeze(1)) if z.dtype == torch.float32 else z - m_safe.unsqueeze(1)
         e.exp_()
         c1 = e.sum(dim=1)
         c2 = torch.linalg.vector_norm(e, dim=1).square()
         new_max = torch.maximum(run_max, m)
-        a_old = torch.exp(run_max - new_max)
-        a_new = torch.exp(m - new_max)
+        new_safe = torch.where(torch.isneginf(new_max), 0.0, new_max)
+        a_old = torch.exp(run_max - new_safe)
+        a_new = torch.where(empty, 0.0, torch.exp(m_safe - new_safe))
         s1 = s1 * a_old + c1 * a_new
         s2 = s2 * (a_old * a_old) + c2 * (a_new * a_new)
         run_max = new_max
-    s = s1 + torch.exp(z_y - run_max)
-    return torch.sqrt(s2 + s1 * s1) / s
+    # ||p - e_y|| = sqrt(S2 + S1^2) / (S1 + exp(z_y)) with the sums over i != y; both scaled by
+    # exp(-R), R = max(M', z_y), and the numerator kept in logs: S1 >= 1 at M', so nothing
+    # underflows however close p_y is to 1 (down to fp32's smallest numbers)
+    ref = torch.maximum(run_max, z_y)
+    log_num = (run_max - ref) + 0.5 * torch.log(s2 + s1 * s1)
+    den = s1 * torch.exp(run_max - ref) + torch.exp(z_y - ref)
+    return torch.exp(log_num) / den
 
 
 _COMPILED: Any = None
@@ -361,6 +369,7 @@ class EL2N(Scorer):
 
     name = "el2n"
     tasks = frozenset({"causal_lm", "sequence_classification", "image_classification"})
+    columns = ("el2n",)
     PARAMS = {
         "reduction": Param("mean", str, choices=REDUCTIONS, doc="per-example reduction over tokens (causal_lm)"),
         "vocab_chunk": Param(8192, int, min=0, min_exclusive=True, doc="vocabulary entries per chunk"),
