@@ -11,6 +11,7 @@ User errors (`WinnowError`) are not retried; other failures are retried once.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -293,18 +294,29 @@ def _run_seconds(task_run_id: Any, fallback: float) -> float:
         return fallback
 
 
-@flow(name="winnow-run", log_prints=True, validate_parameters=False)
-def run_flow(recipe_d: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    recipe = recipe_from_dict(recipe_d)
-    rd = Path(run_dir)
-    logger = get_run_logger()
-    steps = _Steps(rd)
+def preflight(recipe: Recipe) -> list[InputShard]:
+    """Checks that need no model or flow: the source resolves, columns exist, the model folder has
+    weights, the classes are known. Failing here costs seconds, not a training run."""
+    from winnow.pipeline.models import check_model_folder, class_names
+
     shards = list_shards(recipe.data)
     first = shards[0]
     for raw in iter_raw_batches(recipe.data, first, batch_size=8):
         check_columns(recipe.data, list(raw), first.location)
         break
-    shard_ds = [s.to_dict() for s in shards]
+    if recipe.model.path is not None:
+        check_model_folder(recipe.model.path)
+    class_names(recipe)
+    return shards
+
+
+@flow(name="winnow-run", log_prints=True, validate_parameters=False)
+def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, Any]]) -> dict[str, Any]:
+    recipe = recipe_from_dict(recipe_d)
+    rd = Path(run_dir)
+    logger = get_run_logger()
+    steps = _Steps(rd)
+    shards = [InputShard.from_dict(s) for s in shard_ds]
     input_fp = shards_fingerprint(shards, recipe.data)
     logger.info(f"{len(shards)} input shard(s), input fingerprint {input_fp[:12]}")
     workers = recipe.runner.max_workers
@@ -405,7 +417,36 @@ def task_runner(recipe: Recipe):
     return ThreadPoolTaskRunner(max_workers=recipe.runner.max_workers)
 
 
+class _OneLineUserErrors(logging.Filter):
+    """Prefect logs a failed task's traceback; for a user error the one-line message says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], WinnowError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    flt = _OneLineUserErrors()
+    for name in ("prefect", "prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _OneLineUserErrors) for f in lg.filters):
+            lg.addFilter(flt)
+    for h in logging.getLogger("prefect").handlers:
+        if not any(isinstance(f, _OneLineUserErrors) for f in h.filters):
+            h.addFilter(flt)
+
+
 def run_recipe(recipe: Recipe) -> dict[str, Any]:
-    run_dir = prepare_run_dir(recipe)
+    """Validate the inputs, open the run folder, and run the flow; returns the run's summary."""
+    recipe = recipe.model_copy(deep=True)
+    for holder, key in ((recipe.model, "path"), (recipe.model.tokenizer, "path")):
+        value = getattr(holder, key)
+        if value is not None and Path(value).exists():  # workers (Ray) may run elsewhere
+            setattr(holder, key, str(Path(value).absolute()))
+    shards = preflight(recipe)
+    run_dir = prepare_run_dir(recipe).absolute()
+    _quiet_user_errors()
     f = run_flow.with_options(task_runner=task_runner(recipe), flow_run_name=f"{recipe.name}")
-    return f(recipe.model_dump(mode="json"), str(run_dir))
+    return f(recipe.model_dump(mode="json"), str(run_dir), [s.to_dict() for s in shards])
