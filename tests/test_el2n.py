@@ -392,7 +392,7 @@ def test_registry_and_params():
     assert SCORERS["el2n"] is EL2N
     scorer = get_scorer("el2n", reduction="max", vocab_chunk=1024)
     params = scorer.params()
-    assert params == {"reduction": "max", "vocab_chunk": 1024, "token_chunk": 4096, "compile": False}
+    assert params == {"reduction": "max", "vocab_chunk": 1024, "token_chunk": 16384, "compile": False}
     assert json.loads(json.dumps(params)) == params
     assert EL2N.tasks == {"causal_lm", "sequence_classification", "image_classification"}
     assert EL2N.columns == ("el2n",)

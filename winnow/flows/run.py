@@ -154,6 +154,12 @@ def tokenizer_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], f
 _TRAIN_LOCK = threading.Lock()
 
 
+def _train_lock() -> threading.Lock:
+    # Tasks are pickled by value for Ray (their module name points at the Task object, not the
+    # function), so they must reach the lock through a function that pickles by reference.
+    return _TRAIN_LOCK
+
+
 @task(name="train", **TASK_OPTS)
 def train_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], tok_dir: str | None, seed: int,
                train_fp: str, threads: int | None, fp: str) -> list[dict[str, Any]]:
@@ -168,7 +174,7 @@ def train_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], tok_d
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
     try:
-        with _TRAIN_LOCK:
+        with _train_lock():
             if threads:
                 torch.set_num_threads(threads)
             return train_proxy(recipe, Path(run_dir), [InputShard.from_dict(s) for s in shards], feat, seed,

@@ -173,7 +173,7 @@ def causal_lm_token_el2n(
     mask: torch.Tensor | None = None,
     *,
     vocab_chunk: int = 8192,
-    token_chunk: int = 4096,
+    token_chunk: int = 16384,
     logit_scale: float | None = None,
     softcap: float | None = None,
     compile: bool = False,
@@ -364,7 +364,11 @@ class EL2N(Scorer):
     """EL2N score (Paul et al. 2021): ``||softmax(logits) - onehot(y)||_2`` per example.
 
     Column ``el2n``. For ``causal_lm`` the per-token scores are reduced by ``reduction`` and computed
-    with the fused chunked output embedding (see the module docstring).
+    with the fused chunked output embedding (see the module docstring): at most
+    ``token_chunk x vocab_chunk`` logits exist at a time (defaults: 16384 x 8192, about 1.3 GiB of
+    working memory eager, measured on an H100). ``compile=True`` compiles that chunk computation with
+    torch.compile (3x faster on an H100, benchmarks/RESULTS.md); compiling the base model itself
+    (``model.get_decoder().compile()``) is the caller's choice.
     """
 
     name = "el2n"
@@ -373,7 +377,7 @@ class EL2N(Scorer):
     PARAMS = {
         "reduction": Param("mean", str, choices=REDUCTIONS, doc="per-example reduction over tokens (causal_lm)"),
         "vocab_chunk": Param(8192, int, min=0, min_exclusive=True, doc="vocabulary entries per chunk"),
-        "token_chunk": Param(4096, int, min=0, min_exclusive=True, doc="tokens per chunk"),
+        "token_chunk": Param(16384, int, min=0, min_exclusive=True, doc="tokens per chunk"),
         "compile": Param(False, bool, doc="torch.compile the fused chunk computation (causal_lm)"),
     }
     reduction: str
