@@ -62,7 +62,8 @@ def test_image_classification_on_digits_flags_flipped_labels(tmp_path):
     el2n = np.empty(n)
     el2n[[order[i] for i in scores["id"]]] = scores["el2n"].to_numpy()
     auc = _auroc(el2n, flipped)
-    assert auc > 0.8, auc  # measured 0.97 here
+    print(f"EL2N AUROC for flipped digit labels: {auc:.3f}")
+    assert auc > 0.8, auc
     # keeping the lowest 80% (easy examples) drops most flipped labels
     sel = pl.read_parquet(tmp_path / "run" / "selection.parquet")
     kept = np.zeros(n, dtype=bool)

@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("out", type=Path)
     d.add_argument("--per-domain", type=int, default=500, help="rows per domain (default 500)")
     d.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    d.add_argument("--kind", choices=["text", "digits"], default="text",
+                   help="text: the multi-domain corpus; digits: scikit-learn's digits with 10%% labels flipped")
     return p
 
 
@@ -93,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.out.exists() and any(args.out.iterdir()) and not args.force:
                 print(f"{args.out} exists; keeping it (use --force to rebuild)")
+                return 0
+            if args.kind == "digits":
+                from winnow.pipeline.demo import build_digits
+
+                n, flipped = build_digits(args.out)
+                print(f"wrote {n} digits to {args.out} ({flipped} labels flipped; see flipped.json)")
                 return 0
             counts = build_demo_corpus(args.out, per_domain=args.per_domain)
             print(f"wrote {sum(counts.values())} rows to {args.out}: "

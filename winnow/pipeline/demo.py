@@ -161,3 +161,33 @@ def build_demo_corpus(out_dir: str | Path, per_domain: int = 500, rows_per_file:
                     for r in rows[k:k + rows_per_file]:
                         f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return counts
+
+
+def build_digits(out_dir: str | Path, flip_fraction: float = 0.1, seed: int = 0) -> tuple[int, int]:
+    """scikit-learn's digits (1797 real 8x8 images) as parquet, with a fraction of labels flipped.
+
+    The ids of the flipped rows are written to `flipped.json` beside the data, so a selection can be
+    checked against them.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        from winnow.errors import WinnowError
+
+        raise WinnowError("--kind digits needs scikit-learn: pip install scikit-learn") from None
+    import numpy as np
+    import polars as pl
+
+    x, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(seed)
+    flipped = rng.choice(len(y), int(len(y) * flip_fraction), replace=False)
+    y = y.copy()
+    y[flipped] = (y[flipped] + rng.integers(1, 10, len(flipped))) % 10
+    ids = [f"digit-{i:04d}" for i in range(len(y))]
+    out = Path(out_dir)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        pl.DataFrame({"id": ids, "pixels": x.astype(np.float32).tolist(), "label": y.tolist()}).write_parquet(
+            tmp / "digits.parquet")
+        (tmp / "flipped.json").write_text(json.dumps(sorted(ids[i] for i in flipped)))
+    return len(y), len(flipped)

@@ -121,6 +121,7 @@ class ScoringConfig(Strict):
     scorers: list[ScorerSpec] = Field(default_factory=lambda: [ScorerSpec(name="el2n")], min_length=1)
     batch_size: int = Field(default=32, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(default=False, description="torch.compile the model's body (GPU only)")
 
     @field_validator("scorers", mode="before")
     @classmethod

@@ -74,6 +74,8 @@ def score_shard(recipe: Recipe, run_dir: Path, shard: InputShard, ckpts: list[di
         model = load_checkpoint(run_dir / ck["path"], task, recipe.model.trust_remote_code).to(device).eval()
         if use_bf16:
             model = model.to(torch.bfloat16)
+        if recipe.scoring.compile and device.type == "cuda":
+            getattr(model, model.base_model_prefix, model).compile(dynamic=True)
         chunks: dict[str, list[np.ndarray]] = {}
         for exs in _stream(recipe, shard, feat):
             if ci == 0:
