@@ -184,3 +184,20 @@ def test_killed_run_resumes_to_the_same_outputs(corpus, tmp_path, first_run):
     ma, mb = _manifest(run_dir), _manifest(ref_dir)
     assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
     assert not list(run_dir.rglob("*.tmp-*"))
+
+
+def test_report_inspect_and_artifact(first_run, capsys):
+    _, run_dir = first_run
+    (run_dir / "report.html").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    html = (run_dir / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<script" not in html
+    assert main(["inspect", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "code" in out and "prose" in out and "kept" in out.lower()
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        arts = [a for a in client.read_artifacts() if a.key == "winnow-t"]
+    assert arts and "kept" in arts[0].data and "| domain |" in arts[0].data

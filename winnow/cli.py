@@ -60,11 +60,11 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = run_recipe(recipe)
     con = Console(stderr=False)
-    con.print(f"[bold]winnow run {recipe.name}[/]: {summary['rows']} rows, {summary['kept']} kept, "
-              f"{summary['shards']} shard(s) in {summary['run_dir']}")
+    con.print(f"winnow run {recipe.name}: {summary['rows']} rows, {summary['kept']} kept, "
+              f"{summary['shards']} shard(s) in {summary['run_dir']}", markup=False, highlight=False)
     for s in summary["steps"]:
-        con.print(f"  {s['step']:<28} {s['state']:<24} {s['seconds']:>8.2f}s")
-    con.print(f"report: {summary['report']}")
+        con.print(f"  {s['step']:<28} {s['state']:<24} {s['seconds']:>8.2f}s", markup=False, highlight=False)
+    con.print(f"report: {summary['report']}", markup=False, highlight=False)
     return 0
 
 
