@@ -136,3 +136,28 @@ def test_ray_task_runner_runs_the_pipeline(tmp_path, corpus):
     assert main(["run", str(write_recipe(tmp_path / "r.yaml", r))]) == 0
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert man["counts"]["kept_rows"] > 0
+
+
+def test_local_model_folder_scored_as_loaded(tmp_path, corpus):
+    """model.path: a folder with safetensors weights and its tokenizer; train.steps 0 scores it as is."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from winnow.pipeline.models import train_tokenizer
+    from winnow.pipeline.recipe import recipe_from_dict
+
+    base = recipe_from_dict(tiny_recipe(corpus, tmp_path / "x"))
+    folder = tmp_path / "model"
+    train_tokenizer((r["text"] for r in _rows(corpus)), base, folder)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=64))
+    model.save_pretrained(str(folder), safe_serialization=True)
+    assert (folder / "model.safetensors").exists()
+    r = tiny_recipe(corpus, tmp_path / "run")
+    r["model"] = {"task": "causal_lm", "path": str(folder), "max_length": 48}
+    r["train"] = {"steps": 0, "seeds": [0]}
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", r))]) == 0
+    scores = pl.read_parquet(tmp_path / "run" / "scores" / "el2n.parquet")
+    assert scores.columns == ["id", "el2n", "el2n@s0k0"]
+    assert scores["el2n"].is_nan().sum() == 0

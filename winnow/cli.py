@@ -62,8 +62,9 @@ def _run(args: argparse.Namespace) -> int:
     con = Console(stderr=False)
     con.print(f"winnow run {recipe.name}: {summary['rows']} rows, {summary['kept']} kept, "
               f"{summary['shards']} shard(s) in {summary['run_dir']}", markup=False, highlight=False)
+    con.print(f"  {'step':<28} {'state':<24} {'done at':>8}", markup=False, highlight=False)
     for s in summary["steps"]:
-        con.print(f"  {s['step']:<28} {s['state']:<24} {s['seconds']:>8.2f}s", markup=False, highlight=False)
+        con.print(f"  {s['step']:<28} {s['state']:<24} {s['finished_s']:>7.1f}s", markup=False, highlight=False)
     con.print(f"report: {summary['report']}", markup=False, highlight=False)
     return 0
 

@@ -262,42 +262,34 @@ def _outputs_present(name: str, result: Any, run_dir: Path, fp: str) -> bool:
 
 
 class _Steps:
-    """Runs tasks with the run's cache policy and records each step's final state."""
+    """Runs tasks with the run's cache policy and records each step's final state and finish time."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.policy = _policy(run_dir)
         self.log: list[dict[str, Any]] = []
+        self.t0 = time.time()
+        self.done: dict[int, float] = {}
 
     def submit(self, t: Any, label: str, **kw: Any):
-        return (t.with_options(cache_policy=self.policy).submit(**kw), t, label, kw)
+        fut = t.with_options(cache_policy=self.policy).submit(**kw)
+        try:
+            fut.add_done_callback(lambda f, k=id(fut): self.done.setdefault(k, time.time()))
+        except Exception:  # a runner whose futures take no callbacks: fall back to when we read it
+            pass
+        return (fut, t, label, kw)
 
     def result(self, handle) -> Any:
         fut, t, label, kw = handle
-        t0 = time.time()
         res = fut.result()
-        state = fut.state
-        if state.name == "Cached" and not _outputs_present(t.name, res, self.run_dir, kw["fp"]):
+        state_name = fut.state.name
+        if state_name == "Cached" and not _outputs_present(t.name, res, self.run_dir, kw["fp"]):
             res = t.with_options(cache_policy=self.policy, refresh_cache=True)(**kw)
-            state_name, seconds = "Completed (cache stale)", time.time() - t0
-        else:
-            state_name, seconds = state.name, _run_seconds(fut.task_run_id, time.time() - t0)
-        self.log.append({"step": label, "state": state_name, "seconds": round(seconds, 2)})
+            state_name = "Completed (cache stale)"
+            self.done[id(fut)] = time.time()
+        finished = self.done.get(id(fut), time.time())
+        self.log.append({"step": label, "state": state_name, "finished_s": round(finished - self.t0, 2)})
         return res
-
-
-def _run_seconds(task_run_id: Any, fallback: float) -> float:
-    """The task run's own duration as Prefect recorded it (not the time spent waiting on it)."""
-    try:
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True) as client:
-            tr = client.read_task_run(task_run_id)
-        if tr.start_time is not None and tr.end_time is not None:
-            return (tr.end_time - tr.start_time).total_seconds()
-        return tr.total_run_time.total_seconds()
-    except Exception:
-        return fallback
 
 
 def preflight(recipe: Recipe) -> list[InputShard]:
@@ -402,8 +394,8 @@ def _artifact(recipe: Recipe, run_dir: Path, summary: dict[str, Any]) -> None:
         lines += ["| domain | input | kept | proportion |", "|---|---:|---:|---:|"]
         lines += [f"| {k} | {v['input_rows']} | {v['kept_rows']} | {v['proportion']:.3f} |"
                   for k, v in man["domains"].items()]
-    lines += ["", "| step | state | seconds |", "|---|---|---:|"]
-    lines += [f"| {s['step']} | {s['state']} | {s['seconds']} |" for s in summary["steps"]]
+    lines += ["", "| step | state | finished at (s after start) |", "|---|---|---:|"]
+    lines += [f"| {s['step']} | {s['state']} | {s['finished_s']} |" for s in summary["steps"]]
     key = "winnow-" + "".join(c if c.isalnum() else "-" for c in recipe.name.lower())
     create_markdown_artifact("\n".join(lines), key=key[:100], description=f"winnow run {recipe.name}")
     write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
