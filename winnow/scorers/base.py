@@ -11,6 +11,7 @@ docs/ARCHITECTURE.md, "Scorer interface", for the batch conventions of each task
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -74,7 +75,7 @@ class Param:
         return value
 
 
-class Scorer:
+class Scorer(abc.ABC):
     """Base class of all scorers.
 
     Subclasses set ``name``, ``tasks``, ``columns`` (the keys :meth:`score_batch` returns; empty means
@@ -108,11 +109,11 @@ class Scorer:
                 f"scorer {self.name!r} does not support task {task!r}; supported: {', '.join(sorted(self.tasks))}"
             )
 
+    @abc.abstractmethod
     def score_batch(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str
     ) -> dict[str, torch.Tensor]:
         """Score one batch: ``{column: float32 tensor (B,)}`` on the model's device."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
