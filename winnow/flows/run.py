@@ -402,17 +402,43 @@ def _artifact(recipe: Recipe, run_dir: Path, summary: dict[str, Any]) -> None:
     _ = json  # keep import local
 
 
-def task_runner(recipe: Recipe):
+_FORWARDED_ENV = ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_LEVEL", "HF_HUB_OFFLINE",
+                  "HF_HOME", "TOKENIZERS_PARALLELISM")
+
+
+def task_runner(recipe: Recipe, api_url: str | None = None):
     if recipe.runner.kind == "ray":
         try:
             from prefect_ray import RayTaskRunner
         except ImportError:
             raise WinnowError("runner.kind is 'ray' but prefect-ray is not installed: pip install 'winnow[ray]'") from None
-        init = {"num_cpus": recipe.runner.max_workers, "include_dashboard": False, "log_to_driver": True}
+        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+        if api_url:
+            env["PREFECT_API_URL"] = api_url
+        init = {"num_cpus": recipe.runner.max_workers, "include_dashboard": False, "log_to_driver": True,
+                "runtime_env": {"env_vars": env}}
         return RayTaskRunner(address=recipe.runner.ray_address, init_kwargs=init)
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=recipe.runner.max_workers)
+
+
+def _api_for_workers(recipe: Recipe) -> str | None:
+    """Ray workers are other processes: without a Prefect server each would start its own temporary
+    one on the same database. Start the temporary server here, once, and point the workers at it."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if url or recipe.runner.kind != "ray":
+        return url or None
+    if recipe.runner.ray_address:
+        raise WinnowError("runner.ray_address: a Ray cluster's workers need a Prefect server they can reach; "
+                          "start one (prefect server start) and set PREFECT_API_URL")
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    return server.api_url
 
 
 class _OneLineUserErrors(logging.Filter):
@@ -446,5 +472,12 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
     shards = preflight(recipe)
     run_dir = prepare_run_dir(recipe).absolute()
     _quiet_user_errors()
-    f = run_flow.with_options(task_runner=task_runner(recipe), flow_run_name=f"{recipe.name}")
-    return f(recipe.model_dump(mode="json"), str(run_dir), [s.to_dict() for s in shards])
+    api_url = _api_for_workers(recipe)
+    f = run_flow.with_options(task_runner=task_runner(recipe, api_url), flow_run_name=f"{recipe.name}")
+    args = (recipe.model_dump(mode="json"), str(run_dir), [s.to_dict() for s in shards])
+    if api_url:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            return f(*args)
+    return f(*args)

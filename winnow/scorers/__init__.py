@@ -13,6 +13,7 @@ from winnow.scorers.el2n import (
     lm_head_params,
     reduce_token_scores,
 )
+from winnow.scorers.loss import LossScorer  # noqa: F401  (registers the "loss" scorer)
 
 __all__ = [
     "EL2N",

@@ -6,9 +6,19 @@ Imports only numpy and the standard library (see docs/ARCHITECTURE.md, "Layers")
   ``keep="highest" | "lowest" | "band"`` (Data Diet offset window), optionally per stratum.
 * :func:`random_select` — the seeded random baseline with the same budgets and strata.
 * :func:`score_to_weight` — float64 weights, 0 on pruned rows and mean 1 over kept rows.
+* :func:`loss_to_weight` — the loss-based strategies of Sow et al. (ICLR 2025), same invariants.
 """
 
+from winnow.selectors.loss_weights import LOSS_STRATEGIES, loss_to_weight
 from winnow.selectors.prune import KEEP_RULES, random_select, select
 from winnow.selectors.weights import METHODS, score_to_weight
 
-__all__ = ["KEEP_RULES", "METHODS", "random_select", "score_to_weight", "select"]
+__all__ = [
+    "KEEP_RULES",
+    "LOSS_STRATEGIES",
+    "METHODS",
+    "loss_to_weight",
+    "random_select",
+    "score_to_weight",
+    "select",
+]
