@@ -161,3 +161,27 @@ def test_local_model_folder_scored_as_loaded(tmp_path, corpus):
     scores = pl.read_parquet(tmp_path / "run" / "scores" / "el2n.parquet")
     assert scores.columns == ["id", "el2n", "el2n@s0k0"]
     assert scores["el2n"].is_nan().sum() == 0
+
+
+def test_pretokenized_input_ids_without_a_tokenizer(tmp_path, corpus):
+    """data.input_ids_column with a random-init model: no tokenizer needed; ids out of range are refused."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    texts = [r["text"] for r in _rows(corpus)]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=300, show_progress=False)
+    ids = [bpe.encode(t).ids[:40] for t in texts]
+    pl.DataFrame({"input_ids": ids}).write_parquet(tmp_path / "tok.parquet")
+    r = tiny_recipe(corpus, tmp_path / "run", data__source=str(tmp_path / "tok.parquet"), data__id_column=None,
+                    data__text_column=None, data__input_ids_column="input_ids", data__domain_column=None,
+                    select__stratify=None)
+    r["model"] = {"task": "causal_lm", "max_length": 48,
+                  "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64,
+                             "vocab_size": 300}}
+    r["train"].update(steps=4, seeds=[0], checkpoints=[4])
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", r))]) == 0
+    sel = pl.read_parquet(tmp_path / "run" / "selection.parquet")
+    assert set(sel["id"]) == {content_id(x) for x in ids}
+    r["model"]["config"]["vocab_size"] = 100
+    r["output"]["dir"] = str(tmp_path / "run2")
+    assert main(["run", str(write_recipe(tmp_path / "r2.yaml", r))]) == 2

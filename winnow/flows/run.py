@@ -102,11 +102,13 @@ def _featurizer(recipe: Recipe, tok_dir: str | None):
 
     tok = None
     if recipe.model.task != "image_classification":
-        if tok_dir is None:
+        if tok_dir is not None:
+            tok = load_tokenizer(tok_dir, recipe.model.trust_remote_code)
+        elif recipe.data.input_ids_column is None:
             raise WinnowError("no tokenizer: set model.tokenizer.path or model.tokenizer.train")
-        tok = load_tokenizer(tok_dir, recipe.model.trust_remote_code)
     names, n = class_names(recipe)
-    return Featurizer(recipe, tok, names, n, vocab_size=None), tok, n
+    vocab = (recipe.model.config or {}).get("vocab_size") if tok is None else None
+    return Featurizer(recipe, tok, names, n, vocab_size=vocab), tok, n
 
 
 def _progress(desc: str, total: int | None, unit: str):

@@ -117,7 +117,6 @@ def score_shard(recipe: Recipe, run_dir: Path, shard: InputShard, ckpts: list[di
             "rows_file": str(rows_path), "skipped": False}
 
 
-@torch.no_grad()
 def _score_examples(scorers: list[Any], model: Any, exs: list[Example], feat: Featurizer, task: str,
                     device: torch.device, bs: int) -> dict[str, np.ndarray]:
     """Score examples in length-sorted batches; return columns in the examples' order."""
@@ -128,7 +127,9 @@ def _score_examples(scorers: list[Any], model: Any, exs: list[Example], feat: Fe
         batch = {k: v.to(device) for k, v in feat.collate(group).items()}
         idx = np.array([pos[id(e)] for e in group])
         for s in scorers:
-            res = s.score_batch(model, batch, task)
+            # gradient scorers (GraNd, ...) run their own backward; the rest need no autograd graph
+            with torch.set_grad_enabled(bool(getattr(s, "needs_grad", False))):
+                res = s.score_batch(model, batch, task)
             for col, t in res.items():
                 arr = out.setdefault(col, np.full(n, np.nan))
                 arr[idx] = t.detach().float().cpu().numpy()
