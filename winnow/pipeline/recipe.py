@@ -131,13 +131,35 @@ class ScoringConfig(Strict):
         return v
 
 
+LOSS_WEIGHT_METHODS = ("linupper", "quadratic", "extremes")
+
+
 class WeightConfig(Strict):
-    method: Literal["uniform", "normalized", "softmax", "clipped"] = "uniform"
+    """Score-to-weight transforms (winnow.selectors.score_to_weight), and the loss-to-weight
+    strategies of Sow et al. 2025 (winnow.selectors.loss_to_weight: linupper, quadratic, extremes)
+    for a loss column, with `temperature` as their r."""
+
+    method: Literal["uniform", "normalized", "softmax", "clipped", "linupper", "quadratic", "extremes"] = "uniform"
     score: str | None = Field(default=None, description="score column; default: select.score")
     temperature: float = Field(default=1.0, gt=0)
     clip_min: float | None = Field(default=None, ge=0)
     clip_max: float | None = Field(default=None, gt=0)
     invert: bool = False
+    delta: float = Field(default=1.0, gt=0, description="loss strategies: losses are normalised to [-delta, delta]")
+    range_quantile: float = Field(default=0.0, ge=0, lt=0.5,
+                                  description="loss strategies: normalise by these quantiles, not min/max")
+    per_stratum: bool = Field(default=False, description="loss strategies: normalise within each select.stratify group")
+
+    @model_validator(mode="after")
+    def _options_fit_method(self) -> WeightConfig:
+        if self.method in LOSS_WEIGHT_METHODS:
+            bad = [k for k in ("clip_min", "clip_max") if getattr(self, k) is not None] + (["invert"] if self.invert else [])
+            if bad:
+                raise ValueError(f"select.weights.{bad[0]} does not apply to the loss strategy {self.method!r}")
+        elif self.per_stratum or self.range_quantile or self.delta != 1.0:
+            raise ValueError("select.weights.delta, range_quantile and per_stratum apply only to the loss "
+                             f"strategies ({', '.join(LOSS_WEIGHT_METHODS)})")
+        return self
 
 
 class SelectConfig(Strict):
@@ -211,6 +233,8 @@ class Recipe(Strict):
             raise ValueError("model.tokenizer.train needs text: set data.text_column")
         if self.select.stratify == "domain" and d.domain_column is None:
             raise ValueError("select.stratify is 'domain' but data.domain_column is not set")
+        if self.select.weights.per_stratum and self.select.stratify is None:
+            raise ValueError("select.weights.per_stratum needs select.stratify")
         if self.select.stratify == "label" and d.label_column is None:
             raise ValueError("select.stratify is 'label' but data.label_column is not set")
         score_names = self.score_columns()

@@ -15,9 +15,9 @@ import polars as pl
 
 import winnow
 from winnow.errors import WinnowError
-from winnow.pipeline.recipe import Recipe
+from winnow.pipeline.recipe import LOSS_WEIGHT_METHODS, Recipe
 from winnow.pipeline.store import ScoreStore, read_parquet, write_parquet
-from winnow.selectors import random_select, score_to_weight, select
+from winnow.selectors import loss_to_weight, random_select, score_to_weight, select
 
 
 def merge_parts(recipe: Recipe, run_dir: Path, parts: list[dict[str, Any]], provenance: dict[str, Any],
@@ -78,8 +78,12 @@ def selection_table(recipe: Recipe, run_dir: Path) -> pl.DataFrame:
             ws = np.zeros(n)
         else:
             ws = df[wcol].cast(pl.Float64).fill_null(np.nan).to_numpy()
-        weight = score_to_weight(ws, kept, method=w.method, temperature=w.temperature,
-                                 clip_min=w.clip_min, clip_max=w.clip_max, invert=w.invert)
+        if w.method in LOSS_WEIGHT_METHODS:
+            weight = loss_to_weight(ws, kept, strategy=w.method, temperature=w.temperature, delta=w.delta,
+                                    range_quantile=w.range_quantile, strata=strata if w.per_stratum else None)
+        else:
+            weight = score_to_weight(ws, kept, method=w.method, temperature=w.temperature,
+                                     clip_min=w.clip_min, clip_max=w.clip_max, invert=w.invert)
     except ValueError as e:
         raise WinnowError(f"select: {e}") from None
     return pl.DataFrame({"id": df["id"], "kept": kept, "weight": np.asarray(weight, dtype=np.float64)})
