@@ -1,0 +1,667 @@
+"""Per-example gradient engine against a plain reference: for each example alone (unpadded, a batch of
+one), ``torch.autograd.grad`` of its own loss in a float64 copy of the model, flattened. The engine runs
+on the float32 model, on padded batches (left and right), in one forward and one backward."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from winnow.scorers.grad_engine import GradEngine, per_example_loss, projection_factors, select_parameters
+from winnow.scorers.grad_rules import Outer
+
+transformers = pytest.importorskip("transformers")
+
+V = 61  # vocabulary of the tiny language models
+PAD = V - 1
+K = 64  # projection dimension (8 x 8)
+RTOL = 1e-4  # the exactness bar
+ERRORS: dict[str, float] = {}  # largest relative error seen per check (printed with -s)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    print("\nmax relative errors (engine fp32 vs per-example autograd fp64):")
+    for key, val in sorted(ERRORS.items()):
+        print(f"  {key:60s} {val:.2e}")
+
+
+def _note(key: str, err: float) -> float:
+    ERRORS[key] = max(ERRORS.get(key, 0.0), err)
+    return err
+
+
+# ---------------------------------------------------------------------------------------------
+# reference
+
+
+def reference_grads(model: nn.Module, names: list[str], examples: list, loss_of) -> dict[str, torch.Tensor]:
+    """{name: (B, *shape)}: per example, autograd.grad of that example's loss alone (float64 model)."""
+    params = dict(model.named_parameters())
+    plist = [params[n] for n in names]
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for ex in examples:
+        loss = loss_of(model, ex)
+        grads = torch.autograd.grad(loss, plist, allow_unused=True)
+        for n, p, g in zip(names, plist, grads, strict=True):
+            out[n].append(torch.zeros_like(p) if g is None else g.detach())
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+def flat(ref: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    return torch.cat([ref[n].flatten(1) for n in names], dim=1)
+
+
+def causal_loss_alone(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids[None]).logits[0]
+    if ids.numel() < 2:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[:-1], ids[1:])
+
+
+def cls_loss_alone(model: nn.Module, ex) -> torch.Tensor:
+    ids, label = ex
+    logits = model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None]).logits
+    return F.cross_entropy(logits, label.view(1))
+
+
+def text_batch(seqs: list[torch.Tensor], side: str) -> dict[str, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), PAD, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        ids[i, sl] = s
+        mask[i, sl] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def jiggle(model: nn.Module, seed: int, scale: float = 0.2) -> nn.Module:
+    """Perturb every parameter (norm weights away from 1, biases away from 0) so no rule is trivially right."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest relative error of the values a vs b (positive), elementwise; a zero b needs a tiny a."""
+    a, b = a.double(), b.double()
+    assert a.shape == b.shape
+    zero = b == 0
+    if zero.any():
+        assert float(a[zero].abs().max()) < 1e-12
+    if (~zero).any():
+        return float(((a - b).abs()[~zero] / b[~zero].abs()).max())
+    return 0.0
+
+
+def rel_rows(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest ||a_i - b_i|| / ||b_i|| over rows (vectors compared as a whole)."""
+    a, b = a.double().reshape(a.shape[0], -1), b.double().reshape(b.shape[0], -1)
+    nb = b.norm(dim=1)
+    err = (a - b).norm(dim=1)
+    if (nb == 0).any():
+        assert float(err[nb == 0].max()) < 1e-12
+    return float((err[nb > 0] / nb[nb > 0]).max()) if (nb > 0).any() else 0.0
+
+
+def check_all(case: str, eng: GradEngine, out: dict, ref: dict[str, torch.Tensor], groups, C, target) -> None:
+    """Every quantity the engine returned against the reference gradients."""
+    names = eng.param_names
+    G = flat(ref, names)
+    # per-parameter and total squared norms
+    for n in names:
+        want = ref[n].flatten(1).square().sum(1)
+        got = out["param_sqnorm"][n]
+        if float(want.max()) < 1e-20 * float(G.square().sum(1).max()):
+            # a gradient that is exactly 0 in exact arithmetic (BERT's key biases: softmax ignores a
+            # constant added to every score) is rounding noise in fp32; it must stay negligible
+            assert float(got.max()) < 1e-12 * float(G.square().sum(1).max()), n
+            continue
+        assert _note(f"{case}: per-parameter sqnorm", rel(got, want)) <= RTOL, n
+    assert _note(f"{case}: total sqnorm", rel(out["sqnorm"], G.square().sum(1))) <= RTOL
+    # projection: dense P times the materialised per-example gradient
+    P = eng.projection_matrix()
+    assert P.shape == (K, G.shape[1])
+    assert _note(f"{case}: projection", rel_rows(out["proj"], G @ P.t())) <= RTOL
+    # group sums
+    onehot = F.one_hot(groups, C).double()
+    S = onehot.t() @ G
+    gram = S @ S.t()
+    err = float((out["group_gram"].double() - gram).norm() / gram.norm())
+    assert _note(f"{case}: group Gram", err) <= RTOL
+    tflat = torch.cat([target[n].double().flatten() for n in names])
+    dot = S @ tflat
+    assert _note(f"{case}: group . target", float((out["group_dot"].double() - dot).norm() / dot.norm())) <= RTOL
+    assert float(out["group_gram"][C - 1].abs().max()) == 0.0  # the empty group
+
+
+def random_target(eng: GradEngine, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=g) for n, p in eng.params.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def gpt2(seed: int = 0):
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=V,
+                                  bos_token_id=0, eos_token_id=0, pad_token_id=PAD)
+    torch.manual_seed(seed)
+    return jiggle(transformers.GPT2LMHeadModel(cfg), seed)
+
+
+def llama(seed: int = 0):
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=24,
+                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=V,
+                                   max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=PAD)
+    torch.manual_seed(seed)
+    return jiggle(transformers.LlamaForCausalLM(cfg), seed)
+
+
+def bert(seed: int = 0):
+    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=24, num_attention_heads=2,
+                                  vocab_size=V, max_position_embeddings=32, num_labels=3, pad_token_id=0)
+    torch.manual_seed(seed)
+    return jiggle(transformers.BertForSequenceClassification(cfg), seed)
+
+
+class DigitsCNN(nn.Module):
+    """Conv2d (zero 'same' padding, reflect padding, stride 2) + LayerNorm + Linear, on 8x8 digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding="same")
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="reflect")
+        self.norm = nn.LayerNorm(6 * 4 * 4)
+        self.fc = nn.Linear(6 * 4 * 4, 10)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv1(pixel_values))
+        h = torch.tanh(self.conv2(h))
+        return self.fc(self.norm(h.flatten(1)))
+
+
+def seqs(lengths: list[int], seed: int, low: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(low, PAD, (n,), generator=g) for n in lengths]
+
+
+# ---------------------------------------------------------------------------------------------
+# exactness on the three transformers models and the CNN
+
+
+LENGTHS = [9, 4, 1, 7, 2, 6]  # one example with a single token: no next-token position, zero gradient
+GROUPS = torch.tensor([0, 2, 0, 1, 2, 0])
+C = 4  # group 3 is empty
+
+
+@pytest.fixture(scope="module")
+def causal_cases():
+    cases = {}
+    for name, build in (("gpt2", gpt2), ("llama", llama)):
+        model = build()
+        model64 = copy.deepcopy(model).double()
+        names = list(select_parameters(model, "all"))
+        examples = seqs(LENGTHS, seed=1)
+        ref = reference_grads(model64, names, examples, causal_loss_alone)
+        cases[name] = (model, examples, ref)
+    return cases
+
+
+@pytest.mark.parametrize("method", ["auto", "gram", "direct"])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_causal_lm_exact(causal_cases, arch, side, method):
+    model, examples, ref = causal_cases[arch]
+    batch = text_batch(examples, side)
+    with GradEngine(model, "all", proj_dim=K, proj_seed=3, sqnorm_method=method) as eng:
+        target = random_target(eng, 5)
+        out = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), per_param=True, project=True,
+                          groups=GROUPS, num_groups=C, target=target)
+    assert out["sqnorm"].dtype == torch.float32 and out["proj"].shape == (len(examples), K)
+    assert out["sqnorm"][2] == 0  # the single-token example
+    check_all(f"{arch} {method}", eng, out, ref, GROUPS, C, target)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_padding_contributes_nothing(causal_cases, arch):
+    """Garbage token ids at padded positions change nothing: their output gradients are exactly zero."""
+    model, examples, _ = causal_cases[arch]
+    for side in ("right", "left"):
+        batch = text_batch(examples, side)
+        noisy = dict(batch)
+        noisy["input_ids"] = torch.where(batch["attention_mask"] == 1, batch["input_ids"],
+                                         torch.randint(0, V, batch["input_ids"].shape))
+        with GradEngine(model, proj_dim=K) as eng:
+            a = eng.compute(lambda b=batch: per_example_loss(model, b, "causal_lm"), project=True)
+            b = eng.compute(lambda b=noisy: per_example_loss(model, b, "causal_lm"), project=True)
+            records: dict = {}
+
+            def grab(b=batch, records=records):
+                losses = per_example_loss(model, b, "causal_lm")
+                records.update(eng._records)  # the calls recorded in this forward (grads arrive in the backward)
+                return losses
+
+            eng.compute(grab)
+        real = batch["attention_mask"].bool()
+        seen = []
+        torch.testing.assert_close(a["sqnorm"], b["sqnorm"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(a["proj"], b["proj"], rtol=1e-6, atol=1e-9)
+        for recs in records.values():
+            for r in recs:
+                if r.grad is not None and r.grad.dim() >= 2 and r.grad.shape[:2] == real.shape:
+                    seen.append(r)
+                    assert float(r.grad[~real].abs().max()) == 0.0
+        assert len(seen) > 5
+
+
+def test_gpt2_tied_embedding_cross_term(causal_cases):
+    """wte is the input embedding and the output layer: its norm needs 2<use1, use2>, not just the parts."""
+    model, examples, ref = causal_cases["gpt2"]
+    assert model.lm_head.weight is model.transformer.wte.weight
+    batch = text_batch(examples, "right")
+    with GradEngine(model, ["transformer.wte.weight"]) as eng:
+        assert eng.aliases["transformer.wte.weight"] == ["transformer.wte.weight", "lm_head.weight"]
+        assert len(eng._owners["transformer.wte.weight"]) == 2
+        out = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"))
+    want = ref["transformer.wte.weight"].flatten(1).square().sum(1)
+    assert _note("gpt2 tied wte alone", rel(out["sqnorm"], want)) <= RTOL
+
+
+def test_bert_sequence_classification_exact():
+    model = bert()
+    model64 = copy.deepcopy(model).double()
+    examples = seqs([8, 3, 6, 5, 2, 7], seed=2)
+    examples[0][3] = 0  # a real token equal to padding_idx: its embedding row gets no gradient
+    labels = torch.tensor([0, 2, 1, 1, 0, 2])
+    names = list(select_parameters(model, "all"))
+    ref = reference_grads(model64, names, list(zip(examples, labels, strict=True)), cls_loss_alone)
+    # right padding (BERT pools the first token, so a left-padded row is another input)
+    batch = {**text_batch(examples, "right"), "labels": labels}
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 0)
+    for method in ("auto", "gram", "direct"):
+        with GradEngine(model, "all", proj_dim=K, proj_kind="gaussian", sqnorm_method=method) as eng:
+            target = random_target(eng, 6)
+            out = eng.compute(lambda: per_example_loss(model, batch, "sequence_classification"), per_param=True,
+                              project=True, groups=GROUPS, num_groups=C, target=target)
+        check_all(f"bert {method}", eng, out, ref, GROUPS, C, target)
+
+
+def test_cnn_on_digits_exact():
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    x = torch.tensor(digits.images[:12], dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target[:12])
+    torch.manual_seed(0)
+    model = jiggle(DigitsCNN(), 0)
+    model64 = copy.deepcopy(model).double()
+    names = list(select_parameters(model, "all"))
+
+    def loss_alone(m, ex):
+        return F.cross_entropy(m(ex[0][None]), ex[1].view(1))
+
+    ref = reference_grads(model64, names, list(zip(x.double(), y, strict=True)), loss_alone)
+    groups = torch.arange(12) % 3
+    batch = {"pixel_values": x, "labels": y}
+    for method in ("auto", "gram", "direct"):
+        with GradEngine(model, "all", proj_dim=K, sqnorm_method=method) as eng:
+            target = random_target(eng, 7)
+            out = eng.compute(lambda: per_example_loss(model, batch, "image_classification"), per_param=True,
+                              project=True, groups=groups, num_groups=4, target=target)
+        check_all(f"cnn digits {method}", eng, out, ref, groups, 4, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter selection
+
+
+def test_parameter_subsets(causal_cases):
+    model, examples, ref = causal_cases["gpt2"]
+    batch = text_batch(examples, "left")
+    last = list(select_parameters(model, "last_layer"))
+    assert last == ["transformer.wte.weight"] + [n for n in ref if n.startswith(("transformer.h.1.", "transformer.ln_f"))]
+    subsets = {
+        "last_layer": "last_layer",
+        "globs": ["transformer.h.0.attn.*", "transformer.ln_f", "*.mlp.c_fc.bias"],
+    }
+    for label, sel in subsets.items():
+        with GradEngine(model, sel, proj_dim=K) as eng:
+            out = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), per_param=True, project=True)
+        names = eng.param_names
+        if label == "globs":
+            assert names == [n for n in ref if n.startswith(("transformer.h.0.attn.", "transformer.ln_f."))
+                             or n.endswith("mlp.c_fc.bias")]
+        for n in names:
+            assert _note(f"subset {label}: per-parameter sqnorm",
+                         rel(out["param_sqnorm"][n], ref[n].flatten(1).square().sum(1))) <= RTOL
+        G = flat(ref, names)
+        assert _note(f"subset {label}: projection", rel_rows(out["proj"], G @ eng.projection_matrix().t())) <= RTOL
+    # a parameter's projection does not depend on what else is selected
+    with GradEngine(model, ["transformer.ln_f.bias"], proj_dim=K) as a, GradEngine(model, "all", proj_dim=K) as b:
+        pa, pb = a.projection_matrix(), b.projection_matrix()
+        start = sum(p.numel() for n, p in b.params.items() if n != "transformer.ln_f.bias" and
+                    b.param_names.index(n) < b.param_names.index("transformer.ln_f.bias"))
+        assert torch.equal(pa, pb[:, start:start + pa.shape[1]])
+
+
+def test_frozen_parameters_are_skipped(causal_cases):
+    model = gpt2()
+    model.transformer.wpe.weight.requires_grad_(False)
+    assert "transformer.wpe.weight" not in select_parameters(model, "all")
+    with pytest.raises(ValueError, match="selects no trainable parameter"):
+        select_parameters(model, ["transformer.wpe"])
+    with pytest.raises(ValueError, match="matches no parameter"):
+        select_parameters(model, ["transformer.nope"])
+    with pytest.raises(ValueError, match="'all', 'last_layer', 'lora'"):
+        select_parameters(model, "everything")
+    with pytest.raises(ValueError, match="no parameter whose name contains 'lora_'"):
+        select_parameters(model, "lora")
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, d_in: int, d_out: int, r: int = 2) -> None:
+        super().__init__()
+        self.base = nn.Linear(d_in, d_out)
+        self.lora_A = nn.Linear(d_in, r, bias=False)
+        self.lora_B = nn.Linear(r, d_out, bias=False)
+        self.base.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(x))
+
+
+class LoraNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, 8)
+        self.blocks = nn.ModuleList([LoraLinear(8, 8), LoraLinear(8, 8)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids)
+        for blk in self.blocks:
+            h = torch.tanh(blk(h))
+        return self.head(h.mean(1))
+
+
+def test_lora_selection_exact():
+    torch.manual_seed(0)
+    model = jiggle(LoraNet(), 1, scale=0.5)
+    x = torch.randint(0, V, (5, 6), generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 1, 0])
+    names = list(select_parameters(model, "lora"))
+    assert names == ["blocks.0.lora_A.weight", "blocks.0.lora_B.weight", "blocks.1.lora_A.weight",
+                     "blocks.1.lora_B.weight"]
+    assert list(select_parameters(model, "last_layer")) == [
+        "blocks.1.lora_A.weight", "blocks.1.lora_B.weight", "head.weight", "head.bias"]
+    ref = reference_grads(copy.deepcopy(model).double(), names, list(zip(x, y, strict=True)),
+                          lambda m, ex: F.cross_entropy(m(ex[0][None]), ex[1].view(1)))
+    with GradEngine(model, "lora", proj_dim=K) as eng:
+        out = eng.compute(lambda: F.cross_entropy(model(x), y, reduction="none"), per_param=True, project=True)
+    for n in names:
+        assert _note("lora: per-parameter sqnorm", rel(out["param_sqnorm"][n], ref[n].flatten(1).square().sum(1))) <= RTOL
+    assert _note("lora: projection", rel_rows(out["proj"], flat(ref, names) @ eng.projection_matrix().t())) <= RTOL
+
+
+class OnePlusNorm(nn.Module):
+    """A Gemma-style RMS norm with a bias: xhat * (1 + weight) + bias, computed in fp32 (jvp path)."""
+
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (xhat * (1.0 + self.weight.float()) + self.bias).to(x.dtype)
+
+
+class NormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, 8, padding_idx=0)
+        self.rms = nn.RMSNorm(8, eps=1e-5)
+        self.ln = nn.LayerNorm(8)
+        self.custom = OnePlusNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.custom(torch.tanh(self.ln(self.rms(self.emb(input_ids)))))
+        return self.head(h.mean(1))
+
+
+def test_norm_rules_exact():
+    """torch's RMSNorm and LayerNorm (recomputed xhat) and a custom (1 + weight) norm with a bias (jvp)."""
+    torch.manual_seed(0)
+    model = jiggle(NormNet(), 2, scale=0.5)
+    x = torch.randint(0, V, (5, 6), generator=torch.Generator().manual_seed(1))
+    x[0, 2] = 0  # padding_idx inside a sequence
+    y = torch.tensor([0, 1, 2, 1, 0])
+    names = list(select_parameters(model, "all"))
+    ref = reference_grads(copy.deepcopy(model).double(), names, list(zip(x, y, strict=True)),
+                          lambda m, ex: F.cross_entropy(m(ex[0][None]), ex[1].view(1)))
+    with GradEngine(model, proj_dim=K) as eng:
+        out = eng.compute(lambda: F.cross_entropy(model(x), y, reduction="none"), per_param=True, project=True)
+    for n in names:
+        assert _note("norms: per-parameter sqnorm", rel(out["param_sqnorm"][n], ref[n].flatten(1).square().sum(1))) <= RTOL
+    assert _note("norms: projection", rel_rows(out["proj"], flat(ref, names) @ eng.projection_matrix().t())) <= RTOL
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+
+
+class Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.alpha
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2.0
+
+
+def test_unsupported_modules_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4), Scale())
+    with pytest.raises(ValueError, match=r"module '1' \(Scale\).*'1.alpha'.*no per-example gradient rule"):
+        GradEngine(model)
+    GradEngine(model, ["0"]).close()  # leaving it out is fine
+    with pytest.raises(ValueError, match=r"\(ScaledLinear\)"):
+        GradEngine(nn.Sequential(ScaledLinear(4, 4)))
+    with pytest.raises(ValueError, match=r"\(MultiheadAttention\)"):
+        GradEngine(nn.MultiheadAttention(4, 2))
+    with pytest.raises(ValueError, match="scale_grad_by_freq"):
+        GradEngine(nn.Embedding(5, 3, scale_grad_by_freq=True))
+    with pytest.raises(ValueError, match="groups=2"):
+        GradEngine(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="BatchNorm2d"):
+        GradEngine(nn.BatchNorm2d(3))
+
+
+class SneakyHead(nn.Module):
+    """Uses the embedding's weight functionally, outside any module the engine hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, 8)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids).mean(1)
+        return F.linear(h, self.emb.weight)
+
+
+def test_unseen_use_is_caught_by_the_check():
+    torch.manual_seed(0)
+    model = SneakyHead()
+    x = torch.randint(0, V, (4, 5))
+    y = torch.randint(0, V, (4,))
+    with GradEngine(model) as eng, pytest.raises(ValueError, match="do not add up to the batch gradient"):
+        eng.compute(lambda: F.cross_entropy(model(x), y, reduction="none"))
+
+
+class Checkpointed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, 8)
+        self.lin = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.lin(t)), self.emb(input_ids),
+                                              use_reentrant=False)
+        return self.head(h.mean(1))
+
+
+def test_non_reentrant_checkpointing_is_exact():
+    """The recomputed forward is not recorded; the original calls get their output gradients."""
+    torch.manual_seed(0)
+    model = Checkpointed()
+    x = torch.randint(0, V, (4, 5), generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2, 0])
+    names = list(select_parameters(model, "all"))
+    ref = reference_grads(copy.deepcopy(model).double(), names, list(zip(x, y, strict=True)),
+                          lambda m, ex: F.cross_entropy(m(ex[0][None]), ex[1].view(1)))
+    with GradEngine(model) as eng:
+        out = eng.compute(lambda: F.cross_entropy(model(x), y, reduction="none"))
+    assert _note("checkpointed: total sqnorm", rel(out["sqnorm"], flat(ref, names).square().sum(1))) <= RTOL
+
+
+def test_bad_calls():
+    model = LoraNet()
+    x = torch.randint(0, V, (3, 4))
+    with GradEngine(model) as eng:
+        with pytest.raises(ValueError, match="1-D float tensor"):
+            eng.compute(lambda: model(x).sum())
+        with pytest.raises(ValueError, match="do not require grad"):
+            eng.compute(lambda: model(x).detach().sum(1))
+        with pytest.raises(ValueError, match="needs an engine built with proj_dim"):
+            eng.compute(lambda: model(x).sum(1), project=True)
+        with pytest.raises(ValueError, match="groups must be"):
+            eng.compute(lambda: model(x).sum(1), groups=torch.tensor([0, 1]))
+        with pytest.raises(ValueError, match="target has no entry"):
+            eng.compute(lambda: model(x).sum(1), groups=torch.tensor([0, 1, 0]), target={})
+    with pytest.raises(ValueError, match="closed"):
+        eng.compute(lambda: model(x).sum(1))
+    with pytest.raises(ValueError, match="proj_kind"):
+        GradEngine(model, proj_dim=8, proj_kind="sparse")
+    with pytest.raises(ValueError, match="unknown task"):
+        per_example_loss(model, {"input_ids": x}, "translation")
+
+
+# ---------------------------------------------------------------------------------------------
+# projections: reproducible, unbiased
+
+
+def test_projection_is_reproducible_across_processes():
+    mine = projection_factors("transformer.h.0.attn.c_attn.weight", (16, 48), 64, seed=7)
+    code = ("import torch; from winnow.scorers.grad_engine import projection_factors as f; "
+            "a, b = f('transformer.h.0.attn.c_attn.weight', (16, 48), 64, seed=7); "
+            "print(float((a * torch.arange(a.numel()).view_as(a)).sum()), float((b * b.cumsum(1)).sum()))")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert [float(v) for v in got] == [float((mine[0] * torch.arange(mine[0].numel()).view_as(mine[0])).sum()),
+                                       float((mine[1] * mine[1].cumsum(1)).sum())]
+    other = projection_factors("transformer.h.0.attn.c_attn.weight", (16, 48), 64, seed=8)
+    assert not torch.equal(mine[0], other[0])
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_projection_is_unbiased(kind):
+    """E[P^T P] = I: the mean of ||P x||^2 and <P x, P y> over seeds approach ||x||^2 and <x, y>."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5))
+    g = torch.Generator().manual_seed(0)
+    D = sum(p.numel() for p in model.parameters())
+    x, y = torch.randn(D, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64)
+    acc = torch.zeros(D, D, dtype=torch.float64)
+    seeds = 400
+    for s in range(seeds):
+        eng = GradEngine(model, proj_dim=16, proj_seed=s, proj_kind=kind)
+        P = eng.projection_matrix()
+        eng.close()
+        acc += P.t() @ P
+    acc /= seeds
+    # an entry of P^T P has variance 1/16 per seed (Rademacher; Gaussian products: up to 8/16 on the
+    # diagonal), so the mean over 400 seeds has sd <= 0.035: 0.2 is over 5 sd
+    assert float((acc - torch.eye(D, dtype=torch.float64)).abs().max()) < 0.2
+    assert abs(float(x @ acc @ x) / float(x @ x) - 1) < 0.05
+    assert abs(float(x @ acc @ y) - float(x @ y)) < 0.05 * float(x.norm() * y.norm())
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss helper and lower precision
+
+
+def test_per_example_loss_matches_the_models_own_loss():
+    model = gpt2()
+    examples = seqs([7, 3, 5], seed=4)
+    for side in ("right", "left"):
+        batch = text_batch(examples, side)
+        with torch.no_grad():
+            got = per_example_loss(model, batch, "causal_lm")
+            want = torch.stack([model(input_ids=s[None], labels=s[None]).loss for s in examples])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_model_passes_the_check_and_is_close():
+    model = gpt2()
+    batch = text_batch(seqs([8, 5, 3], seed=9), "right")
+    with GradEngine(model, proj_dim=K) as eng:
+        full = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), project=True)
+    model_bf = copy.deepcopy(model).to(torch.bfloat16)
+    with GradEngine(model_bf, proj_dim=K) as eng:
+        half = eng.compute(lambda: per_example_loss(model_bf, batch, "causal_lm"), project=True)
+    assert half["sqnorm"].dtype == torch.float32
+    assert rel(half["sqnorm"], full["sqnorm"]) < 0.1
+    assert rel_rows(half["proj"], full["proj"]) < 0.1
+
+
+def test_outer_factor_kinds():
+    """One-hot and dense left factors give the same Gram whichever side is one-hot."""
+    from winnow.scorers.grad_engine import _left_gram
+
+    ids = torch.tensor([[1, 3, 1]])
+    dense = torch.randn(1, 2, 5, dtype=torch.float64)
+    oh = F.one_hot(ids, 5).double()
+    a = Outer(ids, torch.zeros(1, 3, 1, dtype=torch.float64))
+    b = Outer(dense, torch.zeros(1, 2, 1, dtype=torch.float64))
+    torch.testing.assert_close(_left_gram(a, b), oh @ dense.transpose(1, 2))
+    torch.testing.assert_close(_left_gram(b, a), dense @ oh.transpose(1, 2))
+    torch.testing.assert_close(_left_gram(a, a), oh @ oh.transpose(1, 2))
+
+
+def test_output_only_backward_equals_the_checked_one():
+    """check=False backpropagates to the recorded module outputs only (no batch weight gradients);
+    the per-example quantities must not change."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_layer=2, n_embd=32, n_head=4, n_positions=32,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    ids = torch.randint(0, 97, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    mask[2, :3] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    outs = []
+    for check in (True, False):
+        with GradEngine(model, proj_dim=64, check=check) as eng:
+            outs.append(eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), project=True,
+                                    groups=torch.tensor([0, 1, 0, 1])))
+    for key in ("sqnorm", "proj", "group_gram"):
+        torch.testing.assert_close(outs[0][key], outs[1][key], rtol=1e-5, atol=1e-7)
