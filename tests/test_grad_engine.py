@@ -665,3 +665,26 @@ def test_output_only_backward_equals_the_checked_one():
                                     groups=torch.tensor([0, 1, 0, 1])))
     for key in ("sqnorm", "proj", "group_gram"):
         torch.testing.assert_close(outs[0][key], outs[1][key], rtol=1e-5, atol=1e-7)
+
+
+def test_vit_embeddings_token_parameters_are_exact():
+    """ViT's cls_token and position_embeddings (TokenParamsRule) plus its patch Conv2d, on real digits."""
+    from sklearn.datasets import load_digits
+    from transformers import ViTConfig, ViTForImageClassification
+
+    x, y = load_digits(return_X_y=True)
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=16,
+                                                num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                                num_labels=10)).eval()
+    px = torch.tensor(x[:5], dtype=torch.float32).reshape(5, 1, 8, 8) / 16
+    batch = {"pixel_values": px, "labels": torch.tensor(y[:5])}
+    with GradEngine(model, check=True) as eng:
+        got = eng.compute(lambda: per_example_loss(model, batch, "image_classification"), per_param=True)
+    params = dict(model.named_parameters())
+    for b in range(5):
+        one = {k: v[b:b + 1] for k, v in batch.items()}
+        grads = torch.autograd.grad(per_example_loss(model, one, "image_classification").sum(), list(params.values()))
+        for (name, _), gr in zip(params.items(), grads, strict=True):
+            want = gr.double().pow(2).sum()
+            torch.testing.assert_close(got["param_sqnorm"][name][b].double(), want, rtol=1e-4, atol=1e-12)

@@ -29,7 +29,8 @@ def _auroc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 
 def test_image_classification_on_digits_flags_flipped_labels(tmp_path):
-    """Digits (scikit-learn's real 8x8 images) with a tenth of the labels flipped: EL2N ranks them high."""
+    """Digits (scikit-learn's real 8x8 images) with a tenth of the labels flipped: EL2N and GraNd,
+    computed after a few epochs (2 seeds x 2 checkpoints), rank the flipped examples high."""
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
@@ -53,17 +54,21 @@ def test_image_classification_on_digits_flags_flipped_labels(tmp_path):
                              "attention_probs_dropout_prob": 0.0}},
         "train": {"steps": 150, "batch_size": 32, "lr": 3e-3, "warmup_steps": 10, "seeds": [0, 1],
                   "checkpoints": [100, 150]},
+        "scoring": {"scorers": ["el2n", "grand"]},
         "select": {"score": "el2n", "fraction": 0.8, "keep": "lowest", "stratify": "label"},
         "output": {"dir": str(tmp_path / "run")},
     }
     assert main(["run", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 0
-    scores = pl.read_parquet(tmp_path / "run" / "scores" / "el2n.parquet")
     order = {f"d{i}": i for i in range(n)}
-    el2n = np.empty(n)
-    el2n[[order[i] for i in scores["id"]]] = scores["el2n"].to_numpy()
-    auc = _auroc(el2n, flipped)
-    print(f"EL2N AUROC for flipped digit labels: {auc:.3f}")
-    assert auc > 0.8, auc
+    aucs = {}
+    for name in ("el2n", "grand"):
+        scores = pl.read_parquet(tmp_path / "run" / "scores" / f"{name}.parquet")
+        v = np.empty(n)
+        v[[order[i] for i in scores["id"]]] = scores[name].to_numpy()
+        aucs[name] = _auroc(v, flipped)
+        print(f"{name} AUROC for flipped digit labels: {aucs[name]:.3f}")
+    # measured 2026-11-23 on CPU: EL2N 0.963, GraNd 0.824 (deterministic for a given torch build)
+    assert aucs["el2n"] > 0.9 and aucs["grand"] > 0.75, aucs
     # keeping the lowest 80% (easy examples) drops most flipped labels
     sel = pl.read_parquet(tmp_path / "run" / "selection.parquet")
     kept = np.zeros(n, dtype=bool)

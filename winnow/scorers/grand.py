@@ -13,7 +13,7 @@ Choices and deviations:
   checkpoint; the paper's expectation is over training runs (seeds), not dropout masks;
 - for causal LMs the example's loss is its mean next-token NLL over real tokens (padding adds
   nothing), so long and short examples are on one scale; classification uses the cross-entropy;
-- `params` restricts the gradient to a subset (`all`, `last_layer`, `lora`, or comma-separated
+- `parameters` restricts the gradient to a subset (`all`, `last_layer`, `lora`, or comma-separated
   names / prefixes / globs), as the paper's GraNd can be computed for any set of weights;
 - GraNd at initialisation (a checkpoint at step 0) is supported, but Kirsch (2023, arXiv
   2303.14753, "Does 'Deep Learning on a Data Diet' reproduce?") found that GraNd at initialisation
@@ -41,7 +41,7 @@ def parse_params(spec: str) -> str | list[str]:
         return spec
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
-        raise ValueError("scorer 'grand': parameter 'params' is empty; use all, last_layer, lora or names")
+        raise ValueError("scorer 'grand': parameter 'parameters' is empty; use all, last_layer, lora or names")
     return parts
 
 
@@ -52,12 +52,12 @@ class GraNd(Scorer):
     columns: ClassVar[tuple[str, ...]] = ("grand",)
     needs_grad: ClassVar[bool] = True
     PARAMS: ClassVar[dict[str, Param]] = {
-        "params": Param("all", str, doc="all | last_layer | lora | comma-separated names, prefixes or globs"),
+        "parameters": Param("all", str, doc="all | last_layer | lora | comma-separated names, prefixes or globs"),
     }
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        self._selection = parse_params(self.params()["params"])
+        self._selection = parse_params(self.parameters)
         self._engine: GradEngine | None = None
         self._model_ref: weakref.ref | None = None
 
