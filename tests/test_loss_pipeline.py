@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 def test_loss_scores_and_linupper_weights_end_to_end(tmp_path, corpus):
     r = tiny_recipe(corpus, tmp_path / "run")
     r["train"].update(steps=8, seeds=[0], checkpoints=[8])
-    r["scoring"]["scorers"] = [{"name": "el2n"}, {"name": "loss", "params": {"percentile": 75}}]
+    r["scoring"]["scorers"] = [{"name": "el2n"}, {"name": "loss", "params": {"percentile": 75}}, "grand"]
     r["select"] = {"score": "el2n", "fraction": 0.6, "keep": "lowest", "stratify": "domain",
                    "weights": {"method": "linupper", "score": "loss", "temperature": 0.5, "per_stratum": True}}
     r["output"]["score_columns"] = ["loss", "el2n"]
@@ -27,6 +27,8 @@ def test_loss_scores_and_linupper_weights_end_to_end(tmp_path, corpus):
     loss = pl.read_parquet(run / "scores" / "loss.parquet")
     assert {"loss", "loss_max", "loss_std", "loss_pctl", "n_scored", "loss@s0k8"} <= set(loss.columns)
     assert (loss["loss_max"] >= loss["loss"]).all() and (loss["loss_pctl"] <= loss["loss_max"]).all()
+    grand = pl.read_parquet(run / "scores" / "grand.parquet")  # GPT-2 with tied embeddings, padded batches
+    assert grand.columns == ["id", "grand", "grand@s0k8"] and (grand["grand"] > 0).all()
     rows = pl.read_parquet(run / "scores" / "rows.parquet")
     sel = pl.read_parquet(run / "selection.parquet")
     df = rows.join(loss, on="id").join(sel, on="id")

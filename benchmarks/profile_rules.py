@@ -1,0 +1,76 @@
+"""Per-parameter time of the engine's rules on a GPT-2-small shape (CUDA-synchronised timers).
+
+    python3 benchmarks/profile_rules.py --batch 32 [--precision fp32|input]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import winnow.scorers.grad_engine as ge  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=512)
+    a = ap.parse_args()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model = GPT2LMHeadModel(GPT2Config(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).cuda()
+    ids = torch.randint(0, 50257, (a.batch, a.seq), device="cuda")
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    amp = dict(device_type="cuda", dtype=torch.bfloat16)
+    times: dict[str, float] = defaultdict(float)
+    orig_uses, orig_sq, orig_grad = ge.GradEngine._uses, ge._outer_sqnorm, torch.autograd.grad
+
+    def timed(label, fn):
+        def wrap(*args, **kw):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn(*args, **kw)
+            torch.cuda.synchronize()
+            times[label if isinstance(label, str) else label(args)] += time.perf_counter() - t
+            return out
+        return wrap
+
+    ge.GradEngine._uses = timed(lambda args: "factors " + args[1].split(".")[-2] + "." + args[1].split(".")[-1]
+                                if "." in args[1] else "factors " + args[1], orig_uses)
+    ge._outer_sqnorm = timed(lambda args: f"sqnorm T={args[0][0].right.shape[1]} m={args[2]} n={args[3]} "
+                             f"uses={len(args[0])}", orig_sq)
+    torch.autograd.grad = timed("autograd.grad", orig_grad)
+    eng = ge.GradEngine(model, check=False)
+
+    def run():
+        with torch.autocast(**amp):
+            loss_fn = timed("forward", lambda: ge.per_example_loss(model, batch, "causal_lm"))
+            return eng.compute(loss_fn, sqnorm=True)
+
+    run()
+    times.clear()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    n = 3
+    for _ in range(n):
+        run()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / n
+    print(f"engine wall {wall * 1e3:.1f} ms per call (B={a.batch})")
+    agg: dict[str, float] = defaultdict(float)
+    for k, v in times.items():
+        agg[k] += v / n
+    for k, v in sorted(agg.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"{v * 1e3:8.2f} ms  {k}")
+
+
+if __name__ == "__main__":
+    main()
