@@ -167,18 +167,18 @@ def bench_one(kind: str, a: argparse.Namespace, seq: int, device: torch.device, 
     print("vmap", res["vmap"], flush=True)
 
     eng_out: dict = {}
-    for check in (True, False):
-        eng = GradEngine(model, params="all", check=check)
+    for check, fdt in ((True, "fp32"), (False, "fp32"), (False, "input")):
+        eng = GradEngine(model, params="all", check=check, factor_dtype=fdt)
 
         for bb in ([B] if a.smoke or check else [B, 2 * B, 4 * B]):
             ids_b = torch.randint(0, V, (bb, seq), generator=g).to(device) if bb != B else ids[:B]
             batch = {"input_ids": ids_b, "attention_mask": torch.ones_like(ids_b)}
-            key = f"engine_b{bb}" + ("_check" if check else "")
+            key = f"engine_b{bb}" + ("_check" if check else "") + ("_bf16factors" if fdt == "input" else "")
 
-            def engine(eng=eng, batch=batch):
+            def engine(eng=eng, batch=batch, key=key):
                 with torch.autocast(**amp):
                     out = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), sqnorm=True)
-                eng_out["sq"] = out["sqnorm"]
+                eng_out[key] = out["sqnorm"]
 
             try:
                 s, peak = timed(engine, device, a.iters, a.warmup)
@@ -189,6 +189,11 @@ def bench_one(kind: str, a: argparse.Namespace, seq: int, device: torch.device, 
             print(key, res[key], flush=True)
         eng.close()
 
+    k32, k16 = f"engine_b{B}", f"engine_b{B}_bf16factors"
+    if k32 in eng_out and k16 in eng_out:
+        res["bf16factors_max_rel_diff_vs_fp32factors"] = (
+            (eng_out[k16].double() - eng_out[k32].double()).abs() / eng_out[k32].double().abs()).max().item()
+        print("bf16 factors vs fp32 factors, max rel diff:", res["bf16factors_max_rel_diff_vs_fp32factors"])
     # exactness on the same examples as vmap (fp32 engine vs fp32 vmap, no autocast)
     batch = {"input_ids": ids[:B], "attention_mask": mask[:B]}
     with GradEngine(model, params="all") as e2:

@@ -688,3 +688,23 @@ def test_vit_embeddings_token_parameters_are_exact():
         for (name, _), gr in zip(params.items(), grads, strict=True):
             want = gr.double().pow(2).sum()
             torch.testing.assert_close(got["param_sqnorm"][name][b].double(), want, rtol=1e-4, atol=1e-12)
+
+
+def test_factor_dtype_input_keeps_bf16_factors_and_stays_close():
+    """factor_dtype='input' under bf16 autocast: squared norms within bf16 rounding of the fp32-factor path."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_layer=2, n_embd=64, n_head=4, n_positions=32,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    ids = torch.randint(0, 97, (4, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    outs = {}
+    for fd in ("fp32", "input"):
+        with GradEngine(model, check=False, factor_dtype=fd) as eng, \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[fd] = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"))["sqnorm"]
+    assert outs["input"].dtype == torch.float32
+    torch.testing.assert_close(outs["input"], outs["fp32"], rtol=2e-2, atol=0)
+    with pytest.raises(ValueError, match="factor_dtype"):
+        GradEngine(model, factor_dtype="fp8")

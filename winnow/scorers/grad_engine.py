@@ -248,6 +248,11 @@ def projection_factors(
 # the math on factors
 
 
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Sums of squares accumulate in fp32 at least (fp64 stays fp64)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _left_gram(lu: Outer, lv: Outer) -> torch.Tensor:
     """(c, Tu, Tv) inner products L_u[t] . L_v[s]; one-hot sides by comparison or gather."""
     if lu.onehot and lv.onehot:
@@ -272,12 +277,12 @@ def _gram_sqnorm(uses: list[Outer], B: int, budget: int) -> torch.Tensor:
     for lo in range(0, B, c):
         hi = min(B, lo + c)
         part = [_chunk(f, lo, hi) for f in uses]
-        acc = torch.zeros(hi - lo, dtype=uses[0].right.dtype, device=uses[0].right.device)
+        acc = torch.zeros(hi - lo, dtype=_acc_dtype(uses[0].right), device=uses[0].right.device)
         for i, fu in enumerate(part):
             for j in range(i, len(part)):
                 fv = part[j]
                 k = _left_gram(fu, fv) * torch.bmm(fu.right, fv.right.transpose(1, 2))
-                acc += (1.0 if i == j else 2.0) * k.sum((1, 2))
+                acc += (1.0 if i == j else 2.0) * k.sum((1, 2), dtype=acc.dtype)
         out.append(acc)
     return torch.cat(out)
 
@@ -298,7 +303,8 @@ def _direct_grads(uses: list[Outer], lo: int, hi: int, m: int, n: int) -> torch.
 
 def _direct_sqnorm(uses: list[Outer], B: int, m: int, n: int, budget: int) -> torch.Tensor:
     c = max(1, budget // max(1, m * n))
-    return torch.cat([_direct_grads(uses, lo, min(B, lo + c), m, n).square().sum((1, 2))
+    acc = _acc_dtype(uses[0].right)
+    return torch.cat([_direct_grads(uses, lo, min(B, lo + c), m, n).square().sum((1, 2), dtype=acc)
                       for lo in range(0, B, c)])
 
 
@@ -309,8 +315,9 @@ def _sparse_sqnorm(uses: list[Outer], B: int, m: int, n: int) -> torch.Tensor:
     keys = torch.cat([(base + f.left).reshape(-1) for f in uses])
     vals = torch.cat([f.right.reshape(-1, n) for f in uses])
     uniq, inv = torch.unique(keys, return_inverse=True)
-    rows = torch.zeros(uniq.numel(), n, dtype=vals.dtype, device=dev).index_add_(0, inv, vals)
-    out = torch.zeros(B, dtype=vals.dtype, device=dev)
+    acc = _acc_dtype(vals)
+    rows = torch.zeros(uniq.numel(), n, dtype=acc, device=dev).index_add_(0, inv, vals.to(acc))
+    out = torch.zeros(B, dtype=acc, device=dev)
     return out.index_add_(0, uniq // m, rows.square().sum(1))
 
 
@@ -442,6 +449,7 @@ class GradEngine:
         *,
         sqnorm_method: str = "auto",
         check: bool = True,
+        factor_dtype: str = "fp32",
         chunk_elements: int = 1 << 25,
     ) -> None:
         if proj_dim is not None and (isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim < 1):
@@ -458,6 +466,9 @@ class GradEngine:
         self.proj_kind = proj_kind
         self.sqnorm_method = sqnorm_method
         self.check = check
+        if factor_dtype not in ("fp32", "input"):
+            raise ValueError(f"factor_dtype must be 'fp32' or 'input', got {factor_dtype!r}")
+        self.factor_dtype = factor_dtype
         self.chunk_elements = chunk_elements
         self.params: dict[str, nn.Parameter] = select_parameters(model, params)
         aliases = _aliases(model)
@@ -674,6 +685,16 @@ class GradEngine:
             torch.autograd.grad(losses.sum(), self._outputs, allow_unused=True)
             batch_grads = [None] * len(names)
 
+        # Factors (activations and output gradients) are converted to `dtype` (fp32) by default. With
+        # factor_dtype="input" and half-precision records, squared norms keep the factors in their own
+        # precision (no fp32 copies of bf16 activations) and accumulate every sum in fp32; projections and
+        # group sums always use fp32 factors.
+        fdtype = dtype
+        if self.factor_dtype == "input" and not project and groups is None:
+            low = [r.grad.dtype for recs in self._records.values() for r in recs
+                   if r.grad is not None and r.grad.dtype in _LOW_PRECISION]
+            if low:
+                fdtype = low[0]
         total = torch.zeros(B, dtype=dtype, device=device)
         per: dict[str, torch.Tensor] = {}
         proj = torch.zeros(B, self.proj_dim, dtype=dtype, device=device) if project else None
@@ -684,7 +705,7 @@ class GradEngine:
         remaining = {key: len(attrs) for key, (_, _, attrs) in self._modules.items()}
         with torch.no_grad():
             for name, G in zip(names, batch_grads, strict=True):
-                uses, low = self._uses(name, B, dtype, cache, remaining)
+                uses, low = self._uses(name, B, fdtype, cache, remaining)
                 numel = self.params[name].numel()
                 if self.kinds[name] == "dense":
                     v = torch.zeros(B, numel, dtype=dtype, device=device)
@@ -692,7 +713,7 @@ class GradEngine:
                         v += f.value
                     if self.check:
                         checks.append(self._check_dense(name, v, uses, G, low))
-                    sq = v.square().sum(1) if sqnorm or per_param else None
+                    sq = v.square().sum(1, dtype=dtype) if sqnorm or per_param else None
                     if proj is not None:
                         proj += _dense_project(v, *self._proj(name, device, dtype))
                     if gram is not None:
@@ -723,8 +744,8 @@ class GradEngine:
                         if dot is not None:
                             dot += d2
                 if sq is not None:
-                    per[name] = sq
-                    total += sq
+                    per[name] = sq.to(dtype)
+                    total += per[name]
         if checks:  # one device sync for all the parameters
             bad = torch.stack([(diff > allowed).any() for _, diff, allowed, _ in checks])
             if bool(bad.any()):
