@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -187,6 +188,30 @@ def causal_lm_token_el2n(
     ``compile=True`` runs each token chunk through ``torch.compile`` with the token dimension marked
     dynamic, so one graph serves every chunk length (one compile per chunk size, dtype and output layer).
     """
+    return apply_token_kernel(_token_chunk_el2n, _compiled_token_chunk_el2n, hidden, weight, bias, targets, mask,
+                              vocab_chunk=vocab_chunk, token_chunk=token_chunk, logit_scale=logit_scale,
+                              softcap=softcap, compile=compile)
+
+
+def apply_token_kernel(
+    kernel: Callable[..., torch.Tensor],
+    compiled: Callable[[], Callable[..., torch.Tensor]],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    vocab_chunk: int,
+    token_chunk: int,
+    logit_scale: float | None,
+    softcap: float | None,
+    compile: bool,
+) -> torch.Tensor:
+    """The shared driver of the chunked per-token kernels (EL2N here, NLL in ``loss.py``): checks shapes
+    and target ids, keeps only the masked positions, runs ``kernel(h, weight, bias, y, vocab_chunk,
+    logit_scale, softcap)`` (or ``compiled()``'s version) on ``token_chunk`` positions at a time, and
+    scatters the float32 results back, NaN where ``mask`` is False."""
     if vocab_chunk <= 0 or token_chunk <= 0:
         raise ValueError(f"vocab_chunk and token_chunk must be > 0, got {vocab_chunk}, {token_chunk}")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
@@ -212,7 +237,7 @@ def causal_lm_token_el2n(
     if bool(((y < 0) | (y >= vocab)).any()):
         raise ValueError(f"target token id out of range for a vocabulary of {vocab} at a scored position")
     h = h.to(weight.dtype)
-    fn = _compiled_token_chunk_el2n() if compile else _token_chunk_el2n
+    fn = compiled() if compile else kernel
     vals = torch.empty(n, dtype=torch.float32, device=hidden.device)
     for t0 in range(0, n, token_chunk):
         t1 = min(t0 + token_chunk, n)

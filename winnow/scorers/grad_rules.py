@@ -54,6 +54,7 @@ Extend with :func:`register_rule`.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,27 +150,28 @@ def _batched(x: torch.Tensor | None, batch_size: int, what: str, module: nn.Modu
     return x
 
 
-class Rule:
+class Rule(abc.ABC):
     """A per-layer-type rule: which modules it covers and how it factors their parameters' gradients."""
 
     name: str = ""
 
+    @abc.abstractmethod
     def matches(self, module: nn.Module) -> bool:
-        raise NotImplementedError
+        """Whether this rule covers ``module``."""
 
     def problem(self, module: nn.Module) -> str | None:
         """Why a matched module cannot be handled exactly (None: it can)."""
         return None
 
+    @abc.abstractmethod
     def kinds(self, module: nn.Module) -> dict[str, str]:
         """``{parameter attribute: "outer" | "dense"}`` for the parameters this rule covers."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def factors(
         self, module: nn.Module, rec: Record, attrs: set[str], batch_size: int, dtype: torch.dtype
     ) -> dict[str, Factor]:
         """Factors of the per-example gradients of ``attrs`` from one recorded call, in ``dtype``."""
-        raise NotImplementedError
 
 
 class LinearRule(Rule):

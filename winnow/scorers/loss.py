@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from winnow.scorers.base import Param, Scorer, register
-from winnow.scorers.el2n import _config_attr, causal_lm_hidden_states, lm_head_params
+from winnow.scorers.el2n import _config_attr, apply_token_kernel, causal_lm_hidden_states, lm_head_params
 
 __all__ = [
     "LOSS_COLUMNS",
@@ -190,45 +190,9 @@ def causal_lm_token_nll(
     ``cap * tanh(z / cap)``. Never holds more than ``token_chunk x vocab_chunk`` logits at once.
     ``compile=True`` runs each token chunk through ``torch.compile`` (token dimension dynamic).
     """
-    if vocab_chunk <= 0 or token_chunk <= 0:
-        raise ValueError(f"vocab_chunk and token_chunk must be > 0, got {vocab_chunk}, {token_chunk}")
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} does not match output embedding {tuple(weight.shape)}")
-    if hidden.shape[:-1] != targets.shape or (mask is not None and mask.shape != targets.shape):
-        raise ValueError(
-            f"shapes differ: hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)}, "
-            f"mask {None if mask is None else tuple(mask.shape)}"
-        )
-    vocab = weight.shape[0]
-    lead = targets.shape
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = targets.reshape(-1).long()
-    out = torch.full((y.numel(),), math.nan, dtype=torch.float32, device=hidden.device)
-    idx = None
-    if mask is not None:
-        idx = mask.reshape(-1).nonzero().squeeze(1)
-        h = h.index_select(0, idx)
-        y = y.index_select(0, idx)
-    n = y.numel()
-    if n == 0:
-        return out.reshape(lead)
-    if bool(((y < 0) | (y >= vocab)).any()):
-        raise ValueError(f"target token id out of range for a vocabulary of {vocab} at a scored position")
-    h = h.to(weight.dtype)
-    fn = _compiled_token_chunk_nll() if compile else _token_chunk_nll
-    vals = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    for t0 in range(0, n, token_chunk):
-        t1 = min(t0 + token_chunk, n)
-        hc, yc = h[t0:t1], y[t0:t1]
-        if compile and t1 - t0 > 1:
-            torch._dynamo.mark_dynamic(hc, 0)
-            torch._dynamo.mark_dynamic(yc, 0)
-        vals[t0:t1] = fn(hc, weight, bias, yc, vocab_chunk, logit_scale, softcap)
-    if idx is None:
-        out = vals
-    else:
-        out.index_copy_(0, idx, vals)
-    return out.reshape(lead)
+    return apply_token_kernel(_token_chunk_nll, _compiled_token_chunk_nll, hidden, weight, bias, targets, mask,
+                              vocab_chunk=vocab_chunk, token_chunk=token_chunk, logit_scale=logit_scale,
+                              softcap=softcap, compile=compile)
 
 
 def token_loss_stats(nll: torch.Tensor, mask: torch.Tensor, percentile: float = 90.0) -> dict[str, torch.Tensor]:
