@@ -7,6 +7,9 @@ Imports only numpy and the standard library (see docs/ARCHITECTURE.md, "Layers")
 * :func:`random_select` — the seeded random baseline with the same budgets and strata.
 * :func:`score_to_weight` — float64 weights, 0 on pruned rows and mean 1 over kept rows.
 * :func:`loss_to_weight` — the loss-based strategies of Sow et al. (ICLR 2025), same invariants.
+
+:mod:`winnow.selectors.dpp` (greedy MAP inference for DPPs, Chen et al. 2018; torch, CPU or CUDA) is
+imported on its own, so that these rules keep needing numpy alone.
 """
 
 from winnow.selectors.loss_weights import LOSS_STRATEGIES, loss_to_weight
