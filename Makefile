@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # CPU machines: a local file of this torch exists; any other version pulls GBs of CUDA wheels.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= cpu,dev,ray
+EXTRAS ?= cpu,dev,ray,embed
 PIP    := $(BIN)/python -m pip --quiet --quiet --disable-pip-version-check
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false

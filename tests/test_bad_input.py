@@ -98,7 +98,7 @@ def test_unknown_scorer(tmp_path, corpus, capsys):
 
 def test_unknown_selector(tmp_path, corpus, capsys):
     r = tiny_recipe(corpus, tmp_path / "run", select__method="best")
-    assert "select.method: Input should be 'score', 'random' or 'all'" in _run(tmp_path, r, capsys)
+    assert "select.method: Input should be 'score', 'random', 'all' or 'dpp'" in _run(tmp_path, r, capsys)
 
 
 @pytest.mark.parametrize("fraction", [0, 1.5, -0.1])

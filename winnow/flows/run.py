@@ -200,6 +200,23 @@ def score_task(recipe_d: dict[str, Any], run_dir: str, shard: dict, ckpts: list[
         bar.close()
 
 
+@task(name="embed", **TASK_OPTS)
+def embed_task(recipe_d: dict[str, Any], run_dir: str, shard: dict, tok_dir: str | None, threads: int | None,
+               fp: str) -> dict[str, Any]:
+    from winnow.pipeline.embeddings import embed_shard
+
+    recipe = _setup(recipe_d, threads)
+    feat, _, _ = _featurizer(recipe, tok_dir)
+    return embed_shard(recipe, Path(run_dir), InputShard.from_dict(shard), feat, fp)
+
+
+@task(name="merge-embeddings", **TASK_OPTS)
+def merge_embeddings_task(run_dir: str, parts: list[dict], fp: str) -> dict:
+    from winnow.pipeline.embeddings import merge_embeddings
+
+    return merge_embeddings(Path(run_dir), parts, fp)
+
+
 @task(name="merge-scores", **TASK_OPTS)
 def merge_task(recipe_d: dict[str, Any], run_dir: str, parts: list[dict], provenance: dict, fp: str) -> dict:
     from winnow.pipeline.selection import merge_parts
@@ -252,8 +269,10 @@ def _outputs_present(name: str, result: Any, run_dir: Path, fp: str) -> bool:
         return Path(result["scores"]).exists() and Path(result["rows_file"]).exists()
     if name == "tokenizer":
         return (Path(result) / "tokenizer.json").exists()
-    if name == "merge-scores":
+    if name in ("merge-scores", "merge-embeddings"):
         return all(prov_fp(Path(p)) == fp for p in result["files"])
+    if name == "embed":
+        return Path(result["vectors"]).exists() and Path(result["ids"]).exists()
     if name == "select":
         return prov_fp(run_dir / "selection.parquet") == fp
     if name == "emit":
@@ -354,8 +373,22 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
         fp = score_fingerprint(recipe, s, ckpts, tok_fp)
         handles.append(steps.submit(score_task, f"score {s.name}", recipe_d=recipe_d, run_dir=run_dir,
                                     shard=s.to_dict(), ckpts=ckpts, tok_dir=tok_dir, threads=threads, fp=fp))
+    emb_handles = []
+    if recipe.scoring.embeddings is not None:
+        from winnow.pipeline.embeddings import embed_fingerprint
+
+        for s in shards:
+            emb_handles.append(steps.submit(embed_task, f"embed {s.name}", recipe_d=recipe_d, run_dir=run_dir,
+                                            shard=s.to_dict(), tok_dir=tok_dir, threads=threads,
+                                            fp=embed_fingerprint(recipe, s)))
     parts = [steps.result(h) for h in handles]
     parts_fp = fingerprint([p["scores"] for p in parts])
+    emb_fp = None
+    if emb_handles:
+        emb_parts = [steps.result(h) for h in emb_handles]
+        emb_fp = fingerprint("merge-embeddings", [p["vectors"] for p in emb_parts])
+        steps.result(steps.submit(merge_embeddings_task, "merge embeddings", run_dir=run_dir, parts=emb_parts,
+                                  fp=emb_fp))
     provenance = {"model_fingerprint": model_fp, "tokenizer_fingerprint": tok_fp, "train_fingerprint": train_fp,
                   "checkpoints": ckpts, "seeds": recipe.train.seeds, "input_fingerprint": input_fp}
     merged = steps.result(steps.submit(merge_task, "merge scores", recipe_d=recipe_d, run_dir=run_dir,
@@ -363,7 +396,7 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
     if merged["duplicate_rows"]:
         logger.warning(f"{merged['duplicate_rows']} rows are exact duplicates of others and share their id")
 
-    select_fp = fingerprint("select", parts_fp, recipe.select.model_dump())
+    select_fp = fingerprint("select", parts_fp, emb_fp, recipe.select.model_dump())
     selected = steps.result(steps.submit(select_task, "select", recipe_d=recipe_d, run_dir=run_dir, fp=select_fp))
     recipe_fp = fingerprint("recipe", recipe.model_dump(exclude={"runner"}))
     fps = {"recipe": recipe_fp, "input": input_fp, "model": model_fp}

@@ -117,11 +117,30 @@ class ScorerSpec(Strict):
         return v
 
 
+class EmbeddingsConfig(Strict):
+    """Vectors for diversity selection (select.method: dpp): a local encoder's mean-pooled hidden
+    states (`model`: a folder, or `minilm` for the packaged all-MiniLM-L6-v2), or a vector column."""
+
+    model: str | None = None
+    column: str | None = None
+    max_length: int = Field(default=256, gt=1)
+    batch_size: int = Field(default=64, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EmbeddingsConfig:
+        if (self.model is None) == (self.column is None):
+            raise ValueError("give exactly one of scoring.embeddings.model (an encoder folder or 'minilm') "
+                             "or scoring.embeddings.column (a vector column)")
+        return self
+
+
 class ScoringConfig(Strict):
     scorers: list[ScorerSpec] = Field(default_factory=lambda: [ScorerSpec(name="el2n")], min_length=1)
     batch_size: int = Field(default=32, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = Field(default=False, description="torch.compile the model's body (GPU only)")
+    embeddings: EmbeddingsConfig | None = None
 
     @field_validator("scorers", mode="before")
     @classmethod
@@ -162,8 +181,21 @@ class WeightConfig(Strict):
         return self
 
 
+class DppConfig(Strict):
+    """Greedy MAP DPP selection (Chen et al. 2018) over scoring.embeddings."""
+
+    kernel: Literal["vmf", "cosine", "rbf", "linear"] = "vmf"
+    kappa: float = Field(default=10.0, gt=0, description="vmf concentration")
+    sigma: float = Field(default=1.0, gt=0, description="rbf width")
+    quality: str | None = Field(default=None, description="score column used as relevance (quality)")
+    invert_quality: bool = Field(default=False, description="low scores are better (e.g. loss)")
+    theta: float = Field(default=0.5, ge=0, lt=1, description="quality-diversity trade-off (0: diversity only)")
+    eps: float | None = Field(default=None, gt=0, description="stop when the marginal gain falls below this")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class SelectConfig(Strict):
-    method: Literal["score", "random", "all"] = "score"
+    method: Literal["score", "random", "all", "dpp"] = "score"
     score: str = "el2n"
     fraction: float | None = Field(default=None, description="keep this fraction, in (0, 1]")
     count: int | None = Field(default=None, ge=0)
@@ -173,6 +205,7 @@ class SelectConfig(Strict):
     stratify: Literal["domain", "label"] | None = None
     seed: int = 0
     weights: WeightConfig = WeightConfig()
+    dpp: DppConfig = DppConfig()
 
     @field_validator("fraction")
     @classmethod
@@ -189,8 +222,10 @@ class SelectConfig(Strict):
         if len(given) != 1:
             raise ValueError(f"give exactly one of select.fraction, select.count, select.threshold "
                              f"(got {', '.join(given) or 'none'})")
-        if self.method == "random" and self.threshold is not None:
-            raise ValueError("select.method random takes a fraction or a count, not a threshold")
+        if self.method in ("random", "dpp") and self.threshold is not None:
+            raise ValueError(f"select.method {self.method} takes a fraction or a count, not a threshold")
+        if self.method == "dpp" and self.stratify is not None:
+            raise ValueError("select.method dpp does not stratify (yet): remove select.stratify")
         return self
 
 
@@ -237,9 +272,15 @@ class Recipe(Strict):
             raise ValueError("select.weights.per_stratum needs select.stratify")
         if self.select.stratify == "label" and d.label_column is None:
             raise ValueError("select.stratify is 'label' but data.label_column is not set")
+        if self.select.method == "dpp" and self.scoring.embeddings is None:
+            raise ValueError("select.method dpp needs scoring.embeddings (model: minilm, a folder, or column)")
+        if self.scoring.embeddings is not None and self.scoring.embeddings.model is not None \
+                and d.text_column is None:
+            raise ValueError("scoring.embeddings.model embeds text: set data.text_column")
         score_names = self.score_columns()
         for key, col in [("select.score", self.select.score if self.select.method == "score" else None),
-                         ("select.weights.score", self.select.weights.score)] + \
+                         ("select.weights.score", self.select.weights.score),
+                         ("select.dpp.quality", self.select.dpp.quality if self.select.method == "dpp" else None)] + \
                         [("output.score_columns", c) for c in self.output.score_columns]:
             if col is not None and col not in score_names:
                 raise ValueError(f"{key}: {col!r} is not a score this recipe computes "

@@ -53,7 +53,7 @@ def merge_parts(recipe: Recipe, run_dir: Path, parts: list[dict[str, Any]], prov
     return {"rows": rows.height, "duplicate_rows": n_all - rows.height, "files": [str(p) for p in written]}
 
 
-def selection_table(recipe: Recipe, run_dir: Path) -> pl.DataFrame:
+def selection_table(recipe: Recipe, run_dir: Path) -> tuple[pl.DataFrame, dict[str, Any] | None]:
     store = ScoreStore(run_dir)
     df = store.rows().select("id", "domain", "label").join(store.scores(), on="id", how="left")
     sel = recipe.select
@@ -64,6 +64,8 @@ def selection_table(recipe: Recipe, run_dir: Path) -> pl.DataFrame:
     try:
         if sel.method == "all":
             kept = np.ones(n, dtype=bool)
+        elif sel.method == "dpp":
+            kept, info = dpp_select(recipe, run_dir, df)
         elif sel.method == "random":
             kept = random_select(n, fraction=sel.fraction, count=sel.count, seed=sel.seed, strata=strata)
         else:
@@ -86,13 +88,53 @@ def selection_table(recipe: Recipe, run_dir: Path) -> pl.DataFrame:
                                      clip_min=w.clip_min, clip_max=w.clip_max, invert=w.invert)
     except ValueError as e:
         raise WinnowError(f"select: {e}") from None
-    return pl.DataFrame({"id": df["id"], "kept": kept, "weight": np.asarray(weight, dtype=np.float64)})
+    table = pl.DataFrame({"id": df["id"], "kept": kept, "weight": np.asarray(weight, dtype=np.float64)})
+    return table, (info if sel.method == "dpp" else None)
+
+
+def dpp_select(recipe: Recipe, run_dir: Path, df: pl.DataFrame) -> tuple[np.ndarray, dict[str, Any]]:
+    """Greedy MAP DPP selection (Chen et al. 2018, via winnow.selectors.dpp) over the run's embeddings.
+
+    Quality: the `select.dpp.quality` score column, turned into relevance r in [0, 1] by its rank
+    (so scales do not matter), then q = exp(theta * r / (2 (1 - theta))) (Chen et al., Sec. 4).
+    Returns the kept mask and what the report and manifest show: picks, stop reason, log det of the
+    selection and, for comparison, of three seeded random subsets of the same size."""
+    import torch
+
+    from winnow.pipeline.embeddings import load_embeddings
+    from winnow.pipeline.models import resolve_device
+    from winnow.selectors.dpp import greedy_map, log_det, quality_from_relevance
+
+    sel, d = recipe.select, recipe.select.dpp
+    n = df.height
+    k = sel.count if sel.count is not None else int(round((sel.fraction or 1.0) * n))
+    k = min(k, n)
+    X = torch.from_numpy(load_embeddings(run_dir, df["id"].to_list())).to(resolve_device(d.device))
+    quality = None
+    if d.quality is not None:
+        s = df[d.quality].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        if np.isnan(s).any():
+            raise ValueError(f"dpp.quality: {int(np.isnan(s).sum())} rows have no {d.quality!r} score")
+        ranks = s.argsort(kind="stable").argsort(kind="stable") / max(1, n - 1)
+        r = 1.0 - ranks if d.invert_quality else ranks
+        quality = quality_from_relevance(torch.from_numpy(r), d.theta).to(X.device)
+    kw = {"kernel": d.kernel, "kappa": d.kappa, "sigma": d.sigma}
+    res = greedy_map(X, k, quality=quality, eps=d.eps, **kw)
+    kept = np.zeros(n, dtype=bool)
+    picks = res.picks.numpy()
+    kept[picks] = True
+    rng = np.random.default_rng(sel.seed)
+    rand = [log_det(X, torch.from_numpy(rng.choice(n, len(picks), replace=False)), quality=quality, **kw)
+            for _ in range(3)] if len(picks) else []
+    info = {"picks": int(len(picks)), "stopped": res.stopped, "logdet": float(res.logdet),
+            "random_logdet_mean": float(np.mean(rand)) if rand else None, "kernel": d.kernel}
+    return kept, info
 
 
 def write_selection(recipe: Recipe, run_dir: Path, step_fingerprint: str | None = None) -> dict[str, Any]:
-    table = selection_table(recipe, run_dir)
+    table, dpp = selection_table(recipe, run_dir)
     write_parquet(table, run_dir / "selection.parquet",
                   {"select": recipe.select.model_dump(mode="json"), "package_version": winnow.__version__,
-                   "step_fingerprint": step_fingerprint})
+                   "step_fingerprint": step_fingerprint, "dpp": dpp})
     kept = int(table["kept"].sum())
-    return {"rows": table.height, "kept": kept}
+    return {"rows": table.height, "kept": kept, "dpp": dpp}

@@ -26,7 +26,7 @@ from winnow.pipeline.atomic import atomic_path, sha256_file, write_json
 from winnow.pipeline.collate import Featurizer
 from winnow.pipeline.recipe import Recipe
 from winnow.pipeline.sources import InputShard, iter_raw_batches
-from winnow.pipeline.store import ScoreStore, read_parquet
+from winnow.pipeline.store import ScoreStore, read_parquet, read_provenance
 
 
 class _Roller:
@@ -169,6 +169,9 @@ def emit_shards(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
         "weight_column": "weight",
         "step_fingerprint": step_fingerprint,
     }
+    dpp = (read_provenance(run_dir / "selection.parquet") or {}).get("dpp")
+    if dpp:
+        manifest["diversity"] = dpp
     write_json(run_dir / "manifest.json", manifest)
     return {"shards": len(shard_list), "written_rows": written, "input_rows": input_rows}
 

