@@ -62,6 +62,7 @@ def test_dpp_selection_avoids_near_duplicates_and_covers_domains(tmp_path, corpu
             man = json.loads((tmp_path / "run" / "manifest.json").read_text())
             div = man["diversity"]
             assert div["picks"] == k and div["logdet"] > div["random_logdet_mean"]
+            assert "Diversity (DPP selection)" in (tmp_path / "run" / "report.html").read_text()
     print("near-duplicate pairs among 50 kept:", {m: v["dups"] for m, v in results.items()})
     assert results["dpp"]["dups"] == 0
     assert results["random"]["dups"] >= 1 or results["score"]["dups"] >= 1
