@@ -192,6 +192,10 @@ class DppConfig(Strict):
     theta: float = Field(default=0.5, ge=0, lt=1, description="quality-diversity trade-off (0: diversity only)")
     eps: float | None = Field(default=None, gt=0, description="stop when the marginal gain falls below this")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    clusters: int | None = Field(default=None, gt=1, description="k-means clusters for partitioned greedy "
+                                 "(one cluster on the device at a time; ignores cross-cluster similarity); "
+                                 "None: global greedy")
+    cluster_seed: int = Field(default=0, description="seed of the k-means sample and initialisation")
 
 
 class SelectConfig(Strict):

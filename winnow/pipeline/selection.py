@@ -7,6 +7,7 @@ the rule in `select` picks the rows, `select.weights` turns a score into trainin
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,10 @@ def dpp_select(recipe: Recipe, run_dir: Path, df: pl.DataFrame) -> tuple[np.ndar
     n = df.height
     k = sel.count if sel.count is not None else int(round((sel.fraction or 1.0) * n))
     k = min(k, n)
-    X = torch.from_numpy(load_embeddings(run_dir, df["id"].to_list())).to(resolve_device(d.device))
+    dev = resolve_device(d.device)
+    X = torch.from_numpy(load_embeddings(run_dir, df["id"].to_list()))
+    if d.clusters is None:
+        X = X.to(dev)
     quality = None
     if d.quality is not None:
         s = df[d.quality].cast(pl.Float64).fill_null(np.nan).to_numpy()
@@ -119,15 +123,32 @@ def dpp_select(recipe: Recipe, run_dir: Path, df: pl.DataFrame) -> tuple[np.ndar
         r = 1.0 - ranks if d.invert_quality else ranks
         quality = quality_from_relevance(torch.from_numpy(r), d.theta).to(X.device)
     kw = {"kernel": d.kernel, "kappa": d.kappa, "sigma": d.sigma}
-    res = greedy_map(X, k, quality=quality, eps=d.eps, **kw)
+    if d.clusters is None:
+        res = greedy_map(X, k, quality=quality, eps=d.eps, **kw)
+    else:  # X stays on the CPU; one cluster at a time goes to the device
+        from winnow.pipeline.clustering import kmeans_assign
+        from winnow.selectors.dpp import partitioned_greedy_map
+
+        labels = kmeans_assign(X.numpy(), min(d.clusters, n), seed=d.cluster_seed)
+        res = partitioned_greedy_map(X, k, labels, quality=quality, eps=d.eps, device=dev, **kw)
     kept = np.zeros(n, dtype=bool)
     picks = res.picks.numpy()
     kept[picks] = True
     rng = np.random.default_rng(sel.seed)
-    rand = [log_det(X, torch.from_numpy(rng.choice(n, len(picks), replace=False)), quality=quality, **kw)
-            for _ in range(3)] if len(picks) else []
-    info = {"picks": int(len(picks)), "stopped": res.stopped, "logdet": float(res.logdet),
+    if d.clusters is None:
+        rand = [log_det(X, torch.from_numpy(rng.choice(n, len(picks), replace=False)), quality=quality, **kw)
+                for _ in range(3)] if len(picks) else []
+    else:  # the same figures from the sampled rows only, on the device (X is on the CPU here)
+        rand = []
+        for _ in range(3 if len(picks) else 0):
+            idx = torch.from_numpy(rng.choice(n, len(picks), replace=False))
+            rand.append(log_det(X[idx].to(dev), torch.arange(len(idx)),
+                                quality=None if quality is None else quality[idx].to(dev), **kw))
+    logdet = float(res.logdet)
+    info = {"picks": int(len(picks)), "stopped": res.stopped, "logdet": None if math.isnan(logdet) else logdet,
             "random_logdet_mean": float(np.mean(rand)) if rand else None, "kernel": d.kernel}
+    if d.clusters is not None:
+        info["clusters"] = int(min(d.clusters, n))
     return kept, info
 
 

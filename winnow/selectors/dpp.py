@@ -31,6 +31,19 @@ Greedy MAP (:func:`greedy_map`), Algorithm 1 of Chen et al. 2018
     update ``d2 -= e**2``. Time ``O(N k^2 + N k d)`` (the ``N k d`` for the kernel rows), memory
     ``O(N k + N d)``. ``log det L_S`` is the sum of the gains.
 
+Cluster-partitioned greedy MAP (:func:`partitioned_greedy_map`)
+    For pools past one device's memory: given a cluster label per row (k-means, e.g.
+    ``winnow.pipeline.clustering.kmeans_assign``), run :func:`greedy_map` inside each cluster alone
+    (that cluster's rows moved to the device, then freed), keep up to ``k`` picks per cluster with
+    their gains, and merge them by gain. Peak device memory is that of the largest cluster,
+    ``O(n_c k + n_c d)``. What it gives up against global greedy: the kernel between clusters is
+    never looked at, so two near-identical rows that k-means put in different clusters can both be
+    picked; the gains are within-cluster gains (conditioned only on the earlier picks of the same
+    cluster), not the marginal gains of the merged set, and the cut at ``k`` ranks them against
+    each other as if the clusters were independent; and ``log det L_S`` is no longer the sum of the
+    gains, so it is recomputed exactly (or not at all for large ``k``). When the clusters are
+    well separated (cross-cluster kernel entries near 0) the two agree.
+
 Log-det distance (:func:`log_det_distance`)
     After Wang, Shen, Guo, Stallone, Kim, Golland, Panda, "Diversity Measurement and Subset Selection
     for Instruction Tuning Datasets" (2024, arXiv:2402.02318), which measures the diversity of a
@@ -49,6 +62,7 @@ Log-det distance (:func:`log_det_distance`)
 
 from __future__ import annotations
 
+import heapq
 import math
 import numbers
 from dataclasses import dataclass
@@ -64,6 +78,7 @@ __all__ = [
     "kernel_submatrix",
     "log_det",
     "log_det_distance",
+    "partitioned_greedy_map",
     "quality_from_relevance",
 ]
 
@@ -222,7 +237,9 @@ class GreedyMapResult:
     """Output of :func:`greedy_map`.
 
     ``picks`` (int64, CPU): the chosen rows in the order picked. ``gains`` (float64, CPU): the marginal
-    gain ``log d2_j`` of each pick. ``logdet``: ``log det L_S`` of the picks, the sum of the gains.
+    gain ``log d2_j`` of each pick. ``logdet``: ``log det L_S`` of the picks, the sum of the gains
+    (from :func:`partitioned_greedy_map`: the gains are within-cluster gains and ``logdet`` is
+    recomputed exactly, or NaN when not computed).
     ``stopped``: ``"k"`` (k picks made), ``"threshold"`` (the best remaining ``d2`` fell below ``eps``)
     or ``"exhausted"`` (every row picked).
     """
@@ -286,6 +303,90 @@ def greedy_map(X, k: int, *, kernel: str = "cosine", quality=None, sigma: float 
         gains.append(math.log(dj2))
     g = torch.tensor(gains, dtype=torch.float64)
     return GreedyMapResult(torch.tensor(picks, dtype=torch.long), g, float(g.sum()), stopped)
+
+
+def partitioned_greedy_map(X, k: int, clusters, *, kernel: str = "cosine", quality=None, sigma: float = 1.0,
+                           kappa: float = 1.0, eps: float | None = None, dtype: torch.dtype = torch.float32,
+                           device=None, logdet_max: int = 4096) -> GreedyMapResult:
+    """Greedy MAP within each cluster, then a merge by gain: the approximation for pools past one device.
+
+    ``clusters`` (length N, integers ``>= 0``) labels each row of ``X``. For each label in increasing
+    order, that cluster's rows (and quality) are moved to ``device`` (default: ``X``'s device) and
+    :func:`greedy_map` picks up to ``min(k, n_c)`` of them with the same kernel, ``eps`` and ``dtype``;
+    then the device copy is dropped, so peak device memory is one cluster's ``O(n_c k + n_c d)``.
+    The merge takes candidates in decreasing order of their within-cluster gain ``log d2`` (ties: the
+    lower global index) until ``k`` picks, as a k-way merge of the clusters' pick lists (each
+    non-increasing in gain), so every cluster contributes a prefix of its own greedy sequence.
+
+    Gives up, against :func:`greedy_map` on all of ``X``: interactions between clusters (two
+    near-identical rows in different clusters can both be picked), true marginal gains (``gains``
+    are within-cluster gains, each conditioned only on the same cluster's earlier picks), and the
+    identity ``logdet = sum(gains)``. ``logdet`` is therefore recomputed exactly with :func:`log_det`
+    (float64, on ``device``) on the picked rows when there are at most ``logdet_max`` of them, else
+    it is NaN. ``stopped``: ``"k"`` when ``k`` picks were made, else ``"threshold"`` when some
+    cluster's greedy stopped at ``eps``, else ``"exhausted"``. With a single cluster the picks and
+    gains are those of :func:`greedy_map`.
+    """
+    if not _is_int(k) or k < 0:
+        raise ValueError(f"k must be an integer >= 0, got {k!r}")
+    if not _is_int(logdet_max) or logdet_max < 0:
+        raise ValueError(f"logdet_max must be an integer >= 0, got {logdet_max!r}")
+    if not isinstance(X, torch.Tensor):
+        X = torch.as_tensor(np.asarray(X))
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"X must be a non-empty 2-D (N, d) array, got shape {tuple(X.shape)}")
+    n = X.shape[0]
+    lab = torch.as_tensor(np.asarray(clusters) if not isinstance(clusters, torch.Tensor) else clusters)
+    if lab.shape != (n,) or lab.dtype.is_floating_point or lab.dtype == torch.bool or lab.is_complex():
+        raise ValueError(f"clusters must be a 1-D integer array of length {n}, got {lab.dtype} {tuple(lab.shape)}")
+    lab = lab.to("cpu", torch.long)
+    if int(lab.min()) < 0:
+        raise ValueError("clusters must be integers >= 0")
+    q = None
+    if quality is not None:
+        q = torch.as_tensor(np.asarray(quality) if not isinstance(quality, torch.Tensor) else quality)
+        if q.shape != (n,):
+            raise ValueError(f"quality must have shape ({n},), got {tuple(q.shape)}")
+    dev = X.device if device is None else torch.device(device)
+
+    order = torch.argsort(lab, stable=True)  # rows grouped by label, increasing index within a label
+    _, counts = torch.unique_consecutive(lab[order], return_counts=True)
+    lists: list[tuple[list[int], list[float]]] = []  # (global picks, gains) per cluster, in pick order
+    any_threshold = False
+    a = 0
+    for c in counts.tolist():
+        rows = order[a:a + c]
+        a += c
+        rx = rows.to(X.device)
+        Xc = X[rx].to(dev)
+        qc = None if q is None else q[rows.to(q.device)].to(dev)
+        r = greedy_map(Xc, min(k, c), kernel=kernel, quality=qc, sigma=sigma, kappa=kappa, eps=eps, dtype=dtype)
+        del Xc, qc
+        any_threshold |= r.stopped == "threshold"
+        lists.append((rows[r.picks].tolist(), r.gains.tolist()))
+
+    # k-way merge: the heap holds each list's best remaining candidate as (-gain, global index, list)
+    heap = [(-g[0], p[0], i, 0) for i, (p, g) in enumerate(lists) if p]
+    heapq.heapify(heap)
+    picks: list[int] = []
+    gains: list[float] = []
+    while heap and len(picks) < k:
+        neg_gain, j, i, h = heapq.heappop(heap)
+        picks.append(j)
+        gains.append(-neg_gain)
+        p, g = lists[i]
+        if h + 1 < len(p):
+            heapq.heappush(heap, (-g[h + 1], p[h + 1], i, h + 1))
+
+    stopped = "k" if len(picks) == k else ("threshold" if any_threshold else "exhausted")
+    pt = torch.tensor(picks, dtype=torch.long)
+    logdet = 0.0 if not picks else math.nan
+    if picks and len(picks) <= logdet_max:
+        sub = pt.to(X.device)
+        logdet = log_det(X[sub].to(dev), torch.arange(len(picks)), kernel=kernel,
+                         quality=None if q is None else q[pt.to(q.device)].to(dev),
+                         sigma=sigma, kappa=kappa, dtype=torch.float64)
+    return GreedyMapResult(pt, torch.tensor(gains, dtype=torch.float64), logdet, stopped)
 
 
 def log_det_distance(X, subset, *, kernel: str = "cosine", sigma: float = 1.0, kappa: float = 1.0,

@@ -1,0 +1,78 @@
+"""k-means cluster assignment for cluster-partitioned DPP selection (`select.dpp.clusters`).
+
+faiss lives here, not in `winnow/selectors` (which imports only torch and numpy). faiss-gpu runs
+k-means on every GPU it sees and silently on the CPU when it sees none (or when the module is
+faiss-cpu), so the GPU is asked for only when `faiss.get_num_gpus() > 0`.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from winnow.errors import WinnowError
+
+__all__ = ["kmeans_assign"]
+
+_ASSIGN_CHUNK = 1 << 20  # rows per nearest-centroid search, so query buffers stay bounded
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise WinnowError("select.dpp.clusters needs faiss: pip install -e '.[cpu]' (or '.[gpu]')") from None
+    return faiss
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
+
+
+def kmeans_assign(X: np.ndarray, n_clusters: int, seed: int, niter: int = 20) -> np.ndarray:
+    """Cluster label (int64, in ``[0, n_clusters)``) of every row of ``X`` (N, d) by faiss k-means.
+
+    Trains on a sample of at most ``256 * n_clusters`` rows drawn without replacement by
+    ``numpy.random.default_rng(seed)`` (all rows when N is smaller), with faiss's own seed ``seed``
+    for the initial centroids, for ``niter`` Lloyd iterations; then assigns every row to its nearest
+    centroid (L2). On the GPU when ``faiss.get_num_gpus() > 0``, else on the CPU. Deterministic for
+    a given seed on one machine. Some clusters may end up empty. Raises ``ValueError`` for bad
+    arguments and ``WinnowError`` when faiss is not installed.
+    """
+    if not _is_int(n_clusters) or n_clusters < 1:
+        raise ValueError(f"n_clusters must be an integer >= 1, got {n_clusters!r}")
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not _is_int(niter) or niter < 1:
+        raise ValueError(f"niter must be an integer >= 1, got {niter!r}")
+    X = np.asarray(X)
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"X must be a non-empty 2-D (N, d) array, got shape {X.shape}")
+    if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+        raise ValueError(f"X must hold real numbers, got dtype {X.dtype}")
+    n, d = X.shape
+    if n_clusters > n:
+        raise ValueError(f"n_clusters={n_clusters} is more than the {n} rows of X")
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if not np.isfinite(X).all():
+        raise ValueError("X has NaN or infinite entries")
+    if n_clusters == 1:
+        return np.zeros(n, dtype=np.int64)
+
+    faiss = _faiss()
+    use_gpu = faiss.get_num_gpus() > 0
+    n_train = min(n, 256 * n_clusters)
+    rng = np.random.default_rng(seed)
+    train = X if n_train == n else X[np.sort(rng.choice(n, n_train, replace=False))]
+    # max_points_per_centroid: we sampled already, so faiss must not subsample again (with its own rng);
+    # min_points_per_centroid=1: no warning on stderr for small samples; faiss seeds are 32-bit.
+    km = faiss.Kmeans(d, int(n_clusters), niter=int(niter), seed=int(seed) & 0x7FFFFFFF, gpu=use_gpu,
+                      max_points_per_centroid=max(256, -(-n_train // n_clusters)), min_points_per_centroid=1,
+                      verbose=False)
+    km.train(train)
+    labels = np.empty(n, dtype=np.int64)
+    for a in range(0, n, _ASSIGN_CHUNK):
+        _, idx = km.index.search(X[a:a + _ASSIGN_CHUNK], 1)
+        labels[a:a + _ASSIGN_CHUNK] = idx[:, 0]
+    return labels
