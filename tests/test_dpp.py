@@ -337,3 +337,21 @@ def test_dependent_start_raises():
     X = np.eye(4)[[0, 0, 1, 2]]
     with pytest.raises(ValueError, match="start index 1"):
         greedy_map(X, 3, kernel="cosine", dtype=torch.float64, start=[0, 1])
+
+
+def test_isotropic_log_det_distance_orders_sets_by_diversity():
+    from winnow.selectors.dpp import isotropic_log_det_distance
+
+    g = torch.Generator().manual_seed(3)
+    spread = torch.nn.functional.normalize(torch.randn(60, 16, generator=g, dtype=torch.float64), dim=1)
+    base = spread[:6]
+    clumped = torch.nn.functional.normalize(base.repeat(10, 1) + 0.05 * torch.randn(60, 16, generator=g,
+                                                                                     dtype=torch.float64), dim=1)
+    X = torch.cat([spread, clumped])
+    kw = {"kernel": "vmf", "kappa": 2.0, "size": 30, "seeds": 3}
+    d_spread = isotropic_log_det_distance(X, range(60), **kw)
+    d_clumped = isotropic_log_det_distance(X, range(60, 120), **kw)
+    assert 0 <= d_spread < d_clumped
+    assert isotropic_log_det_distance(X, range(60), **kw) == d_spread  # seeded
+    with pytest.raises(ValueError, match="seeds"):
+        isotropic_log_det_distance(X, range(60), seeds=0)

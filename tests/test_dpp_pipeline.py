@@ -57,13 +57,19 @@ def test_dpp_selection_avoids_near_duplicates_and_covers_domains(tmp_path, corpu
         kept = sel.filter(pl.col("kept"))["id"].to_list()
         assert len(kept) == k
         doms = {r_["id"]: r_["domain"] for r_ in rows}
-        results[method] = {"dups": _dup_pairs(kept, rows), "domains": len({doms[i] for i in kept})}
+        man = json.loads((tmp_path / "run" / "manifest.json").read_text())
+        results[method] = {"dups": _dup_pairs(kept, rows), "domains": len({doms[i] for i in kept}),
+                           "div": man["diversity"]["diversity_selection"],
+                           "div_in": man["diversity"]["diversity_input"]}
         if method == "dpp":
             man = json.loads((tmp_path / "run" / "manifest.json").read_text())
             div = man["diversity"]
             assert div["picks"] == k and div["logdet"] > div["random_logdet_mean"]
-            assert "Diversity (DPP selection)" in (tmp_path / "run" / "report.html").read_text()
+            assert "<h3>Diversity</h3>" in (tmp_path / "run" / "report.html").read_text()
     print("near-duplicate pairs among 50 kept:", {m: v["dups"] for m, v in results.items()})
+    print("log-det distance per item (smaller = more diverse):",
+          {"input": round(results["dpp"]["div_in"], 4), **{m: round(v["div"], 4) for m, v in results.items()}})
+    assert results["dpp"]["div"] < results["random"]["div"] and results["dpp"]["div"] < results["dpp"]["div_in"]
     assert results["dpp"]["dups"] == 0
     assert results["random"]["dups"] >= 1 or results["score"]["dups"] >= 1
     assert results["dpp"]["domains"] == 3

@@ -1062,9 +1062,11 @@ def _render(run: _Run, s: dict) -> str:
             body.append("<h3>Mosaic streams</h3>" + _kv(man["mosaic_streams"]))
         div = man.get("diversity")
         if isinstance(div, dict):
-            body.append("<h3>Diversity (DPP selection)</h3>" + _kv(div))
-            body.append(_note("logdet: log det of the kernel of the selected set (higher is more diverse); "
-                              "random_logdet_mean: the same for random subsets of equal size."))
+            body.append("<h3>Diversity</h3>" + _kv(div))
+            body.append(_note("diversity_input / diversity_selection: log-det distance per item to a maximally "
+                              "diverse reference (random directions) of the same size, on diversity_sample rows; "
+                              "smaller is more diverse. DPP runs also give logdet, the log det of the selected "
+                              "set's kernel, and random_logdet_mean, the same for random subsets of equal size."))
         extra = {k: man[k] for k in ("recipe_fingerprint", "input", "model", "scorers", "selector", "columns",
                                      "weight_column") if k in man}
         if isinstance(extra.get("input"), dict) and isinstance(extra["input"].get("shards"), list):

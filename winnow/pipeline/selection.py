@@ -90,7 +90,28 @@ def selection_table(recipe: Recipe, run_dir: Path) -> tuple[pl.DataFrame, dict[s
     except ValueError as e:
         raise WinnowError(f"select: {e}") from None
     table = pl.DataFrame({"id": df["id"], "kept": kept, "weight": np.asarray(weight, dtype=np.float64)})
-    return table, (info if sel.method == "dpp" else None)
+    info = info if sel.method == "dpp" else ({} if recipe.scoring.embeddings is not None else None)
+    if info is not None and kept.any():
+        info.update(diversity_of(recipe, run_dir, df, kept))
+    return table, info
+
+
+def diversity_of(recipe: Recipe, run_dir: Path, df: pl.DataFrame, kept: np.ndarray,
+                 sample: int = 1000) -> dict[str, Any]:
+    """Diversity of the input and of the selection (`isotropic_log_det_distance`, nats per item,
+    smaller = more diverse), both on `min(kept, sample)` rows so they compare, with the DPP kernel."""
+    import torch
+
+    from winnow.pipeline.embeddings import load_embeddings
+    from winnow.selectors.dpp import isotropic_log_det_distance
+
+    d = recipe.select.dpp
+    X = torch.from_numpy(load_embeddings(run_dir, df["id"].to_list())).double()
+    m = int(min(kept.sum(), sample))
+    kw = {"kernel": d.kernel, "kappa": d.kappa, "sigma": d.sigma, "size": m, "seeds": 3}
+    return {"diversity_sample": m,
+            "diversity_input": isotropic_log_det_distance(X, np.arange(df.height), **kw),
+            "diversity_selection": isotropic_log_det_distance(X, np.flatnonzero(kept), **kw)}
 
 
 def dpp_select(recipe: Recipe, run_dir: Path, df: pl.DataFrame) -> tuple[np.ndarray, dict[str, Any]]:
