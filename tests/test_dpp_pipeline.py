@@ -75,3 +75,21 @@ def test_dpp_selection_avoids_near_duplicates_and_covers_domains(tmp_path, corpu
     assert results["dpp"]["domains"] == 3
     emb = np.load(tmp_path / "run" / "embeddings" / "embeddings.npy")
     assert emb.shape == (len(rows), 384)
+
+
+def test_dpp_on_projected_gradient_features(tmp_path, corpus):
+    """scoring.embeddings.gradient: the engine's seeded projections of per-example gradients at the last
+    proxy checkpoint, unit rows, used as DPP embeddings."""
+    rows = _corpus_with_near_duplicates(corpus, tmp_path / "d")
+    r = tiny_recipe(corpus, tmp_path / "run", data__source=str(tmp_path / "d" / "d.jsonl"))
+    r["train"].update(steps=6, seeds=[0], checkpoints=[6])
+    r["scoring"]["embeddings"] = {"gradient": True, "proj_dim": 64, "batch_size": 16}
+    r["select"] = {"method": "dpp", "count": 40, "dpp": {"kernel": "vmf", "kappa": 5.0}}
+    assert main(["run", str(write_recipe(tmp_path / "g.yaml", r))]) == 0
+    emb = np.load(tmp_path / "run" / "embeddings" / "embeddings.npy").astype(np.float32)
+    assert emb.shape == (len(rows), 64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=2e-3)
+    sel = pl.read_parquet(tmp_path / "run" / "selection.parquet")
+    assert int(sel["kept"].sum()) == 40
+    man = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert man["diversity"]["diversity_selection"] < man["diversity"]["diversity_input"]

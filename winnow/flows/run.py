@@ -202,12 +202,12 @@ def score_task(recipe_d: dict[str, Any], run_dir: str, shard: dict, ckpts: list[
 
 @task(name="embed", **TASK_OPTS)
 def embed_task(recipe_d: dict[str, Any], run_dir: str, shard: dict, tok_dir: str | None, threads: int | None,
-               fp: str) -> dict[str, Any]:
+               ckpts: list[dict], fp: str) -> dict[str, Any]:
     from winnow.pipeline.embeddings import embed_shard
 
     recipe = _setup(recipe_d, threads)
     feat, _, _ = _featurizer(recipe, tok_dir)
-    return embed_shard(recipe, Path(run_dir), InputShard.from_dict(shard), feat, fp)
+    return embed_shard(recipe, Path(run_dir), InputShard.from_dict(shard), feat, fp, ckpts=ckpts)
 
 
 @task(name="merge-embeddings", **TASK_OPTS)
@@ -379,8 +379,8 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
 
         for s in shards:
             emb_handles.append(steps.submit(embed_task, f"embed {s.name}", recipe_d=recipe_d, run_dir=run_dir,
-                                            shard=s.to_dict(), tok_dir=tok_dir, threads=threads,
-                                            fp=embed_fingerprint(recipe, s)))
+                                            shard=s.to_dict(), tok_dir=tok_dir, threads=threads, ckpts=ckpts,
+                                            fp=embed_fingerprint(recipe, s, ckpts)))
     parts = [steps.result(h) for h in handles]
     parts_fp = fingerprint([p["scores"] for p in parts])
     emb_fp = None

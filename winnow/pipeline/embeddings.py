@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import torch
 
 from winnow.errors import WinnowError
 from winnow.pipeline.atomic import atomic_path, fingerprint
@@ -38,11 +39,19 @@ def resolve_encoder(name: str) -> Path:
     return p.absolute()
 
 
-def embed_fingerprint(recipe: Recipe, shard: InputShard) -> str:
+def gradient_checkpoint(ckpts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The checkpoint gradient features are taken at: the last step of the first seed."""
+    first = ckpts[0]["seed"]
+    return max((c for c in ckpts if c["seed"] == first), key=lambda c: c["step"])
+
+
+def embed_fingerprint(recipe: Recipe, shard: InputShard, ckpts: list[dict[str, Any]] | None = None) -> str:
     e = recipe.scoring.embeddings
     assert e is not None
-    enc = None
-    if e.model is not None:
+    enc: Any = None
+    if e.gradient:
+        enc = gradient_checkpoint(ckpts or [])["fingerprint"]
+    elif e.model is not None:
         folder = resolve_encoder(e.model)
         enc = [(f.name, f.stat().st_size) for f in sorted(folder.iterdir()) if f.is_file()]
     return fingerprint("embed", shard.fingerprint, e.model_dump(exclude={"batch_size", "device"}), enc,
@@ -55,7 +64,8 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
             np.save(f, arr)
 
 
-def embed_shard(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featurizer, fp: str) -> dict[str, Any]:
+def embed_shard(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featurizer, fp: str,
+                ckpts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     e = recipe.scoring.embeddings
     assert e is not None
     parts = run_dir / "embeddings" / "parts"
@@ -77,7 +87,29 @@ def embed_shard(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featuriz
         with _BUILD_LOCK:
             tok = AutoTokenizer.from_pretrained(str(folder))
             model = AutoModel.from_pretrained(str(folder)).to(device).eval()
+    engine = None
+    if e.gradient:
+        from winnow.pipeline.models import load_checkpoint
+        from winnow.scorers.grad_engine import GradEngine
+        from winnow.scorers.grand import parse_params
+
+        ck = gradient_checkpoint(ckpts or [])
+        model = load_checkpoint(run_dir / ck["path"], recipe.model.task, recipe.model.trust_remote_code)
+        model = model.to(device).eval()
+        engine = GradEngine(model, params=parse_params(e.parameters), proj_dim=e.proj_dim, proj_seed=e.proj_seed)
     for raw in iter_raw_batches(recipe.data, shard):
+        if engine is not None:
+            from winnow.scorers.grad_engine import per_example_loss
+
+            exs = feat.featurize(raw, shard.location)
+            ids.extend(x.id for x in exs)
+            for k in range(0, len(exs), e.batch_size):
+                batch = {key: v.to(device) for key, v in feat.collate(exs[k:k + e.batch_size]).items()}
+                out = engine.compute(lambda b=batch: per_example_loss(model, b, recipe.model.task),
+                                     sqnorm=False, project=True)
+                chunks.append(torch.nn.functional.normalize(out["proj"].float(), dim=1).cpu().numpy())
+                engine.check = False  # the consistency check ran on the first batch
+            continue
         ids.extend(feat.row_ids(raw, shard.location))
         if e.column is not None:
             if e.column not in raw:
@@ -99,6 +131,8 @@ def embed_shard(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featuriz
                       return_tensors="pt")
             emb = mean_pooled_embeddings(model, enc["input_ids"].to(device), enc["attention_mask"].to(device))
             chunks.append(emb.cpu().numpy())
+    if engine is not None:
+        engine.close()
     vecs = np.concatenate(chunks).astype(np.float16) if chunks else np.zeros((0, 1), np.float16)
     _save_npy(vec_path, vecs)
     write_parquet(pl.DataFrame({"id": ids}, schema={"id": pl.Utf8}), ids_path)

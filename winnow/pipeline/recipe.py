@@ -123,15 +123,20 @@ class EmbeddingsConfig(Strict):
 
     model: str | None = None
     column: str | None = None
+    gradient: bool = Field(default=False, description="projected per-example gradients of the last proxy "
+                                                      "checkpoint (the gradient engine)")
+    proj_dim: int = Field(default=1024, gt=0, description="gradient: dimensions of the projection")
+    parameters: str = Field(default="all", description="gradient: all | last_layer | lora | names")
+    proj_seed: int = 0
     max_length: int = Field(default=256, gt=1)
     batch_size: int = Field(default=64, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
     def _one_source(self) -> EmbeddingsConfig:
-        if (self.model is None) == (self.column is None):
-            raise ValueError("give exactly one of scoring.embeddings.model (an encoder folder or 'minilm') "
-                             "or scoring.embeddings.column (a vector column)")
+        if sum([self.model is not None, self.column is not None, self.gradient]) != 1:
+            raise ValueError("give exactly one of scoring.embeddings.model (an encoder folder or 'minilm'), "
+                             "scoring.embeddings.column (a vector column) or scoring.embeddings.gradient: true")
         return self
 
 
