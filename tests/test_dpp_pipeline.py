@@ -66,6 +66,11 @@ def test_dpp_selection_avoids_near_duplicates_and_covers_domains(tmp_path, corpu
             div = man["diversity"]
             assert div["picks"] == k and div["logdet"] > div["random_logdet_mean"]
             assert "<h3>Diversity</h3>" in (tmp_path / "run" / "report.html").read_text()
+            ranked = sel.filter(pl.col("kept")).sort("dpp_rank")
+            assert ranked["dpp_rank"].to_list() == list(range(k))
+            gains = ranked["dpp_gain"].to_numpy()
+            assert np.all(np.diff(gains) <= 1e-6)  # greedy gains never increase
+            assert gains.sum() == pytest.approx(div["logdet"], rel=1e-4)
     print("near-duplicate pairs among 50 kept:", {m: v["dups"] for m, v in results.items()})
     print("log-det distance per item (smaller = more diverse):",
           {"input": round(results["dpp"]["div_in"], 4), **{m: round(v["div"], 4) for m, v in results.items()}})

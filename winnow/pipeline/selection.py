@@ -90,6 +90,8 @@ def selection_table(recipe: Recipe, run_dir: Path) -> tuple[pl.DataFrame, dict[s
     except ValueError as e:
         raise WinnowError(f"select: {e}") from None
     table = pl.DataFrame({"id": df["id"], "kept": kept, "weight": np.asarray(weight, dtype=np.float64)})
+    if sel.method == "dpp":  # pick order (-1: not picked) and marginal gain log d^2 of each pick
+        table = table.with_columns(pl.Series("dpp_rank", info.pop("_rank")), pl.Series("dpp_gain", info.pop("_gain")))
     info = info if sel.method == "dpp" else ({} if recipe.scoring.embeddings is not None else None)
     if info is not None and kept.any():
         info.update(diversity_of(recipe, run_dir, df, kept))
@@ -155,6 +157,10 @@ def dpp_select(recipe: Recipe, run_dir: Path, df: pl.DataFrame) -> tuple[np.ndar
     kept = np.zeros(n, dtype=bool)
     picks = res.picks.numpy()
     kept[picks] = True
+    order = np.full(n, -1, dtype=np.int64)  # the greedy's pick order and each pick's gain, per row
+    order[picks] = np.arange(len(picks))
+    gain = np.full(n, np.nan)
+    gain[picks] = res.gains.numpy()
     rng = np.random.default_rng(sel.seed)
     if d.clusters is None:
         rand = [log_det(X, torch.from_numpy(rng.choice(n, len(picks), replace=False)), quality=quality, **kw)
@@ -170,6 +176,7 @@ def dpp_select(recipe: Recipe, run_dir: Path, df: pl.DataFrame) -> tuple[np.ndar
             "random_logdet_mean": float(np.mean(rand)) if rand else None, "kernel": d.kernel}
     if d.clusters is not None:
         info["clusters"] = int(min(d.clusters, n))
+    info["_rank"], info["_gain"] = order, gain
     return kept, info
 
 
