@@ -78,6 +78,31 @@ def timed(fn, sync):
     return out, time.perf_counter() - t0
 
 
+def cpu_compare(args: argparse.Namespace, res: dict, n_cpu: int, k_cpu: int) -> None:
+    """CPU side by side: winnow's greedy_map against the plain NumPy Algorithm 1, same picks checked."""
+    # --- CPU: greedy_map float64 against NumPy float64 -------------------------------------------
+    Xc = torch.randn(n_cpu, args.d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    Xc /= torch.linalg.vector_norm(Xc, dim=1, keepdim=True)
+    Xn = Xc.numpy()
+    t0 = time.perf_counter()
+    ours = greedy_map(Xc, k_cpu, kernel="vmf", kappa=args.kappa, dtype=torch.float64)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    base = numpy_chen(Xn, k_cpu, args.kappa)
+    t_np = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ours32 = greedy_map(Xc.float(), k_cpu, kernel="vmf", kappa=args.kappa)
+    t_ours32 = time.perf_counter() - t0
+    res["cpu"] = {"N": n_cpu, "k": k_cpu, "torch_threads": torch.get_num_threads(),
+                  "seconds_winnow_fp64": t_ours, "seconds_numpy_fp64": t_np, "seconds_winnow_fp32": t_ours32,
+                  "equal_picks_fp64": ours.picks.tolist() == base,
+                  "equal_picks_fp32_vs_numpy": ours32.picks.tolist() == base}
+    log(f"CPU N={n_cpu} k={k_cpu}: winnow fp64 {t_ours:.2f} s, NumPy fp64 {t_np:.2f} s, "
+        f"winnow fp32 {t_ours32:.2f} s; same picks fp64 {res['cpu']['equal_picks_fp64']}, "
+        f"fp32 {res['cpu']['equal_picks_fp32_vs_numpy']}")
+
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="folder for bench_dpp.json")
@@ -86,6 +111,7 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=1024)
     ap.add_argument("--k", type=int, default=10_000)
     ap.add_argument("--kappa", type=float, default=2.0)
+    ap.add_argument("--cpu-only", action="store_true", help="only the CPU comparison (N=20,000, k=1,000)")
     args = ap.parse_args()
     if args.smoke:
         args.n, args.d, args.k = 5_000, 64, 100
@@ -99,6 +125,11 @@ def main() -> None:
         "argv": sys.argv, "N": args.n, "d": args.d, "k": args.k, "kernel": "vmf", "kappa": args.kappa,
     }
     log(f"device {res['device']}, torch {torch.__version__}, N={args.n} d={args.d} k={args.k}")
+    if args.cpu_only:
+        res["device"] = platform.processor() or "cpu"
+        cpu_compare(args, res, n_cpu, k_cpu)
+        print(json.dumps(res, indent=1))
+        return
 
     g = torch.Generator(device=dev).manual_seed(0)
     X = torch.randn(args.n, args.d, device=dev, generator=g)
@@ -147,26 +178,7 @@ def main() -> None:
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
-    # --- CPU: greedy_map float64 against NumPy float64 -------------------------------------------
-    Xc = torch.randn(n_cpu, args.d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    Xc /= torch.linalg.vector_norm(Xc, dim=1, keepdim=True)
-    Xn = Xc.numpy()
-    t0 = time.perf_counter()
-    ours = greedy_map(Xc, k_cpu, kernel="vmf", kappa=args.kappa, dtype=torch.float64)
-    t_ours = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    base = numpy_chen(Xn, k_cpu, args.kappa)
-    t_np = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ours32 = greedy_map(Xc.float(), k_cpu, kernel="vmf", kappa=args.kappa)
-    t_ours32 = time.perf_counter() - t0
-    res["cpu"] = {"N": n_cpu, "k": k_cpu, "torch_threads": torch.get_num_threads(),
-                  "seconds_winnow_fp64": t_ours, "seconds_numpy_fp64": t_np, "seconds_winnow_fp32": t_ours32,
-                  "equal_picks_fp64": ours.picks.tolist() == base,
-                  "equal_picks_fp32_vs_numpy": ours32.picks.tolist() == base}
-    log(f"CPU N={n_cpu} k={k_cpu}: winnow fp64 {t_ours:.2f} s, NumPy fp64 {t_np:.2f} s, "
-        f"winnow fp32 {t_ours32:.2f} s; same picks fp64 {res['cpu']['equal_picks_fp64']}, "
-        f"fp32 {res['cpu']['equal_picks_fp32_vs_numpy']}")
+    cpu_compare(args, res, n_cpu, k_cpu)
 
     print(json.dumps(res, indent=1))
     if args.out:
