@@ -355,3 +355,19 @@ def test_isotropic_log_det_distance_orders_sets_by_diversity():
     assert isotropic_log_det_distance(X, range(60), **kw) == d_spread  # seeded
     with pytest.raises(ValueError, match="seeds"):
         isotropic_log_det_distance(X, range(60), seeds=0)
+
+
+def test_isotropic_distance_is_finite_with_exact_duplicates_and_json_stays_strict(tmp_path):
+    import json
+
+    from winnow.pipeline.atomic import write_json
+    from winnow.selectors.dpp import isotropic_log_det_distance
+
+    X = torch.nn.functional.normalize(torch.randn(10, 8, generator=torch.Generator().manual_seed(0),
+                                                  dtype=torch.float64), dim=1)
+    X = torch.cat([X, X])  # every row twice
+    d = isotropic_log_det_distance(X, range(20), size=20, kernel="vmf", kappa=2.0)
+    assert math.isfinite(d) and d > isotropic_log_det_distance(X, range(10), size=10, kernel="vmf", kappa=2.0)
+    write_json(tmp_path / "m.json", {"a": float("-inf"), "b": [float("nan"), 1.0]})
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == \
+        {"a": None, "b": [None, 1.0]}

@@ -173,7 +173,8 @@ def dpp_select(recipe: Recipe, run_dir: Path, df: pl.DataFrame) -> tuple[np.ndar
                                 quality=None if quality is None else quality[idx].to(dev), **kw))
     logdet = float(res.logdet)
     info = {"picks": int(len(picks)), "stopped": res.stopped, "logdet": None if math.isnan(logdet) else logdet,
-            "random_logdet_mean": float(np.mean(rand)) if rand else None, "kernel": d.kernel}
+            "random_logdet_mean": float(np.mean(rand)) if rand else None, "kernel": d.kernel,
+            "random_subsets_singular": bool(rand) and not all(np.isfinite(rand))}
     if d.clusters is not None:
         info["clusters"] = int(min(d.clusters, n))
     info["_rank"], info["_gain"] = order, gain

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from winnow.errors import WinnowError
-from winnow.pipeline.atomic import atomic_path
+from winnow.pipeline.atomic import atomic_path, json_safe
 
 PROVENANCE_KEY = b"winnow.provenance"
 ROWS = "rows"
@@ -29,7 +29,7 @@ def write_parquet(df: pl.DataFrame, path: str | Path, provenance: dict[str, Any]
     table = df.to_arrow()
     if provenance is not None:
         meta = dict(table.schema.metadata or {})
-        meta[PROVENANCE_KEY] = json.dumps(provenance, default=str).encode()
+        meta[PROVENANCE_KEY] = json.dumps(json_safe(provenance), default=str).encode()
         table = table.replace_schema_metadata(meta)
     path = Path(path)
     with atomic_path(path) as tmp:

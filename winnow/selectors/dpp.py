@@ -422,7 +422,7 @@ def log_det_distance(X, subset, *, kernel: str = "cosine", sigma: float = 1.0, k
 
 
 def isotropic_log_det_distance(X, subset, *, size: int | None = None, kernel: str = "vmf", sigma: float = 1.0,
-                               kappa: float = 1.0, seeds: int = 3, seed0: int = 0) -> float:
+                               kappa: float = 1.0, seeds: int = 3, seed0: int = 0, ridge: float = 1e-6) -> float:
     """Diversity of a set as its per-item log-det distance to a maximally diverse reference.
 
     After Wang et al. 2024 ("Diversity Measurement and Subset Selection for Instruction Tuning
@@ -434,7 +434,8 @@ def isotropic_log_det_distance(X, subset, *, size: int | None = None, kernel: st
     mean over seeds of (log det L_ref − log det L_sample) / size, in nats per item, >= 0 in practice;
     smaller is more diverse. Sampling to a common `size` makes the input and a selection comparable.
     Deviation: the paper's exact reference construction could not be checked offline; this choice
-    and the per-item normalisation are ours.
+    and the per-item normalisation are ours. Both kernels get `ridge` added to the diagonal, so a set
+    with exact duplicates (log det -inf) gets a large finite distance instead of infinity.
     """
     if not _is_int(seeds) or seeds < 1:
         raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
@@ -449,8 +450,13 @@ def isotropic_log_det_distance(X, subset, *, size: int | None = None, kernel: st
         g = torch.Generator().manual_seed(seed0 + s)
         pick = idx[torch.randperm(idx.numel(), generator=g)[:m]]
         ref = torch.nn.functional.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=1)
-        ld_set = log_det(X, pick.to(X.device) if isinstance(X, torch.Tensor) else pick, kernel=kernel,
-                         sigma=sigma, kappa=kappa)
-        ld_ref = log_det(ref, torch.arange(m), kernel=kernel, sigma=sigma, kappa=kappa)
+        def ridged(Y, rows):
+            K = kernel_submatrix(Y, rows, kernel=kernel, sigma=sigma, kappa=kappa, dtype=torch.float64)
+            K = K + ridge * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+            sign, ld = torch.linalg.slogdet(K)
+            return float(ld) if float(sign) > 0 else -math.inf
+
+        ld_set = ridged(X, pick.to(X.device) if isinstance(X, torch.Tensor) else pick)
+        ld_ref = ridged(ref, torch.arange(m))
         out.append((ld_ref - ld_set) / m)
     return float(sum(out) / len(out))
