@@ -12,6 +12,8 @@ docs/ARCHITECTURE.md, "Scorer interface", for the batch conventions of each task
 from __future__ import annotations
 
 import abc
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -148,3 +150,42 @@ def get_scorer(name: str, **params: Any) -> Scorer:
         raise ValueError(f"unknown scorer {name!r}; valid scorers: {', '.join(sorted(SCORERS)) or '(none)'}")
     return cls(**params)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared by the scorers
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run with the model in eval mode (dropout off), restoring its training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def classification_inputs(batch: dict[str, torch.Tensor], task: str, who: str) -> dict[str, torch.Tensor]:
+    """The model inputs of a classification batch (docs/ARCHITECTURE.md, "Batches"); `who` names the
+    caller in the error for a batch without labels."""
+    if "labels" not in batch:
+        raise ValueError(f"{who}: task {task!r} needs 'labels' in the batch")
+    if task == "image_classification":
+        return {"pixel_values": batch["pixel_values"]}
+    keys = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def model_logits(out: Any) -> torch.Tensor:
+    """The logits of a transformers output (or of a plain tensor / tuple output)."""
+    return out.logits if hasattr(out, "logits") else (out if isinstance(out, torch.Tensor) else out[0])
+
+
+def next_token_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T-1) bool: position t predicts token t+1 and counts when both are real (mask 1)."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
+    am = attention_mask.bool()
+    return am[:, :-1] & am[:, 1:]

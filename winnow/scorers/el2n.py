@@ -52,7 +52,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from winnow.scorers.base import Param, Scorer, register
+from winnow.scorers.base import (
+    Param,
+    Scorer,
+    classification_inputs,
+    eval_mode,
+    model_logits,
+    next_token_positions,
+    register,
+)
 
 REDUCTIONS = ("mean", "sum", "max")
 
@@ -372,10 +380,7 @@ def causal_lm_el2n(
     Position t predicts ``input_ids[:, t + 1]``; it counts when ``attention_mask`` is 1 at t and t+1.
     ``kwargs`` go to :func:`causal_lm_token_el2n` (chunk sizes, logit_scale, softcap, compile).
     """
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    am = attention_mask.bool()
-    valid = am[:, :-1] & am[:, 1:]
+    valid = next_token_positions(input_ids, attention_mask)
     tok = causal_lm_token_el2n(hidden[:, :-1], weight, bias, input_ids[:, 1:], valid, **kwargs)
     return reduce_token_scores(tok, valid, reduction)
 
@@ -414,16 +419,11 @@ class EL2N(Scorer):
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str
     ) -> dict[str, torch.Tensor]:
         self.check_task(task)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                if task == "causal_lm":
-                    scores = self._causal_lm(model, batch)
-                else:
-                    scores = self._classification(model, batch, task)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.inference_mode():
+            if task == "causal_lm":
+                scores = self._causal_lm(model, batch)
+            else:
+                scores = self._classification(model, batch, task)
         return {"el2n": scores}
 
     def _causal_lm(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -446,13 +446,5 @@ class EL2N(Scorer):
         )
 
     def _classification(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-        if "labels" not in batch:
-            raise ValueError(f"el2n: task {task!r} needs 'labels' in the batch")
-        if task == "image_classification":
-            inputs = {"pixel_values": batch["pixel_values"]}
-        else:
-            keys = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-            inputs = {k: batch[k] for k in keys if k in batch}
-        out = model(**inputs)
-        logits = out.logits if hasattr(out, "logits") else out[0]
+        logits = model_logits(model(**classification_inputs(batch, task, "el2n")))
         return el2n_from_logits(logits, batch["labels"])

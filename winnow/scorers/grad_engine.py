@@ -100,6 +100,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from winnow.scorers.base import classification_inputs, model_logits, next_token_positions
 from winnow.scorers.grad_rules import RULES, Dense, Outer, Record, Rule, find_rule
 
 __all__ = [
@@ -845,10 +846,6 @@ def _accepts(module: nn.Module, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _logits(out: Any) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else (out if isinstance(out, torch.Tensor) else out[0])
-
-
 def _positions(input_ids: torch.Tensor) -> torch.Tensor:
     """``arange(T)`` for every row, (B, T): the models' default positions, but batch-shaped, so that the
     position embedding is called on per-example ids (a (1, T) call is shared by the batch; see the engine)."""
@@ -886,10 +883,9 @@ def per_example_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], task: 
                                       else _positions(input_ids))
         if _accepts(model, "use_cache"):
             kwargs["use_cache"] = False
-        logits = _logits(model(**kwargs))
+        logits = model_logits(model(**kwargs))
         B, T = input_ids.shape
-        am = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
-        valid = am[:, :-1] & am[:, 1:]
+        valid = next_token_positions(input_ids, mask)
         if T < 2:
             return logits.float().sum((1, 2)) * 0.0
         y = input_ids[:, 1:]
@@ -901,16 +897,11 @@ def per_example_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], task: 
         nll = torch.where(valid, nll.view(B, T - 1), torch.zeros((), dtype=nll.dtype, device=nll.device))
         return nll.sum(1) / valid.sum(1).clamp(min=1)
     if task in ("sequence_classification", "image_classification"):
-        if "labels" not in batch:
-            raise ValueError(f"per_example_loss: task {task!r} needs 'labels' in the batch")
-        if task == "image_classification":
-            inputs = {"pixel_values": batch["pixel_values"]}
-        else:
-            keys = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-            inputs = {k: batch[k] for k in keys if k in batch}
-            if "position_ids" not in inputs and "input_ids" in inputs and _accepts(model, "position_ids"):
-                inputs["position_ids"] = _positions(inputs["input_ids"])
-        logits = _logits(model(**inputs)).float()
+        inputs = classification_inputs(batch, task, "per_example_loss")
+        if task != "image_classification" and "position_ids" not in inputs and "input_ids" in inputs \
+                and _accepts(model, "position_ids"):
+            inputs["position_ids"] = _positions(inputs["input_ids"])
+        logits = model_logits(model(**inputs)).float()
         labels = batch["labels"].long()
         classes = logits.shape[-1]
         if labels.numel() and bool((labels >= classes).any()):

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from winnow.scorers.base import TASKS, Param, Scorer, register
+from winnow.scorers.base import TASKS, Param, Scorer, eval_mode, register
 from winnow.scorers.grad_engine import GradEngine, per_example_loss
 
 _PRESETS = ("all", "last_layer", "lora")
@@ -80,13 +80,11 @@ class GraNd(Scorer):
     def score_batch(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
         self.check_task(task)
         engine = self._engine_for(model)
-        was_training = model.training
-        model.eval()
         try:
-            out = engine.compute(lambda: per_example_loss(model, batch, task), sqnorm=True)
+            with eval_mode(model):
+                out = engine.compute(lambda: per_example_loss(model, batch, task), sqnorm=True)
             engine.check = False
         finally:
-            model.train(was_training)
             for p in model.parameters():
                 p.grad = None
         return {"grand": out["sqnorm"].clamp_min(0).sqrt().float()}

@@ -64,7 +64,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from winnow.scorers.base import Param, Scorer, register
+from winnow.scorers.base import (
+    Param,
+    Scorer,
+    classification_inputs,
+    eval_mode,
+    model_logits,
+    next_token_positions,
+    register,
+)
 from winnow.scorers.el2n import _config_attr, apply_token_kernel, causal_lm_hidden_states, lm_head_params
 
 __all__ = [
@@ -252,10 +260,7 @@ def causal_lm_loss_stats(
     Position t predicts ``input_ids[:, t + 1]``; it counts when ``attention_mask`` is 1 at t and t+1.
     ``kwargs`` go to :func:`causal_lm_token_nll` (chunk sizes, logit_scale, softcap, compile).
     """
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    am = attention_mask.bool()
-    valid = am[:, :-1] & am[:, 1:]
+    valid = next_token_positions(input_ids, attention_mask)
     tok = causal_lm_token_nll(hidden[:, :-1], weight, bias, input_ids[:, 1:], valid, **kwargs)
     return token_loss_stats(tok, valid, percentile)
 
@@ -292,15 +297,10 @@ class LossScorer(Scorer):
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str
     ) -> dict[str, torch.Tensor]:
         self.check_task(task)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                if task == "causal_lm":
-                    return self._causal_lm(model, batch)
-                return self._classification(model, batch, task)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.inference_mode():
+            if task == "causal_lm":
+                return self._causal_lm(model, batch)
+            return self._classification(model, batch, task)
 
     def _causal_lm(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         scaling = _config_attr(model, "logits_scaling")
@@ -330,15 +330,7 @@ class LossScorer(Scorer):
     def _classification(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str
     ) -> dict[str, torch.Tensor]:
-        if "labels" not in batch:
-            raise ValueError(f"loss: task {task!r} needs 'labels' in the batch")
-        if task == "image_classification":
-            inputs = {"pixel_values": batch["pixel_values"]}
-        else:
-            keys = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-            inputs = {k: batch[k] for k in keys if k in batch}
-        out = model(**inputs)
-        logits = out.logits if hasattr(out, "logits") else out[0]
+        logits = model_logits(model(**classification_inputs(batch, task, "loss")))
         labels = batch["labels"]
         ce = nll_from_logits(logits, labels)
         scored = labels.to(ce.device) >= 0
