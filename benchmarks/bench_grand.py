@@ -7,6 +7,8 @@ Variants (all params, sequences of --seq tokens, random init, random tokens):
   vmap         torch.func.vmap(grad) over chunks of 16 examples (TRAK / dattri)
   opacus       Opacus' ghost-clipping norms (GradSampleModuleFastGradientClipping), where it supports the model
   engine       winnow.scorers.grad_engine.GradEngine: one batched backward, exact per-example norms
+  *_fused_gelu plain_step and vmap again with GPT-2's gelu_new run as F.gelu(approximate="tanh"), the
+               substitution the engine makes while open (so the comparison can be read both ways)
 
 Every variant runs in fp32 weights under bf16 autocast on CUDA. Exactness: the engine's norms are
 compared with vmap's on the same examples. Peak memory: torch.cuda.max_memory_allocated per variant.
@@ -159,12 +161,34 @@ def bench_one(kind: str, a: argparse.Namespace, seq: int, device: torch.device, 
             del gs
 
     try:
-        s, peak = timed(run_vmap, device, max(1, a.iters // 2), 1)
+        s, peak = timed(run_vmap, device, a.iters, a.warmup)
         res["vmap"] = {"examples_per_s": B / s, "tokens_per_s": B * seq / s, "peak_gib": peak, "chunk": chunk}
     except torch.OutOfMemoryError as e:
         res["vmap"] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
         torch.cuda.empty_cache()
     print("vmap", res["vmap"], flush=True)
+
+    # The same two baselines with GPT-2's gelu_new run as the identical fused F.gelu(approximate="tanh"),
+    # the substitution the engine makes while it is open: how much of the engine's lead is that kernel.
+    gelus = [m for m in model.modules() if type(m).__name__ == "NewGELUActivation"]
+    if gelus:
+        from winnow.scorers.grad_engine import _tanh_gelu
+
+        for m in gelus:
+            m.forward = _tanh_gelu
+        s, peak = timed(plain, device, a.iters, a.warmup)
+        res["plain_step_fused_gelu"] = {"tokens_per_s": B * seq / s, "examples_per_s": B / s, "peak_gib": peak}
+        print("plain_step_fused_gelu", res["plain_step_fused_gelu"], flush=True)
+        try:
+            s, peak = timed(run_vmap, device, a.iters, a.warmup)
+            res["vmap_fused_gelu"] = {"examples_per_s": B / s, "tokens_per_s": B * seq / s, "peak_gib": peak,
+                                      "chunk": chunk}
+        except torch.OutOfMemoryError as e:
+            res["vmap_fused_gelu"] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+            torch.cuda.empty_cache()
+        print("vmap_fused_gelu", res["vmap_fused_gelu"], flush=True)
+        for m in gelus:
+            del m.forward
 
     eng_out: dict = {}
     for check, fdt in ((True, "fp32"), (False, "fp32"), (False, "input")):
@@ -236,6 +260,8 @@ def bench_one(kind: str, a: argparse.Namespace, seq: int, device: torch.device, 
     best = max((v["examples_per_s"] for k, v in res.items() if k.startswith("engine") and "examples_per_s" in v),
                default=float("nan"))
     res["engine_vs_vmap"] = best / base if base else None
+    fused = res.get("vmap_fused_gelu", {}).get("examples_per_s")
+    res["engine_vs_vmap_fused_gelu"] = best / fused if fused else None
     res["engine_vs_plain_tokens"] = best * seq / res["plain_step"]["tokens_per_s"]
     print(f"engine/vmap = {res['engine_vs_vmap']}, engine tokens/s / plain step = "
           f"{res['engine_vs_plain_tokens']:.3f}", flush=True)

@@ -23,6 +23,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--precision", choices=["fp32", "input"], default="input",
+                    help="the engine's factor_dtype (GraNd uses 'input')")
     ap.add_argument("--model", default="gpt2")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     a = ap.parse_args()
@@ -33,7 +35,7 @@ def main() -> None:
     ids = torch.randint(0, 50257, (a.batch, a.seq), device="cuda")
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     amp = dict(device_type="cuda", dtype=torch.bfloat16)
-    eng = GradEngine(model, check=False)
+    eng = GradEngine(model, check=False, factor_dtype=a.precision)
 
     def run():
         with torch.autocast(**amp):

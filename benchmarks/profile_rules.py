@@ -22,6 +22,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--precision", choices=["fp32", "input"], default="input",
+                    help="the engine's factor_dtype (GraNd uses 'input')")
     a = ap.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -48,7 +50,7 @@ def main() -> None:
     ge._outer_sqnorm = timed(lambda args: f"sqnorm T={args[0][0].right.shape[1]} m={args[2]} n={args[3]} "
                              f"uses={len(args[0])}", orig_sq)
     torch.autograd.grad = timed("autograd.grad", orig_grad)
-    eng = ge.GradEngine(model, check=False)
+    eng = ge.GradEngine(model, check=False, factor_dtype=a.precision)
 
     def run():
         with torch.autocast(**amp):

@@ -708,3 +708,122 @@ def test_factor_dtype_input_keeps_bf16_factors_and_stays_close():
     torch.testing.assert_close(outs["input"], outs["fp32"], rtol=2e-2, atol=0)
     with pytest.raises(ValueError, match="factor_dtype"):
         GradEngine(model, factor_dtype="fp8")
+
+
+def test_token_nll_equals_cross_entropy_with_its_gradient():
+    """The chunked next-token NLL the engine's causal-LM loss uses, against F.cross_entropy (float64)."""
+    from winnow.scorers.grad_engine import token_nll
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, 11, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 11, (5, 5), generator=g)
+    ref = F.cross_entropy(x[:, :-1].reshape(-1, 11), y.reshape(-1), reduction="none").view(5, 5)
+    for chunk in (1, 55, 10_000):  # one example per chunk (rows rounded up), two, all
+        torch.testing.assert_close(token_nll(x, y, chunk_elements=chunk), ref, rtol=0, atol=1e-12)
+    w = torch.randn(5, 5, dtype=torch.float64, generator=g)
+    (gx,) = torch.autograd.grad((token_nll(x, y, chunk_elements=55) * w).sum(), x)
+    (rx,) = torch.autograd.grad((ref * w).sum(), x)
+    torch.testing.assert_close(gx, rx, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: token_nll(t, y, chunk_elements=55), (x,))
+    xb = x.detach().bfloat16().requires_grad_()  # low precision logits: fp32 math, gradient in bf16
+    out = token_nll(xb, y)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, F.cross_entropy(xb[:, :-1].float().reshape(-1, 11), y.reshape(-1),
+                                                    reduction="none").view(5, 5), rtol=1e-6, atol=1e-6)
+    (gb,) = torch.autograd.grad(out.sum(), xb)
+    assert gb.dtype == torch.bfloat16 and bool((gb[:, -1] == 0).all())
+    with pytest.raises(ValueError, match="targets must have shape"):
+        token_nll(x, y[:, :-1])
+
+
+def test_aligned_wide_output_layer_is_exact_and_restored():
+    """A tied GPT-2 head of 4100 classes (not a multiple of 64) computed through the zero-padded weight
+    (align=True forces it on the CPU) gives the plain per-example gradients; close() restores forward."""
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=16, vocab_size=4100,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = jiggle(transformers.GPT2LMHeadModel(cfg), 0).double().eval()
+    examples = [torch.randint(1, 4100, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 3, 5)]
+    names = list(select_parameters(model, "all"))
+    ref = flat(reference_grads(model, names, examples, causal_loss_alone), names)
+    batch = text_batch(examples, "right")
+    for method in ("gram", "direct"):  # gram: the head's Gram over the zero-padded width
+        with GradEngine(model, align=True, proj_dim=16, sqnorm_method=method) as eng:
+            assert [m for m in eng._patched if isinstance(m, nn.Linear)] == [model.lm_head]
+            out = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), project=True)
+            logits = model(input_ids=batch["input_ids"]).logits
+            assert logits.shape[-1] == 4100 and logits.stride(-2) == 4160  # the padded product's view
+        assert "forward" not in model.lm_head.__dict__
+        assert rel(out["sqnorm"].double(), ref.square().sum(1)) < 1e-5
+        P = eng.projection_matrix()
+        assert rel(out["proj"].double(), ref @ P.t()) < 1e-5
+    with GradEngine(model, align="auto") as eng:
+        assert model.lm_head in eng._patched  # patched, but plain F.linear on CPU
+    with pytest.raises(ValueError, match="align must be"):
+        GradEngine(model, align="always")
+
+
+def test_aligned_layer_records_padded_rows_in_every_factor_dtype(monkeypatch):
+    """The aligned head's recorded output gradient keeps the padded row stride (fp32 casts too), and the
+    squared norms agree with the unaligned engine in both factor precisions."""
+    from winnow.scorers import grad_rules
+
+    x = torch.randn(2, 3, 70)[..., :65]
+    y = grad_rules._cast_rows(x, torch.float64)
+    assert y.stride() == (210, 70, 1) and torch.equal(y, x.double())
+    assert grad_rules._cast_rows(x.contiguous(), torch.float64).is_contiguous()
+    seen = []
+    cast = grad_rules._cast_rows
+
+    def spy(g, dtype):
+        out = cast(g, dtype)
+        if g.shape[-1] == 4100:
+            seen.append((g.stride(-2), out.stride(-2)))
+        return out
+
+    monkeypatch.setattr(grad_rules, "_cast_rows", spy)
+    widened = []
+    wide = grad_rules.Outer.wide_left
+
+    def wide_spy(self):
+        out = wide(self)
+        widened.append(out.shape[-1])
+        return out
+
+    monkeypatch.setattr(grad_rules.Outer, "wide_left", wide_spy)
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=16, vocab_size=4100,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(1)
+    model = transformers.GPT2LMHeadModel(cfg).eval().bfloat16()
+    ids = torch.randint(1, 4100, (3, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    for fdt in ("fp32", "input"):
+        for method in ("gram", "direct"):
+            outs = []
+            for al in (False, True):
+                with GradEngine(model, align=al, factor_dtype=fdt, check=False, sqnorm_method=method) as eng:
+                    outs.append(eng.compute(lambda: per_example_loss(model, batch, "causal_lm"))["sqnorm"])
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-3, atol=0)
+    assert seen == [(4100, 4100), (4160, 4160)] * 4
+    assert widened and set(widened) == {4160}  # the aligned gram products ran over the padded width
+
+
+def test_fused_gelu_equals_the_models_own_and_is_restored():
+    """GPT-2's gelu_new runs as F.gelu(approximate='tanh') while the engine is open: the same function."""
+    from winnow.scorers.grad_engine import _tanh_gelu
+
+    act = transformers.activations.NewGELUActivation()
+    x = torch.linspace(-8, 8, 2001, dtype=torch.float64)
+    torch.testing.assert_close(_tanh_gelu(x), act(x), rtol=0, atol=1e-14)
+    model = gpt2().double().eval()
+    acts = [m for m in model.modules() if isinstance(m, transformers.activations.NewGELUActivation)]
+    assert acts
+    batch = text_batch(seqs([7, 5, 3], seed=2), "right")
+    outs = []
+    for fuse in (False, True):
+        with GradEngine(model, fuse_activations=fuse, proj_dim=16) as eng:
+            assert all(("forward" in m.__dict__) == fuse for m in acts)
+            outs.append(eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), project=True))
+        assert not any("forward" in m.__dict__ for m in acts)
+    for key in ("loss", "sqnorm", "proj"):
+        torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-10, atol=1e-12)

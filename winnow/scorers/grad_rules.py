@@ -86,6 +86,9 @@ class Record:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     grad: torch.Tensor | None = field(default=None)
+    # grad is a view of the first columns of a buffer whose other columns (up to grad's row stride) are
+    # zeros: the engine's aligned linear layers record the padded output's gradient this way
+    zero_padded: bool = False
 
     def input(self) -> torch.Tensor:
         """The module's main input: the first positional tensor, else the first tensor keyword."""
@@ -107,10 +110,20 @@ class Outer:
 
     left: torch.Tensor
     right: torch.Tensor
+    # left's rows continue in memory with zeros up to its row stride (an aligned layer's padded gradient)
+    padded: bool = False
 
     @property
     def onehot(self) -> bool:
         return not self.left.is_floating_point()
+
+    def wide_left(self) -> torch.Tensor:
+        """``left``, or for a padded factor, ``left`` widened over its zero columns to its row stride: the
+        same inner products between rows, with an aligned width for the matrix products."""
+        x = self.left
+        if not self.padded:
+            return x
+        return x.as_strided((*x.shape[:-1], x.stride(-2)), x.stride())
 
 
 @dataclass
@@ -174,6 +187,18 @@ class Rule(abc.ABC):
         """Factors of the per-example gradients of ``attrs`` from one recorded call, in ``dtype``."""
 
 
+def _cast_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, keeping a padded row stride (a view of the real columns of a wider buffer, as the
+    engine's aligned linear layers record) instead of packing the rows, which would unalign them; the new
+    buffer's extra columns are zeros."""
+    if x.dtype == dtype or x.dim() < 2 or x.stride(-1) != 1 or x.stride(-2) <= x.shape[-1]:
+        return x.to(dtype)
+    buf = torch.zeros(*x.shape[:-1], x.stride(-2), dtype=dtype, device=x.device)
+    view = buf[..., : x.shape[-1]]
+    view.copy_(x)
+    return view
+
+
 class LinearRule(Rule):
     """``nn.Linear``: y = a W^T + b, so dL_b/dW = sum_t g_t a_t^T and dL_b/db = sum_t g_t."""
 
@@ -188,10 +213,13 @@ class LinearRule(Rule):
     def factors(self, module, rec, attrs, batch_size, dtype):
         B = batch_size
         a = _batched(rec.input(), B, "its input", module).reshape(B, -1, module.in_features).to(dtype)
-        g = _batched(rec.grad, B, "its output gradient", module).reshape(B, -1, module.out_features).to(dtype)
+        g = _cast_rows(_batched(rec.grad, B, "its output gradient", module).reshape(B, -1, module.out_features),
+                       dtype)
         out: dict[str, Factor] = {}
         if "weight" in attrs:
-            out["weight"] = Outer(g, a)
+            padded = rec.zero_padded and g.dim() == 3 and g.stride(-2) > g.shape[-1] and g.stride(-1) == 1 \
+                and g.stride(0) == g.stride(1) * g.shape[1]
+            out["weight"] = Outer(g, a, padded=padded)
         if "bias" in attrs:
             out["bias"] = Dense(g.sum(1), g.abs().sum(1))
         return out

@@ -1,0 +1,107 @@
+"""Diagnostic: how much of the engine's GPT-2 time is the unaligned 50257-way vocabulary?
+
+Times (bf16, H100) the output-layer matmuls at V=50257 and V=50304 (a multiple of 64), the per-example
+loss forward, the engine (bf16 factors) and vmap(grad) on GPT-2-small shapes with either vocabulary.
+
+    python3 benchmarks/probe_vocab.py --out $OUT
+"""
+from __future__ import annotations
+
+import argparse, json, os, sys, time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from winnow.scorers.grad_engine import GradEngine, per_example_loss  # noqa: E402
+
+
+def tm(fn, iters=5, warm=2):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter(); fn(); torch.cuda.synchronize(); ts.append(time.perf_counter() - t)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser(); ap.add_argument("--out", default=os.environ.get("OUT")); a = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    M, K = 32 * 512, 768
+    for V in (50257, 50304):
+        h = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        W = torch.randn(V, K, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn(M, V, device="cuda", dtype=torch.bfloat16)
+        res[f"mm_fwd_V{V}_ms"] = tm(lambda: h @ W.t()) * 1e3
+        res[f"mm_dh_V{V}_ms"] = tm(lambda: g @ W) * 1e3
+        res[f"mm_dW_V{V}_ms"] = tm(lambda: g.t() @ h) * 1e3
+        x = torch.randn(M, V, device="cuda", dtype=torch.bfloat16)
+        y = torch.randint(0, V, (M,), device="cuda")
+        res[f"ce_fp32_V{V}_ms"] = tm(lambda: torch.nn.functional.cross_entropy(x.float(), y, reduction="none")) * 1e3
+        del h, W, g, x
+        torch.cuda.empty_cache()
+        print(res, flush=True)
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from torch.func import functional_call, grad, vmap
+    amp = dict(device_type="cuda", dtype=torch.bfloat16)
+    for V in (50257, 50304):
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0,
+                                           attn_pdrop=0.0)).cuda()
+        model.config.use_cache = False
+        res[f"attn_impl_V{V}"] = str(getattr(model.config, "_attn_implementation", None))
+        for B in (32, 64):
+            ids = torch.randint(0, 50257, (B, 512), device="cuda")
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+            def fwd():
+                with torch.no_grad(), torch.autocast(**amp):
+                    per_example_loss(model, batch, "causal_lm")
+
+            def fwdbwd():
+                with torch.autocast(**amp):
+                    l = per_example_loss(model, batch, "causal_lm").sum()
+                l.backward(); model.zero_grad(set_to_none=True)
+
+            eng = GradEngine(model, check=False, factor_dtype="input")
+
+            def engine():
+                with torch.autocast(**amp):
+                    eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), sqnorm=True)
+
+            for name, fn in (("fwd_nograd", fwd), ("plain_fwdbwd", fwdbwd), ("engine_bf16", engine)):
+                s = tm(fn)
+                res[f"{name}_V{V}_B{B}_ms"] = s * 1e3
+                res[f"{name}_V{V}_B{B}_ex_s"] = B / s
+            eng.close()
+            print(res, flush=True)
+        params = {n: p.detach() for n, p in model.named_parameters()}
+
+        def loss_one(p, x):
+            with torch.autocast(**amp):
+                out = functional_call(model, p, (x[None],), {"use_cache": False})
+            return torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), x[1:])
+
+        vg = vmap(grad(loss_one), in_dims=(None, 0))
+        ids = torch.randint(0, 50257, (32, 512), device="cuda")
+
+        def run_vmap():
+            for k in range(0, 32, 16):
+                gs = vg(params, ids[k:k + 16])
+                torch.stack([v.float().flatten(1).pow(2).sum(1) for v in gs.values()]).sum(0)
+                del gs
+        s = tm(run_vmap, iters=3, warm=1)
+        res[f"vmap_V{V}_ex_s"] = 32 / s
+        print(res, flush=True)
+        del model, eng
+        torch.cuda.empty_cache()
+    if a.out:
+        Path(a.out, "probe_vocab.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
