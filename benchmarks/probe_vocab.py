@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (the closures are called inside the loop iteration that defines them)
 """Diagnostic: how much of the engine's GPT-2 time is the unaligned 50257-way vocabulary?
 
 Times (bf16, H100) the output-layer matmuls at V=50257 and V=50304 (a multiple of 64), the per-example
@@ -7,7 +8,11 @@ loss forward, the engine (bf16 factors) and vmap(grad) on GPT-2-small shapes wit
 """
 from __future__ import annotations
 
-import argparse, json, os, sys, time
+import argparse
+import json
+import os
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,13 +27,18 @@ def tm(fn, iters=5, warm=2):
     torch.cuda.synchronize()
     ts = []
     for _ in range(iters):
-        t = time.perf_counter(); fn(); torch.cuda.synchronize(); ts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
     ts.sort()
     return ts[len(ts) // 2]
 
 
 def main():
-    ap = argparse.ArgumentParser(); ap.add_argument("--out", default=os.environ.get("OUT")); a = ap.parse_args()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     M, K = 32 * 512, 768
@@ -42,11 +52,11 @@ def main():
         x = torch.randn(M, V, device="cuda", dtype=torch.bfloat16)
         y = torch.randint(0, V, (M,), device="cuda")
         res[f"ce_fp32_V{V}_ms"] = tm(lambda: torch.nn.functional.cross_entropy(x.float(), y, reduction="none")) * 1e3
-        del h, W, g, x
         torch.cuda.empty_cache()
         print(res, flush=True)
-    from transformers import GPT2Config, GPT2LMHeadModel
     from torch.func import functional_call, grad, vmap
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     amp = dict(device_type="cuda", dtype=torch.bfloat16)
     for V in (50257, 50304):
         model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -63,8 +73,9 @@ def main():
 
             def fwdbwd():
                 with torch.autocast(**amp):
-                    l = per_example_loss(model, batch, "causal_lm").sum()
-                l.backward(); model.zero_grad(set_to_none=True)
+                    loss = per_example_loss(model, batch, "causal_lm").sum()
+                loss.backward()
+                model.zero_grad(set_to_none=True)
 
             eng = GradEngine(model, check=False, factor_dtype="input")
 
@@ -96,7 +107,6 @@ def main():
         s = tm(run_vmap, iters=3, warm=1)
         res[f"vmap_V{V}_ex_s"] = 32 / s
         print(res, flush=True)
-        del model, eng
         torch.cuda.empty_cache()
     if a.out:
         Path(a.out, "probe_vocab.json").write_text(json.dumps(res, indent=2))
