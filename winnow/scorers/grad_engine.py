@@ -347,6 +347,17 @@ def _outer_project(uses: list[Outer], PL: torch.Tensor, PR: torch.Tensor) -> tor
     return acc.reshape(B, -1)
 
 
+def _scale_uses(uses: list[Outer], row: torch.Tensor, col: torch.Tensor) -> list[Outer]:
+    """The factors of (row col^T) * grad_b: L * row and R * col (a one-hot L scales R by row[id])."""
+    out = []
+    for f in uses:
+        if f.onehot:
+            out.append(Outer(f.left, f.right * col * row[f.left].unsqueeze(-1)))
+        else:
+            out.append(Outer(f.left * row, f.right * col))
+    return out
+
+
 def _dense_project(v: torch.Tensor, PL: torch.Tensor, PR: torch.Tensor) -> torch.Tensor:
     B, D = v.shape
     d1, d2 = PL.shape[1], PR.shape[1]
@@ -670,6 +681,7 @@ class GradEngine:
         groups: torch.Tensor | None = None,
         num_groups: int | None = None,
         target: Mapping[str, torch.Tensor] | None = None,
+        precondition: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Run ``per_example_loss()`` (a forward returning the B per-example losses) and ONE backward of their
         sum, and return, float32 on the loss's device:
@@ -684,6 +696,12 @@ class GradEngine:
         * ``"group_dot"`` (``groups`` and ``target`` given): (C,) <S_c, target>; ``target`` maps the name
           (any alias of a tied parameter) of every selected parameter to a tensor of its shape; other
           entries are ignored.
+
+        ``precondition`` (projections only): ``{name: scale}`` for every selected parameter; the projection
+        is then ``P (D * grad_b)`` with D the elementwise scale of each parameter: for a parameter of
+        ``Outer`` kind a rank-one ``(row (m,), col (n,))`` pair, D = row col^T (applied to the factors:
+        L * row, R * col, so nothing of size m x n per example exists), for a vector parameter a tensor
+        of its numel. Squared norms and group sums stay those of the plain gradients.
         """
         if project and self.proj_dim is None:
             raise ValueError("compute(project=True) needs an engine built with proj_dim")
@@ -701,8 +719,9 @@ class GradEngine:
                 losses = per_example_loss()
         finally:
             self._active = False
+        pre = self._check_precondition(precondition) if precondition is not None else None
         try:
-            return self._compute(losses, sqnorm, per_param, project, groups, num_groups, target)
+            return self._compute(losses, sqnorm, per_param, project, groups, num_groups, target, pre)
         finally:
             self._records = {}
             self._outputs = []
@@ -741,7 +760,29 @@ class GradEngine:
             raise ValueError(f"target has no entry for selected parameter(s) {', '.join(map(repr, missing[:5]))}{more}")
         return out
 
-    def _compute(self, losses, sqnorm, per_param, project, groups, num_groups, target) -> dict[str, Any]:
+    def _check_precondition(self, pre: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(pre, Mapping):
+            raise ValueError(f"precondition must be a dict of parameter name -> scale, got {type(pre).__name__}")
+        out: dict[str, Any] = {}
+        for name, p in self.params.items():
+            alias = next((a for a in self.aliases[name] if a in pre), None)
+            if alias is None:
+                raise ValueError(f"precondition has no entry for selected parameter {name!r}")
+            d = pre[alias]
+            if self.kinds[name] == "outer":
+                m, n = self.views[name]
+                ok = (isinstance(d, tuple | list) and len(d) == 2 and all(isinstance(t, torch.Tensor) for t in d)
+                      and d[0].numel() == m and d[1].numel() == n)
+                if not ok:
+                    raise ValueError(f"precondition[{alias!r}] must be a (row ({m},), col ({n},)) pair of tensors")
+                out[name] = (d[0].reshape(m), d[1].reshape(n))
+            else:
+                if not isinstance(d, torch.Tensor) or d.numel() != p.numel():
+                    raise ValueError(f"precondition[{alias!r}] must be a tensor of {p.numel()} elements")
+                out[name] = d.reshape(-1)
+        return out
+
+    def _compute(self, losses, sqnorm, per_param, project, groups, num_groups, target, pre=None) -> dict[str, Any]:
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or not losses.is_floating_point():
             what = f"shape {tuple(losses.shape)} {losses.dtype}" if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(f"per_example_loss must return a 1-D float tensor of per-example losses (B,), got {what}")
@@ -800,7 +841,8 @@ class GradEngine:
                         checks.append(self._check_dense(name, v, uses, G, low))
                     sq = v.square().sum(1, dtype=dtype) if sqnorm or per_param else None
                     if proj is not None:
-                        proj += _dense_project(v, *self._proj(name, device, dtype))
+                        pv = v if pre is None else v * pre[name].to(device, dtype)
+                        proj += _dense_project(pv, *self._proj(name, device, dtype))
                     if gram is not None:
                         S = torch.zeros(C, numel, dtype=dtype, device=device).index_add_(0, groups, v)
                         gram += S @ S.t()
@@ -821,7 +863,8 @@ class GradEngine:
                     sq = (_outer_sqnorm(uses, B, m, n, self.sqnorm_method, self.chunk_elements)
                           if sqnorm or per_param else None)
                     if proj is not None:
-                        proj += _outer_project(uses, *self._proj(name, device, dtype))
+                        pu = uses if pre is None else _scale_uses(uses, *(t.to(device, dtype) for t in pre[name]))
+                        proj += _outer_project(pu, *self._proj(name, device, dtype))
                     if gram is not None:
                         tg = targets[name].reshape(m, n) if targets is not None else None
                         g2, d2 = _outer_groups(uses, m, n, groups, members, C, tg, self.chunk_elements)
