@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from tests.test_grad_engine import flat, gpt2, reference_grads, causal_loss_alone, rel_rows, seqs, text_batch
+from tests.test_grad_engine import causal_loss_alone, flat, gpt2, reference_grads, rel_rows, seqs, text_batch
 from winnow.scorers.grad_engine import GradEngine, per_example_loss, select_parameters
 from winnow.scorers.influence import (
     adam_preconditioner,
