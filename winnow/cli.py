@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     d.add_argument("--kind", choices=["text", "digits"], default="text",
                    help="text: the multi-domain corpus; digits: scikit-learn's digits with 10%% labels flipped")
+    d.add_argument("--hold-out", metavar="DOMAIN:N", default=None,
+                   help="text: move the last N rows of DOMAIN to OUT-target/target.jsonl (an influence target)")
     return p
 
 
@@ -103,9 +105,20 @@ def main(argv: list[str] | None = None) -> int:
                 n, flipped = build_digits(args.out)
                 print(f"wrote {n} digits to {args.out} ({flipped} labels flipped; see flipped.json)")
                 return 0
-            counts = build_demo_corpus(args.out, per_domain=args.per_domain)
-            print(f"wrote {sum(counts.values())} rows to {args.out}: "
-                  + ", ".join(f"{k} {v}" for k, v in counts.items()))
+            hold = None
+            if args.hold_out is not None:
+                dom, _, num = args.hold_out.partition(":")
+                if not dom or not num.isdigit() or int(num) < 1:
+                    raise WinnowError(f"--hold-out: expected DOMAIN:N with N >= 1, got {args.hold_out!r}")
+                hold = (dom, int(num))
+            counts = build_demo_corpus(args.out, per_domain=args.per_domain, hold_out=hold,
+                                       hold_out_dir=f"{args.out}-target" if hold else None)
+            kept = {k: v for k, v in counts.items() if not k.endswith("(held out)")}
+            print(f"wrote {sum(kept.values())} rows to {args.out}: "
+                  + ", ".join(f"{k} {v}" for k, v in kept.items()))
+            if hold:
+                print(f"wrote {counts[f'{hold[0]} (held out)']} held-out {hold[0]} rows to "
+                      f"{args.out}-target/target.jsonl")
             return 0
     except WinnowError as e:
         print(f"winnow: error: {e}", file=sys.stderr)

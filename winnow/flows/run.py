@@ -217,6 +217,29 @@ def merge_embeddings_task(run_dir: str, parts: list[dict], fp: str) -> dict:
     return merge_embeddings(Path(run_dir), parts, fp)
 
 
+@task(name="influence-features", **TASK_OPTS)
+def influence_features_task(recipe_d: dict[str, Any], run_dir: str, shard: dict, tok_dir: str | None,
+                            threads: int | None, ickpts: list[dict], role: str, fp: str) -> dict[str, Any]:
+    from winnow.pipeline.influence import features_shard, target_recipe
+
+    recipe = _setup(recipe_d, threads)
+    feat, _, _ = _featurizer(target_recipe(recipe) if role == "target" else recipe, tok_dir)
+    sh = InputShard.from_dict(shard)
+    bar = _progress(f"gradient features {'target ' if role == 'target' else ''}{sh.name}", None, "row")
+    try:
+        return features_shard(recipe, Path(run_dir), sh, feat, ickpts, fp, role=role, progress=bar.update)
+    finally:
+        bar.close()
+
+
+@task(name="merge-influence", **TASK_OPTS)
+def merge_influence_task(recipe_d: dict[str, Any], run_dir: str, parts: list[dict], target_parts: list[dict],
+                         ickpts: list[dict], fp: str) -> dict:
+    from winnow.pipeline.influence import merge_influence
+
+    return merge_influence(_setup(recipe_d, None), Path(run_dir), parts, target_parts, ickpts, fp)
+
+
 @task(name="merge-scores", **TASK_OPTS)
 def merge_task(recipe_d: dict[str, Any], run_dir: str, parts: list[dict], provenance: dict, fp: str) -> dict:
     from winnow.pipeline.selection import merge_parts
@@ -273,6 +296,12 @@ def _outputs_present(name: str, result: Any, run_dir: Path, fp: str) -> bool:
         return all(prov_fp(Path(p)) == fp for p in result["files"])
     if name == "embed":
         return Path(result["vectors"]).exists() and Path(result["ids"]).exists()
+    if name == "influence-features":
+        return Path(result["vectors"]).exists() and Path(result["meta"]).exists()
+    if name == "merge-influence":
+        from winnow.pipeline.influence import merged_fingerprint_ok
+
+        return merged_fingerprint_ok(run_dir, fp)
     if name == "select":
         return prov_fp(run_dir / "selection.parquet") == fp
     if name == "emit":
@@ -326,6 +355,20 @@ def preflight(recipe: Recipe) -> list[InputShard]:
     if recipe.model.path is not None:
         check_model_folder(recipe.model.path)
     class_names(recipe)
+    if recipe.scoring.influence is not None:
+        from winnow.pipeline.influence import target_recipe, target_shards
+
+        if not any(k > 0 for k in recipe.train.checkpoint_steps()):
+            raise WinnowError("scoring.influence needs a trained proxy checkpoint: train.steps > 0 and a "
+                              "train.checkpoints step above 0")
+        tdata = target_recipe(recipe).data
+        tfirst = target_shards(recipe)[0]
+        for raw in iter_raw_batches(tdata, tfirst, batch_size=8):
+            try:
+                check_columns(tdata, list(raw), tfirst.location)
+            except WinnowError as e:
+                raise WinnowError(f"scoring.influence.target: {str(e).replace('data.domain_column', 'scoring.influence.subtask_column')}") from None
+            break
     return shards
 
 
@@ -381,6 +424,17 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
             emb_handles.append(steps.submit(embed_task, f"embed {s.name}", recipe_d=recipe_d, run_dir=run_dir,
                                             shard=s.to_dict(), tok_dir=tok_dir, threads=threads, ckpts=ckpts,
                                             fp=embed_fingerprint(recipe, s, ckpts)))
+    infl_handles, tgt_handles, ickpts = [], [], []
+    if recipe.scoring.influence is not None:
+        from winnow.pipeline.influence import features_fingerprint, influence_checkpoints, target_shards
+
+        ickpts = influence_checkpoints(recipe, ckpts)
+        for role, shs in (("target", target_shards(recipe)), ("train", shards)):
+            for s in shs:
+                h = steps.submit(influence_features_task, f"gradient features {role} {s.name}", recipe_d=recipe_d,
+                                 run_dir=run_dir, shard=s.to_dict(), tok_dir=tok_dir, threads=threads,
+                                 ickpts=ickpts, role=role, fp=features_fingerprint(recipe, s, ickpts, tok_fp, role))
+                (tgt_handles if role == "target" else infl_handles).append(h)
     parts = [steps.result(h) for h in handles]
     parts_fp = fingerprint([p["scores"] for p in parts])
     emb_fp = None
@@ -395,8 +449,18 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
                                        parts=parts, provenance=provenance, fp=fingerprint("merge", parts_fp)))
     if merged["duplicate_rows"]:
         logger.warning(f"{merged['duplicate_rows']} rows are exact duplicates of others and share their id")
+    infl_fp = None
+    if infl_handles:
+        tparts = [steps.result(h) for h in tgt_handles]
+        iparts = [steps.result(h) for h in infl_handles]
+        infl_fp = fingerprint("merge-influence", [p["vectors"] for p in tparts], [p["vectors"] for p in iparts],
+                              recipe.scoring.influence.neighbours)
+        infl = steps.result(steps.submit(merge_influence_task, "merge influence", recipe_d=recipe_d, run_dir=run_dir,
+                                         parts=iparts, target_parts=tparts, ickpts=ickpts, fp=infl_fp))
+        logger.info(f"influence: {infl['rows']} rows against {infl['target_rows']} target examples "
+                    f"({len(infl['subtasks'])} subtask(s)); neighbours by faiss on {infl['faiss']}")
 
-    select_fp = fingerprint("select", parts_fp, emb_fp, recipe.select.model_dump())
+    select_fp = fingerprint("select", parts_fp, emb_fp, infl_fp, recipe.select.model_dump())
     selected = steps.result(steps.submit(select_task, "select", recipe_d=recipe_d, run_dir=run_dir, fp=select_fp))
     recipe_fp = fingerprint("recipe", recipe.model_dump(exclude={"runner"}))
     fps = {"recipe": recipe_fp, "input": input_fp, "model": model_fp}

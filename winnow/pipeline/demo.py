@@ -134,8 +134,13 @@ def license_rows(limit: int) -> Iterator[tuple[str, str]]:
 
 
 def build_demo_corpus(out_dir: str | Path, per_domain: int = 500, rows_per_file: int = 250,
-                      domains: list[str] | None = None) -> dict[str, int]:
-    """Write the demo corpus as jsonl files under `out_dir`; return rows per domain."""
+                      domains: list[str] | None = None, hold_out: tuple[str, int] | None = None,
+                      hold_out_dir: str | Path | None = None) -> dict[str, int]:
+    """Write the demo corpus as jsonl files under `out_dir`; return rows per domain.
+
+    ``hold_out=(domain, n)``: the last n rows of that domain go to ``hold_out_dir/target.jsonl``
+    instead (a target set for influence scoring, disjoint from the corpus)."""
+    held: list[dict] = []
     sources = {
         "code": lambda n: code_rows(n),
         "prose": lambda n: prose_rows(n),
@@ -155,11 +160,26 @@ def build_demo_corpus(out_dir: str | Path, per_domain: int = 500, rows_per_file:
                     for i, (t, o) in enumerate(fn(per_domain))]
             if len(rows) < 20:  # not on this machine
                 continue
+            if hold_out is not None and dom == hold_out[0]:
+                n = min(hold_out[1], len(rows) // 2)
+                held, rows = rows[len(rows) - n:], rows[: len(rows) - n]
             counts[dom] = len(rows)
             for k in range(0, len(rows), rows_per_file):
                 with open(tmp / f"{dom}-{k // rows_per_file:05d}.jsonl", "w", encoding="utf-8") as f:
                     for r in rows[k:k + rows_per_file]:
                         f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    if hold_out is not None:
+        from winnow.errors import WinnowError
+
+        if not held:
+            raise WinnowError(f"--hold-out: domain {hold_out[0]!r} has no rows on this machine "
+                              f"(domains: {', '.join(counts)})")
+        with atomic_path(Path(hold_out_dir or f"{out}-target")) as tmp:
+            tmp.mkdir(parents=True)
+            with open(tmp / "target.jsonl", "w", encoding="utf-8") as f:
+                for r in held:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        counts[f"{hold_out[0]} (held out)"] = len(held)
     return counts
 
 

@@ -140,12 +140,31 @@ class EmbeddingsConfig(Strict):
         return self
 
 
+class InfluenceConfig(Strict):
+    """Influence (LESS / TracIn) and gradient similarity against a target set (pipeline/influence.py)."""
+
+    target: str = Field(description="glob(s) of the target examples, read with data's format and columns")
+    subtask_column: str | None = Field(default=None, description="target column naming subtasks: a training "
+                                       "example's influence is the max over subtasks of its mean over each")
+    proj_dim: int = Field(default=8192, gt=0, description="dimensions of the projected gradient features")
+    proj_seed: int = Field(default=0, description="seed of the projection (same features in every process)")
+    parameters: str = Field(default="all", description="all | last_layer | lora | comma-separated names")
+    precondition: Literal["adam", "none"] = Field(
+        default="adam", description="adam: scale by the checkpoint's Adam second moments (rank-one for matrices)")
+    checkpoints: Literal["all", "last"] = Field(
+        default="all", description="the first seed's checkpoints above step 0, or only its last")
+    neighbours: int = Field(default=10, ge=0, description="top training examples kept per target example")
+    batch_size: int = Field(default=16, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class ScoringConfig(Strict):
     scorers: list[ScorerSpec] = Field(default_factory=lambda: [ScorerSpec(name="el2n")], min_length=1)
     batch_size: int = Field(default=32, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = Field(default=False, description="torch.compile the model's body (GPU only)")
     embeddings: EmbeddingsConfig | None = None
+    influence: InfluenceConfig | None = None
 
     @field_validator("scorers", mode="before")
     @classmethod
@@ -303,6 +322,8 @@ class Recipe(Strict):
         for s in self.scoring.scorers:
             cls = SCORERS[s.name]
             cols.extend(getattr(cls, "columns", None) or [s.name])
+        if self.scoring.influence is not None:
+            cols.extend(["influence", "self_influence", "gradsim_target", "gradsim_domain"])
         return cols
 
     def run_dir(self) -> Path:

@@ -673,6 +673,70 @@ def _plot_group_counts(group: str, stats: dict[str, dict]) -> bytes:
     return _png(fig)
 
 
+def _plot_neighbour_domains(nb: pl.DataFrame) -> bytes:
+    """Where each subtask's most influential training examples come from, by domain."""
+    counts = nb.with_columns(pl.col("domain").fill_null("(none)"), pl.col("subtask").fill_null("all")) \
+        .group_by("subtask", "domain").len()
+    subtasks = sorted(counts["subtask"].unique().to_list())[:MAX_GROUPS]
+    domains = counts.group_by("domain").agg(pl.col("len").sum()).sort("len", descending=True)["domain"].to_list()
+    domains = domains[:MAX_GROUPS]
+    y = np.arange(len(domains))
+    fig = Figure(figsize=(11, 1.6 + 0.42 * len(domains)), layout="constrained")
+    ax = fig.subplots()
+    h = 0.8 / max(1, len(subtasks))
+    for k, st in enumerate(subtasks):
+        sub = counts.filter(pl.col("subtask") == st)
+        total = max(1, int(sub["len"].sum()))
+        by = dict(zip(sub["domain"].to_list(), sub["len"].to_list(), strict=True))
+        ax.barh(y + (k - (len(subtasks) - 1) / 2) * h, [by.get(d, 0) / total for d in domains], height=h,
+                label=_plain(f"target: {st}", 40))
+    ax.set_yticks(y, [_plain(d, 32) for d in domains])
+    ax.set_ylim(len(domains) - 0.5, -0.5)
+    ax.set_xlabel("share of the target examples' top-k most influential training examples")
+    ax.set_ylabel("domain of the training example")
+    k = int(nb["rank"].max()) if nb.height else 0
+    ax.set_title(f"Domains of each target example's {k} nearest training examples by influence (faiss)")
+    _legend(ax)
+    return _png(fig)
+
+
+def _influence_section(run: _Run) -> str | None:
+    path = run.dir / "influence" / "neighbours.parquet"
+    if not path.exists():
+        return None
+    nb = pl.read_parquet(path)
+    prov = next((t.provenance for t in run.tables if t.stem == "influence"), None)
+    body = [_note("LESS / TracIn influence: for each training example, the learning-rate-weighted sum over "
+                  "checkpoints of the cosine between its (Adam-preconditioned, projected) gradient and each "
+                  "target example's, averaged within a target subtask and maximised over subtasks. "
+                  "gradsim_target: cosine with the mean target gradient; gradsim_domain: with the mean "
+                  "gradient of the example's own domain (how typical it is); self_influence: TracIn's "
+                  "sum of weighted squared gradient norms.")]
+    if isinstance(prov, dict):
+        facts = [["target examples", prov.get("target_rows")], ["subtasks", ", ".join(prov.get("subtasks") or [])],
+                 ["checkpoints (step: lr weight)", ", ".join(f"{c.get('step')}: {_fmt(c.get('weight'))}"
+                                                            for c in prov.get("checkpoints") or [])],
+                 ["nearest-neighbour index", prov.get("faiss")]]
+        params = prov.get("params") or {}
+        facts += [[k, params.get(k)] for k in ("proj_dim", "precondition", "parameters") if k in params]
+        body.append(_table(None, [[_Raw(f"<b>{_e(k)}</b>"), v] for k, v in facts], "kv"))
+    if nb.height:
+        body.append(_img(_plot_neighbour_domains(nb), "share of domains among each target example's most "
+                                                      "influential training examples"))
+        body.append("<h3>Most influential training examples of the first target examples</h3>")
+        first = nb["target_id"].unique(maintain_order=True).to_list()[:8]
+        rows = []
+        for t in first:
+            part = nb.filter((pl.col("target_id") == t) & (pl.col("rank") <= 3))
+            for r in part.iter_rows(named=True):
+                rows.append([r["target_id"] if r["rank"] == 1 else "", _plain(r["target_preview"], 80)
+                             if r["rank"] == 1 else "", r["rank"], r["id"], r["domain"], r["influence"],
+                             _plain(r["preview"], 120)])
+        body.append(_table(["target", "target text", "rank", "training id", "domain", "influence", "text"], rows))
+        body.append(_note(f"All {nb.height:,} neighbour rows: influence/neighbours.parquet."))
+    return "".join(body)
+
+
 def _plot_weights(frame: pl.DataFrame) -> bytes:
     w = frame.filter(pl.col("kept") & pl.col("weight").is_finite())["weight"].to_numpy()
     fig = Figure(figsize=(9, 3.4), layout="constrained")
@@ -1082,8 +1146,10 @@ def _render(run: _Run, s: dict) -> str:
         body.append("<h3>Mixture (mixture.json)</h3>" + _kv(run.mixture))
     man_html = "".join(body)
 
+    infl_html = _influence_section(run)
     sections = "".join([
         _section("scores", "Score distributions", scores_html, toc),
+        _section("influence", "Influence on the target set", infl_html, toc) if infl_html else "",
         _section("groups", "Kept and pruned per domain and label", groups_html, toc),
         _section("agreement", "Checkpoint agreement", agree_html, toc),
         _section("examples", "Examples", _examples(run, col), toc),

@@ -49,7 +49,7 @@ def merge_parts(recipe: Recipe, run_dir: Path, parts: list[dict[str, Any]], prov
         written.append(store.write_scores(spec.name, scores.select(keep), prov))
     written.append(write_parquet(rows, store.dir / "rows.parquet", {"step_fingerprint": step_fingerprint}))
     for old in store.score_files():  # scores of scorers this recipe no longer runs
-        if old not in written:
+        if old not in written and not (old.stem == "influence" and recipe.scoring.influence is not None):
             old.unlink()
     return {"rows": rows.height, "duplicate_rows": n_all - rows.height, "files": [str(p) for p in written]}
 

@@ -1,0 +1,314 @@
+"""Influence and gradient-similarity scoring against a target set (LESS / TracIn / DVGS-style).
+
+Steps (one Prefect task each, see flows/run.py):
+
+1. ``features_shard``: per input shard (and once for the target set), at each chosen proxy checkpoint,
+   every example's projected gradient from the engine (one batched backward per batch; Adam-
+   preconditioned with the checkpoint's optimizer state unless ``precondition: none``), unit-normalised,
+   stored as ``influence/parts/feat-<shard>-<fp>.npy`` (float16, (checkpoints, rows, k)) with
+   ``meta-<shard>-<fp>.parquet`` (id, domain, and per checkpoint the projected norm and the exact
+   squared gradient norm). The projection is seeded by (proj_seed, parameter name) only, so shards
+   scored in different processes or on different machines share one feature space.
+2. ``merge_influence``: joins the parts, computes the scores into ``scores/influence.parquet``
+   (``influence``, ``self_influence``, ``gradsim_target``, ``gradsim_domain``), writes
+   ``influence/features.npy`` + ``influence/ids.parquet`` (the merged features) and, with a faiss
+   inner-product index over the learning-rate-weighted concatenated features (whose inner products are
+   exactly the summed cosines of the influence score), each target example's top-k training examples
+   as ``influence/neighbours.parquet``.
+
+Checkpoints: those of the first seed with step > 0 (``checkpoints: all``) or its last (``last``); the
+weight of checkpoint i at step s_i is the mean learning rate of the steps (s_{i-1}, s_i] (LESS's
+average learning rate of the epoch ending at the checkpoint; TracIn's step size).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+import winnow
+from winnow.errors import WinnowError
+from winnow.pipeline.atomic import atomic_path, fingerprint
+from winnow.pipeline.collate import Featurizer
+from winnow.pipeline.models import load_checkpoint, resolve_device
+from winnow.pipeline.recipe import Recipe
+from winnow.pipeline.sources import InputShard, iter_raw_batches, list_shards
+from winnow.pipeline.store import ScoreStore, read_parquet, read_provenance, write_parquet
+from winnow.pipeline.train import lr_lambda
+
+COLUMNS = ("influence", "self_influence", "gradsim_target", "gradsim_domain")
+TARGET_DOMAIN = "target"
+
+
+# -- configuration ---------------------------------------------------------------------------------
+def influence_checkpoints(recipe: Recipe, ckpts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The checkpoints features are taken at, each with its learning-rate ``weight``."""
+    cfg = recipe.scoring.influence
+    assert cfg is not None
+    first = ckpts[0]["seed"]
+    mine = sorted((c for c in ckpts if c["seed"] == first and c["step"] > 0), key=lambda c: c["step"])
+    if not mine:
+        raise WinnowError("scoring.influence needs a trained proxy checkpoint (train.steps > 0 and a "
+                          "train.checkpoints step above 0)")
+    if cfg.checkpoints == "last":
+        mine = mine[-1:]
+    tc = recipe.train
+    f = lr_lambda(tc.warmup_steps, tc.steps)
+    out, prev = [], 0
+    for c in mine:
+        # optimizer step j (1-based) uses the scheduler's factor at j - 1
+        w = float(np.mean([tc.lr * f(j - 1) for j in range(prev + 1, c["step"] + 1)]))
+        out.append(dict(c, weight=w))
+        prev = c["step"]
+    return out
+
+
+def target_recipe(recipe: Recipe) -> Recipe:
+    """The recipe whose data section reads the target set: the data's format and columns, the target's
+    files, and the subtask column as its domain."""
+    cfg = recipe.scoring.influence
+    assert cfg is not None
+    data = recipe.data.model_copy(update={"source": cfg.target, "domain_column": cfg.subtask_column})
+    return recipe.model_copy(update={"data": data})
+
+
+def target_shards(recipe: Recipe) -> list[InputShard]:
+    tr = target_recipe(recipe)
+    try:
+        return list_shards(tr.data)
+    except WinnowError as e:
+        raise WinnowError(f"scoring.influence.target: {e}") from None
+
+
+def features_fingerprint(recipe: Recipe, shard: InputShard, ickpts: list[dict[str, Any]], tok_fp: str | None,
+                         role: str) -> str:
+    cfg = recipe.scoring.influence
+    assert cfg is not None
+    return fingerprint("influence-features", role, shard.fingerprint,
+                       cfg.model_dump(exclude={"batch_size", "device", "neighbours", "target"}),
+                       recipe.data.model_dump(exclude={"read_batch_size", "source", "domain_column"}),
+                       recipe.model.max_length, [(c["fingerprint"], c["weight"]) for c in ickpts], tok_fp,
+                       winnow.__version__)
+
+
+# -- features --------------------------------------------------------------------------------------
+def _adam_state(ckpt_dir: Path, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], int, float, float]:
+    """exp_avg_sq by parameter name, the step, beta2 and eps from the checkpoint's optimizer.pt (the
+    training loop's parameter groups: matrices and embeddings first, then vectors, each in
+    named_parameters order)."""
+    path = ckpt_dir / "optimizer.pt"
+    if not path.exists():
+        raise WinnowError(f"{path}: not found; scoring.influence.precondition 'adam' needs the optimizer "
+                          f"state the proxy training saves (or set precondition: none)")
+    st = torch.load(path, map_location="cpu", weights_only=False)["optimizer"]
+    named = list(model.named_parameters())
+    order = [n for n, p in named if p.ndim >= 2] + [n for n, p in named if p.ndim < 2]
+    ids = [i for g in st["param_groups"] for i in g["params"]]
+    if len(ids) != len(order):
+        raise WinnowError(f"{path}: the optimizer holds {len(ids)} parameters, the model {len(order)}")
+    group = st["param_groups"][0]
+    sq: dict[str, torch.Tensor] = {}
+    step = 0
+    for name, i in zip(order, ids, strict=True):
+        s = st["state"].get(i)
+        if s and "exp_avg_sq" in s:
+            sq[name] = s["exp_avg_sq"].float()
+            step = max(step, int(torch.as_tensor(s["step"]).item()))
+    return sq, step, float(group["betas"][1]), float(group["eps"])
+
+
+def compute_features(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featurizer,
+                     ickpts: list[dict[str, Any]], progress: Any = None) -> dict[str, Any]:
+    """ids, domains, units (C, n, k) float16, norms (C, n), sqnorms (C, n) of one shard."""
+    from winnow.scorers.grad_engine import GradEngine, per_example_loss
+    from winnow.scorers.grand import parse_params
+    from winnow.scorers.influence import adam_preconditioner
+
+    cfg = recipe.scoring.influence
+    assert cfg is not None
+    device = resolve_device(cfg.device)
+    task = recipe.model.task
+    exs = [e for raw in iter_raw_batches(feat.data, shard) for e in feat.featurize(raw, shard.location)]
+    n, C, k = len(exs), len(ickpts), cfg.proj_dim
+    units = np.zeros((C, n, k), dtype=np.float16)
+    norms = np.zeros((C, n), dtype=np.float32)
+    sqn = np.zeros((C, n), dtype=np.float32)
+    order = sorted(range(n), key=lambda i: exs[i].n_tokens)  # length-sorted batches, less padding
+    amp = dict(device_type=device.type, dtype=torch.bfloat16,
+               enabled=device.type == "cuda" and torch.cuda.is_bf16_supported())
+    for ci, ck in enumerate(ickpts):
+        model = load_checkpoint(run_dir / ck["path"], task, recipe.model.trust_remote_code).to(device).eval()
+        try:
+            eng = GradEngine(model, params=parse_params(cfg.parameters), proj_dim=k, proj_seed=cfg.proj_seed)
+        except ValueError as e:
+            raise WinnowError(f"scoring.influence.parameters: {e}") from None
+        pre = None
+        if cfg.precondition == "adam":
+            sq, step, beta2, eps = _adam_state(run_dir / ck["path"], model)
+            pre = adam_preconditioner(eng.views, eng.kinds, {nm: p.numel() for nm, p in eng.params.items()},
+                                      sq, step, beta2, eps)
+        with eng:
+            for lo in range(0, n, cfg.batch_size):
+                idx = order[lo:lo + cfg.batch_size]
+                batch = {key: v.to(device) for key, v in feat.collate([exs[i] for i in idx]).items()}
+                with torch.autocast(**amp):
+                    out = eng.compute(lambda b=batch, m=model: per_example_loss(m, b, task), sqnorm=True, project=True,
+                                      precondition=pre)
+                eng.check = False  # the consistency check ran on the first batch
+                p = out["proj"].float()
+                nrm = p.norm(dim=1)
+                units[ci, idx] = (p / nrm.clamp_min(1e-30).unsqueeze(1)).cpu().numpy().astype(np.float16)
+                norms[ci, idx] = nrm.cpu().numpy()
+                sqn[ci, idx] = out["sqnorm"].float().cpu().numpy()
+                if progress is not None:
+                    progress(len(idx))
+    return {"ids": [e.id for e in exs], "domains": [e.domain for e in exs], "previews": [e.preview for e in exs],
+            "units": units, "norms": norms, "sqnorms": sqn}
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+
+
+def features_shard(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featurizer,
+                   ickpts: list[dict[str, Any]], fp: str, role: str = "train", progress: Any = None) -> dict[str, Any]:
+    """Write one shard's features and metadata (module docstring); skip if already written."""
+    parts = run_dir / "influence" / "parts"
+    tag = "target" if role == "target" else "feat"
+    vec_path = parts / f"{tag}-{shard.index:05d}-{fp[:12]}.npy"
+    meta_path = parts / f"{tag}meta-{shard.index:05d}-{fp[:12]}.parquet"
+    res = {"shard": shard.index, "role": role, "vectors": str(vec_path), "meta": str(meta_path)}
+    if vec_path.exists() and meta_path.exists():
+        return dict(res, skipped=True)
+    t0 = time.time()
+    f = compute_features(recipe, run_dir, shard, feat, ickpts, progress)
+    if role == "target" and not f["ids"]:
+        raise WinnowError(f"scoring.influence.target: {shard.location} holds no rows")
+    cols: dict[str, Any] = {"id": f["ids"], "domain": f["domains"], "preview": f["previews"]}
+    for ci in range(len(ickpts)):
+        cols[f"norm@{ci}"] = f["norms"][ci]
+        cols[f"sqnorm@{ci}"] = f["sqnorms"][ci]
+    meta = pl.DataFrame(cols, schema_overrides={"id": pl.Utf8, "domain": pl.Utf8, "preview": pl.Utf8})
+    _save_npy(vec_path, f["units"])
+    write_parquet(meta, meta_path, {"fingerprint": fp, "seconds": round(time.time() - t0, 3),
+                                    "checkpoints": ickpts})
+    return dict(res, skipped=False, rows=meta.height)
+
+
+def _load_parts(parts: list[dict[str, Any]]) -> tuple[pl.DataFrame, np.ndarray]:
+    parts = sorted(parts, key=lambda p: p["shard"])
+    metas = [read_parquet(p["meta"]) for p in parts]
+    vecs = [np.load(p["vectors"]) for p in parts]
+    meta = pl.concat(metas, how="vertical") if metas else pl.DataFrame()
+    units = np.concatenate(vecs, axis=1) if vecs else np.zeros((0, 0, 0), np.float16)
+    return meta, units
+
+
+# -- merge and score -------------------------------------------------------------------------------
+def _faiss_search(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Exact inner-product top-k with faiss (a GPU index where faiss sees a GPU)."""
+    import faiss
+
+    d = base.shape[1]
+    index = faiss.IndexFlatIP(d)
+    where = "cpu"
+    ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if ngpu > 0:
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+        where = f"gpu ({ngpu} visible)"
+    index.add(np.ascontiguousarray(base, dtype=np.float32))
+    scores, idx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return scores, idx, where
+
+
+def merge_influence(recipe: Recipe, run_dir: Path, parts: list[dict[str, Any]], target_parts: list[dict[str, Any]],
+                    ickpts: list[dict[str, Any]], step_fingerprint: str) -> dict[str, Any]:
+    from winnow.scorers.influence import gradient_similarity, influence_scores, mean_direction, self_influence
+
+    cfg = recipe.scoring.influence
+    assert cfg is not None
+    meta, units = _load_parts(parts)
+    first = meta.with_row_index("_i").unique(subset="id", keep="first", maintain_order=True)
+    keep = first["_i"].to_numpy()
+    meta, units = first.drop("_i"), units[:, keep]
+    tmeta, tunits = _load_parts(target_parts)
+    C = len(ickpts)
+    w = [c["weight"] for c in ickpts]
+    train = [torch.from_numpy(units[i]) for i in range(C)]
+    target = [torch.from_numpy(tunits[i]) for i in range(C)]
+    sub_names = ["" if s is None else str(s) for s in tmeta["domain"].to_list()]
+    uniq = sorted(set(sub_names))
+    sub = torch.tensor([uniq.index(s) for s in sub_names])
+    infl = influence_scores(train, target, w, sub)
+    selfi = self_influence([torch.tensor(meta[f"sqnorm@{i}"].to_numpy()) for i in range(C)], w)
+    tdirs = [mean_direction(target[i].float(), torch.tensor(tmeta[f"norm@{i}"].to_numpy())) for i in range(C)]
+    gs_t = gradient_similarity(train, tdirs)
+    doms = ["" if d is None else str(d) for d in meta["domain"].to_list()]
+    dnames = sorted(set(doms))
+    dgroups = torch.tensor([dnames.index(d) for d in doms])
+    ddirs = [mean_direction(train[i].float(), torch.tensor(meta[f"norm@{i}"].to_numpy()), dgroups, len(dnames))
+             for i in range(C)]
+    gs_d = gradient_similarity(train, ddirs, dgroups)
+    scores = pl.DataFrame({"id": meta["id"], "influence": infl.double().numpy(),
+                           "self_influence": selfi.double().numpy(), "gradsim_target": gs_t.double().numpy(),
+                           "gradsim_domain": gs_d.double().numpy()}, schema_overrides={"id": pl.Utf8})
+    # merged features (float16, (rows, checkpoints, k)) and ids
+    out = run_dir / "influence"
+    _save_npy(out / "features.npy", np.ascontiguousarray(units.transpose(1, 0, 2)))
+    # neighbours: inner products of the weighted concatenation are sum_i w_i cos_i
+    neighbours, faiss_where = _neighbours(cfg.neighbours, units, tunits, w, meta, tmeta)
+    write_parquet(neighbours, out / "neighbours.parquet", {"step_fingerprint": step_fingerprint})
+    write_parquet(meta.select("id", "domain"), out / "ids.parquet", {"step_fingerprint": step_fingerprint})
+    prov = {"scorer": "influence", "columns": list(COLUMNS), "checkpoints": ickpts,
+            "params": cfg.model_dump(), "target_rows": tmeta.height, "subtasks": uniq,
+            "faiss": faiss_where, "package_version": winnow.__version__, "step_fingerprint": step_fingerprint}
+    path = ScoreStore(run_dir).write_scores("influence", scores, prov)
+    return {"rows": scores.height, "target_rows": tmeta.height, "subtasks": uniq, "faiss": faiss_where,
+            "files": [str(path), str(out / "neighbours.parquet")]}
+
+
+def _neighbours(k: int, units: np.ndarray, tunits: np.ndarray, w: list[float], meta: pl.DataFrame,
+                tmeta: pl.DataFrame) -> tuple[pl.DataFrame, str]:
+    schema = {"target_id": pl.Utf8, "subtask": pl.Utf8, "target_preview": pl.Utf8, "rank": pl.Int64,
+              "id": pl.Utf8, "domain": pl.Utf8, "preview": pl.Utf8, "influence": pl.Float64}
+    k = min(k, units.shape[1])
+    if k == 0:
+        return pl.DataFrame(schema=schema), "none"
+    sw = np.sqrt(np.asarray(w, dtype=np.float32))[:, None, None]
+    base = (units.astype(np.float32) * sw).transpose(1, 0, 2).reshape(units.shape[1], -1)
+    q = (tunits.astype(np.float32) * sw).transpose(1, 0, 2).reshape(tunits.shape[1], -1)
+    sc, ix, where = _faiss_search(base, q, k)
+    ids, doms, prev = meta["id"].to_list(), meta["domain"].to_list(), meta["preview"].to_list()
+    tids, tsub, tprev = tmeta["id"].to_list(), tmeta["domain"].to_list(), tmeta["preview"].to_list()
+    rows: dict[str, list] = {c: [] for c in schema}
+    for t in range(len(tids)):
+        for r in range(k):
+            j = int(ix[t, r])
+            if j < 0:
+                continue
+            rows["target_id"].append(tids[t])
+            rows["subtask"].append(tsub[t])
+            rows["target_preview"].append(tprev[t])
+            rows["rank"].append(r + 1)
+            rows["id"].append(ids[j])
+            rows["domain"].append(doms[j])
+            rows["preview"].append(prev[j])
+            rows["influence"].append(float(sc[t, r]))
+    return pl.DataFrame(rows, schema=schema), where
+
+
+def merged_fingerprint_ok(run_dir: Path, fp: str) -> bool:
+    p = run_dir / "scores" / "influence.parquet"
+    n = run_dir / "influence" / "neighbours.parquet"
+    if not (p.exists() and n.exists()):
+        return False
+    return (read_provenance(p) or {}).get("step_fingerprint") == fp and \
+        (read_provenance(n) or {}).get("step_fingerprint") == fp
