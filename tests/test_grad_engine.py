@@ -827,3 +827,20 @@ def test_fused_gelu_equals_the_models_own_and_is_restored():
         assert not any("forward" in m.__dict__ for m in acts)
     for key in ("loss", "sqnorm", "proj"):
         torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-10, atol=1e-12)
+
+
+def test_callers_autocast_does_not_reach_the_rules():
+    """A forward under bf16 autocast (as the pipeline runs on GPUs): projections, norms and group sums
+    still run in the engine's own precision (no in-place fp32 accumulation into autocast bf16 products)."""
+    torch.manual_seed(0)
+    model = gpt2().eval()
+    batch = text_batch(seqs([7, 5, 3, 6], seed=4), "right")
+    with GradEngine(model, proj_dim=16, check=False) as eng:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), project=True,
+                              groups=torch.tensor([0, 1, 0, 1]))
+        ref = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), project=True,
+                          groups=torch.tensor([0, 1, 0, 1]))
+    assert out["proj"].dtype == torch.float32
+    for key in ("sqnorm", "proj", "group_gram"):
+        assert rel_rows(out[key].reshape(len(out[key]), -1), ref[key].reshape(len(ref[key]), -1)) < 0.1, key

@@ -829,7 +829,8 @@ class GradEngine:
         cache: dict[str, tuple[list[dict[str, Any]], bool]] = {}
         checks: list[tuple[str, torch.Tensor, torch.Tensor, str]] = []  # name, |est - ref|, allowed, what
         remaining = {key: len(attrs) for key, (_, _, attrs) in self._modules.items()}
-        with torch.no_grad():
+        # the rules choose their own precision (factor_dtype): no caller's autocast applies to them
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
             for name, G in zip(names, batch_grads, strict=True):
                 uses, low = self._uses(name, B, fdtype, cache, remaining)
                 numel = self.params[name].numel()
