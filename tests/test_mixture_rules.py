@@ -27,7 +27,6 @@ def _real_batches(n_steps: int, per_domain: int = 2, length: int = 24, seed: int
     """Byte-level token ids of real text: stdlib code, the language reference, and a licence file."""
     import sysconfig
     from pathlib import Path
-
     from pydoc_data.topics import topics
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
