@@ -844,3 +844,35 @@ def test_callers_autocast_does_not_reach_the_rules():
     assert out["proj"].dtype == torch.float32
     for key in ("sqnorm", "proj", "group_gram"):
         assert rel_rows(out[key].reshape(len(out[key]), -1), ref[key].reshape(len(ref[key]), -1)) < 0.1, key
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_grad_coeffs_give_the_weighted_batch_gradient(arch):
+    """compute(grad_coeffs=f) adds sum_b c_b grad_b to .grad, with c chosen from this step's group Gram:
+    equal to autograd's gradient of sum_b c_b loss_b (float64), in one backward."""
+    model = (gpt2 if arch == "gpt2" else llama)().double()
+    examples = seqs([9, 4, 7, 2, 6, 5], seed=8)
+    batch = text_batch(examples, "right")
+    groups = torch.tensor([0, 1, 0, 2, 1, 2])
+    seen = {}
+
+    def coeffs(out):  # e.g. DoGE: weights from the group Gram of this very step
+        gram = out["group_gram"].double()
+        w = torch.softmax(gram.sum(1) / gram.diagonal().sum(), 0)
+        seen["w"] = w
+        return w[groups]
+
+    model.zero_grad(set_to_none=True)
+    with GradEngine(model, check=False) as eng:
+        eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), sqnorm=False, groups=groups,
+                    grad_coeffs=coeffs)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    c = seen["w"][groups]
+    (per_example_loss(model, batch, "causal_lm") * c).sum().backward()
+    for n, p in model.named_parameters():
+        # relative to the largest entry: Llama computes its rotary embedding in fp32 even in a float64 model
+        assert float((got[n] - p.grad).abs().max()) <= 1e-6 * float(p.grad.abs().max()) + 1e-15, n
+    with pytest.raises(ValueError, match="grad_coeffs must return"):
+        with GradEngine(model) as eng:
+            eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), grad_coeffs=lambda out: torch.ones(2))

@@ -682,6 +682,7 @@ class GradEngine:
         num_groups: int | None = None,
         target: Mapping[str, torch.Tensor] | None = None,
         precondition: Mapping[str, Any] | None = None,
+        grad_coeffs: Callable[[dict[str, Any]], torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """Run ``per_example_loss()`` (a forward returning the B per-example losses) and ONE backward of their
         sum, and return, float32 on the loss's device:
@@ -702,6 +703,12 @@ class GradEngine:
         ``Outer`` kind a rank-one ``(row (m,), col (n,))`` pair, D = row col^T (applied to the factors:
         L * row, R * col, so nothing of size m x n per example exists), for a vector parameter a tensor
         of its numel. Squared norms and group sums stay those of the plain gradients.
+
+        ``grad_coeffs``: a function of the results (the dict described above, before returning) that gives
+        (B,) coefficients c; the engine then ADDS ``sum_b c_b grad_b`` to each selected parameter's
+        ``.grad`` (as ``backward`` of ``sum_b c_b loss_b`` would), computed from the recorded factors: a
+        training step whose loss weights depend on this step's per-example or per-group gradients (DoGE,
+        DGA) costs one backward, not two. The coefficients are returned as ``"grad_coeffs"``.
         """
         if project and self.proj_dim is None:
             raise ValueError("compute(project=True) needs an engine built with proj_dim")
@@ -721,7 +728,7 @@ class GradEngine:
             self._active = False
         pre = self._check_precondition(precondition) if precondition is not None else None
         try:
-            return self._compute(losses, sqnorm, per_param, project, groups, num_groups, target, pre)
+            return self._compute(losses, sqnorm, per_param, project, groups, num_groups, target, pre, grad_coeffs)
         finally:
             self._records = {}
             self._outputs = []
@@ -782,7 +789,8 @@ class GradEngine:
                 out[name] = d.reshape(-1)
         return out
 
-    def _compute(self, losses, sqnorm, per_param, project, groups, num_groups, target, pre=None) -> dict[str, Any]:
+    def _compute(self, losses, sqnorm, per_param, project, groups, num_groups, target, pre=None,
+                 grad_coeffs=None) -> dict[str, Any]:
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or not losses.is_floating_point():
             what = f"shape {tuple(losses.shape)} {losses.dtype}" if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(f"per_example_loss must return a 1-D float tensor of per-example losses (B,), got {what}")
@@ -816,7 +824,7 @@ class GradEngine:
         # precision (no fp32 copies of bf16 activations) and accumulate every sum in fp32; projections and
         # group sums always use fp32 factors.
         fdtype = dtype
-        if self.factor_dtype == "input" and not project and groups is None:
+        if self.factor_dtype == "input" and not project and groups is None and grad_coeffs is None:
             low = [r.grad.dtype for recs in self._records.values() for r in recs
                    if r.grad is not None and r.grad.dtype in _LOW_PRECISION]
             if low:
@@ -831,8 +839,11 @@ class GradEngine:
         remaining = {key: len(attrs) for key, (_, _, attrs) in self._modules.items()}
         # the rules choose their own precision (factor_dtype): no caller's autocast applies to them
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            kept: dict[str, list[Any]] = {}
             for name, G in zip(names, batch_grads, strict=True):
                 uses, low = self._uses(name, B, fdtype, cache, remaining)
+                if grad_coeffs is not None:
+                    kept[name] = uses
                 numel = self.params[name].numel()
                 if self.kinds[name] == "dense":
                     v = torch.zeros(B, numel, dtype=dtype, device=device)
@@ -892,7 +903,33 @@ class GradEngine:
             out["group_gram"] = gram.float()
         if dot is not None:
             out["group_dot"] = dot.float()
+        if grad_coeffs is not None:
+            c = grad_coeffs(out)
+            if not isinstance(c, torch.Tensor) or c.shape != (B,):
+                raise ValueError(f"grad_coeffs must return a tensor of shape ({B},), got "
+                                 f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
+            with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+                for name, uses in kept.items():
+                    p = self.params[name]
+                    g = self._weighted_grad(name, uses, c.to(device, dtype), dtype).reshape(p.shape).to(p.dtype)
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+            out["grad_coeffs"] = c.detach().float()
         return out
+
+    def _weighted_grad(self, name: str, uses: list[Any], c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """sum_b c_b grad_b of parameter ``name`` from its factors, as its (m, n) view or flat vector."""
+        if self.kinds[name] == "dense":
+            return sum(((f.value.to(dtype) * c.unsqueeze(1)).sum(0) for f in uses),
+                       torch.zeros(self.params[name].numel(), dtype=dtype, device=c.device))
+        m, n = self.views[name]
+        acc = torch.zeros(m, n, dtype=dtype, device=c.device)
+        for f in uses:
+            R = (f.right.to(dtype) * c.view(-1, 1, 1)).reshape(-1, n)
+            if f.onehot:
+                acc.index_add_(0, f.left.reshape(-1), R)
+            else:
+                acc.addmm_(f.left.to(dtype).reshape(-1, m).t(), R)
+        return acc
 
     def _uses(self, name, B, dtype, cache, remaining) -> tuple[list[Any], bool]:
         """The factors of every recorded use of parameter ``name`` and whether any recorded output gradient
