@@ -240,6 +240,30 @@ def merge_influence_task(recipe_d: dict[str, Any], run_dir: str, parts: list[dic
     return merge_influence(_setup(recipe_d, None), Path(run_dir), parts, target_parts, ickpts, fp)
 
 
+@task(name="mixture", **TASK_OPTS)
+def mixture_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], tok_dir: str | None,
+                 threads: int | None, fp: str) -> dict[str, Any]:
+    from winnow.pipeline.mixture import run_mixture
+
+    recipe = _setup(recipe_d, threads)
+    feat, tok, _ = _featurizer(recipe, tok_dir)
+    bar = _progress(f"mixture {recipe.mixture.method}", None, "step")
+    state = {"phase": None}
+
+    def cb(phase: str, step: int, total: int) -> None:
+        if state["phase"] != phase:
+            state["phase"] = phase
+            bar.reset(total=total)
+            bar.set_description(f"mixture {phase}")
+        bar.update(1)
+
+    try:
+        return run_mixture(recipe, Path(run_dir), [InputShard.from_dict(s) for s in shards], feat, tok, fp,
+                           progress=cb)
+    finally:
+        bar.close()
+
+
 @task(name="merge-scores", **TASK_OPTS)
 def merge_task(recipe_d: dict[str, Any], run_dir: str, parts: list[dict], provenance: dict, fp: str) -> dict:
     from winnow.pipeline.selection import merge_parts
@@ -296,6 +320,15 @@ def _outputs_present(name: str, result: Any, run_dir: Path, fp: str) -> bool:
         return all(prov_fp(Path(p)) == fp for p in result["files"])
     if name == "embed":
         return Path(result["vectors"]).exists() and Path(result["ids"]).exists()
+    if name == "mixture":
+        import json as _json
+
+        p = run_dir / "mixture.json"
+        try:
+            return p.exists() and _json.loads(p.read_text()).get("fingerprint") == fp and \
+                (run_dir / "mixture_trajectory.parquet").exists()
+        except ValueError:
+            return False
     if name == "influence-features":
         return Path(result["vectors"]).exists() and Path(result["meta"]).exists()
     if name == "merge-influence":
@@ -460,7 +493,18 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
         logger.info(f"influence: {infl['rows']} rows against {infl['target_rows']} target examples "
                     f"({len(infl['subtasks'])} subtask(s)); neighbours by faiss on {infl['faiss']}")
 
-    select_fp = fingerprint("select", parts_fp, emb_fp, infl_fp, recipe.select.model_dump())
+    mix_fp = None
+    if recipe.mixture is not None:
+        from winnow.pipeline.mixture import mixture_fingerprint
+
+        mix_fp = mixture_fingerprint(recipe, input_fp, tok_fp)
+        mix = steps.result(steps.submit(mixture_task, f"mixture {recipe.mixture.method}", recipe_d=recipe_d,
+                                        run_dir=run_dir, shards=shard_ds, tok_dir=tok_dir,
+                                        threads=recipe.runner.torch_threads or (os.cpu_count() or 1), fp=mix_fp))
+        logger.info("mixture (" + recipe.mixture.method + "): "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in mix["weights"].items()))
+
+    select_fp = fingerprint("select", parts_fp, emb_fp, infl_fp, mix_fp, recipe.select.model_dump())
     selected = steps.result(steps.submit(select_task, "select", recipe_d=recipe_d, run_dir=run_dir, fp=select_fp))
     recipe_fp = fingerprint("recipe", recipe.model_dump(exclude={"runner"}))
     fps = {"recipe": recipe_fp, "input": input_fp, "model": model_fp}

@@ -257,6 +257,39 @@ class SelectConfig(Strict):
         return self
 
 
+class MixtureConfig(Strict):
+    """Domain-mixture optimisation (pipeline/mixture.py, selectors/mixture.py); needs data.domain_column."""
+
+    method: Literal["doremi", "doge", "dga", "uniform", "proportional", "temperature"]
+    temperature: float = Field(default=2.0, gt=0, description="temperature: weights ∝ tokens^(1/temperature)")
+    target_domains: list[str] = Field(default_factory=list, description="doge/dga: domains used as the target "
+                                      "(held out of training); doge without them: the universal target")
+    steps: int = Field(default=200, gt=0, description="proxy steps")
+    batch_size: int = Field(default=16, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output: Literal["auto", "average", "final"] = Field(
+        default="auto", description="mixture.json weights: the average over steps (doremi, doge) or the final")
+    reference: Literal["proportional", "uniform"] = Field(default="proportional",
+                                                          description="doremi: the reference model's mixture")
+    reference_steps: int = Field(default=200, gt=0, description="doremi: reference model steps")
+    eta: float = Field(default=1.0, gt=0, description="doremi: step size of the exponentiated update")
+    clip: Literal["token", "domain"] = Field(
+        default="domain", description="doremi: clip the excess loss per token (paper, code) or per domain mean")
+    smoothing: float = Field(default=1e-3, ge=0, lt=1, description="doremi: mix with uniform")
+    mu: float = Field(default=0.05, gt=0, description="doge: Bregman step parameter")
+    w_min: float = Field(default=0.0, description="doge: score clip, lower (times the lr)")
+    w_max: float = Field(default=5.0, description="doge: score clip, upper (times the lr)")
+    smoothing_doge: float = Field(default=0.0, ge=0, lt=1, description="doge: mix with uniform")
+    update_every: int = Field(default=10, gt=0, description="dga: steps between weight updates")
+    eta_dga: float | None = Field(default=None, gt=0, description="dga: step size (default 1 / mean |alignment|)")
+    beta: float = Field(default=0.9, ge=0, lt=1, description="dga: EMA factor of the weights")
+
+
 class OutputConfig(Strict):
     dir: str | None = Field(default=None, description="run folder; default runs/<name>")
     shard_max_rows: int = Field(default=100_000, gt=0)
@@ -281,6 +314,7 @@ class Recipe(Strict):
     select: SelectConfig
     output: OutputConfig = OutputConfig()
     runner: RunnerConfig = RunnerConfig()
+    mixture: MixtureConfig | None = None
 
     @model_validator(mode="after")
     def _columns_for_task(self) -> Recipe:
@@ -300,6 +334,8 @@ class Recipe(Strict):
             raise ValueError("select.weights.per_stratum needs select.stratify")
         if self.select.stratify == "label" and d.label_column is None:
             raise ValueError("select.stratify is 'label' but data.label_column is not set")
+        if self.mixture is not None and d.domain_column is None:
+            raise ValueError("mixture needs data.domain_column (the domains whose proportions it learns)")
         if self.select.method == "dpp" and self.scoring.embeddings is None:
             raise ValueError("select.method dpp needs scoring.embeddings (model: minilm, a folder, or column)")
         if self.scoring.embeddings is not None and self.scoring.embeddings.model is not None \

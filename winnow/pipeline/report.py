@@ -700,6 +700,52 @@ def _plot_neighbour_domains(nb: pl.DataFrame) -> bytes:
     return _png(fig)
 
 
+def _plot_mixture(traj: pl.DataFrame) -> bytes:
+    doms = [c for c in traj.columns if c not in ("step", "entropy")][:MAX_GROUPS]
+    steps = traj["step"].to_numpy()
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    for d in doms:
+        ax1.plot(steps, traj[d].to_numpy(), label=_plain(d, 28))
+    ax1.axhline(1 / max(1, len(doms)), color="#888888", linestyle=":", label="uniform")
+    ax1.set_xlabel("proxy step")
+    ax1.set_ylabel("domain weight")
+    ax1.set_title("Mixture weights over training")
+    _legend(ax1)
+    ax2.plot(steps, traj["entropy"].to_numpy(), color="#444444")
+    import math as _m
+
+    ax2.axhline(_m.log(max(1, len(doms))), color="#888888", linestyle=":", label="uniform (log k)")
+    ax2.set_xlabel("proxy step")
+    ax2.set_ylabel("entropy of the weights (nats)")
+    ax2.set_title("Entropy of the mixture")
+    _legend(ax2)
+    return _png(fig)
+
+
+def _mixture_section(run: _Run) -> str | None:
+    path = run.dir / "mixture_trajectory.parquet"
+    if not path.exists() or run.mixture is None:
+        return None
+    traj = pl.read_parquet(path)
+    mix = run.mixture if isinstance(run.mixture, dict) else {}
+    body = [_note(f"Method: {mix.get('method')}; the weights in mixture.json are the {mix.get('output')} over "
+                  f"{mix.get('steps')} steps; every kept row of a domain carries weight N·α_d/n_d, so the shards' "
+                  "weight shares, the interleave probabilities and the Mosaic proportions are the mixture.")]
+    if traj.height > 1:
+        body.append(_img(_plot_mixture(traj), "domain weights and their entropy over the proxy's steps"))
+    w = mix.get("weights") or {}
+    fin = mix.get("final_weights") or {}
+    avg = mix.get("average_weights") or {}
+    tok = mix.get("domain_tokens") or {}
+    body.append(_table(["domain", "weight (output)", "final", "average", "tokens"],
+                       [[d, w.get(d), fin.get(d), avg.get(d), tok.get(d)] for d in w]))
+    if mix.get("target_domains"):
+        body.append(_note("Target domains (held out of training and of the emitted data): "
+                          + ", ".join(mix["target_domains"])))
+    return "".join(body)
+
+
 def _influence_section(run: _Run) -> str | None:
     path = run.dir / "influence" / "neighbours.parquet"
     if not path.exists():
@@ -1147,9 +1193,11 @@ def _render(run: _Run, s: dict) -> str:
     man_html = "".join(body)
 
     infl_html = _influence_section(run)
+    mix_html = _mixture_section(run)
     sections = "".join([
         _section("scores", "Score distributions", scores_html, toc),
         _section("influence", "Influence on the target set", infl_html, toc) if infl_html else "",
+        _section("mixture", "Domain mixture", mix_html, toc) if mix_html else "",
         _section("groups", "Kept and pruned per domain and label", groups_html, toc),
         _section("agreement", "Checkpoint agreement", agree_html, toc),
         _section("examples", "Examples", _examples(run, col), toc),

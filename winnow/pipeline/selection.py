@@ -183,6 +183,14 @@ def dpp_select(recipe: Recipe, run_dir: Path, df: pl.DataFrame) -> tuple[np.ndar
 
 def write_selection(recipe: Recipe, run_dir: Path, step_fingerprint: str | None = None) -> dict[str, Any]:
     table, dpp = selection_table(recipe, run_dir)
+    if recipe.mixture is not None:  # the kept rows' weights carry the learned domain mixture
+        from winnow.pipeline.mixture import mixture_weights_for_rows
+
+        doms = ScoreStore(run_dir).rows().select("id", "domain")
+        dl = table.select("id").join(doms, on="id", how="left", maintain_order="left")["domain"].to_list()
+        w = mixture_weights_for_rows(run_dir, dl, table["kept"].to_numpy())
+        table = table.with_columns(pl.Series("weight", w, dtype=table["weight"].dtype),
+                                   (pl.col("kept") & pl.Series(w > 0)).alias("kept"))
     write_parquet(table, run_dir / "selection.parquet",
                   {"select": recipe.select.model_dump(mode="json"), "package_version": winnow.__version__,
                    "step_fingerprint": step_fingerprint, "dpp": dpp})

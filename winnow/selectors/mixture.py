@@ -90,18 +90,29 @@ def entropy(w: torch.Tensor) -> float:
 
 
 def doremi_excess(token_loss: torch.Tensor, ref_token_loss: torch.Tensor, mask: torch.Tensor,
-                  domains: torch.Tensor, k: int, previous: torch.Tensor | None = None) -> torch.Tensor:
-    """λ (k,): per domain, the mean over its counted tokens of max(ℓ_proxy − ℓ_ref, 0).
+                  domains: torch.Tensor, k: int, previous: torch.Tensor | None = None,
+                  clip: str = "token") -> torch.Tensor:
+    """λ (k,): per domain, the mean over its counted tokens of max(ℓ_proxy − ℓ_ref, 0) (``clip="token"``,
+    the paper and its code), or max(mean over its tokens of ℓ_proxy − ℓ_ref, 0) (``clip="domain"``).
 
-    ``token_loss``/``ref_token_loss``/``mask``: (B, T); ``domains``: (B,) ids in [0, k). A domain with no
-    counted token in the batch gets ``previous[i]`` (0 without it)."""
+    Per-token clipping has a bias: for a domain where the proxy cannot beat the reference (pure noise),
+    the per-token differences are zero-mean but spread, and E max(X, 0) > 0 (σ/√(2π) for a Gaussian X), so
+    the noisier the domain's per-token losses, the more "excess" it collects. Clipping the domain's mean
+    removes that bias. ``token_loss``/``ref_token_loss``/``mask``: (B, T); ``domains``: (B,) ids in [0, k).
+    A domain with no counted token in the batch gets ``previous[i]`` (0 without it)."""
+    if clip not in ("token", "domain"):
+        raise ValueError(f"clip must be 'token' or 'domain', got {clip!r}")
     m = mask.to(torch.float64)
-    ex = (token_loss.double() - ref_token_loss.double()).clamp_min(0) * m
+    diff = token_loss.double() - ref_token_loss.double()
+    ex = (diff.clamp_min(0) if clip == "token" else diff) * m
     d = domains.long().reshape(-1)
     num = torch.zeros(k, dtype=torch.float64, device=ex.device).index_add_(0, d, ex.sum(1))
     den = torch.zeros(k, dtype=torch.float64, device=ex.device).index_add_(0, d, m.sum(1))
     prev = torch.zeros(k, dtype=torch.float64, device=ex.device) if previous is None else previous.double().to(ex.device)
-    return torch.where(den > 0, num / den.clamp_min(1), prev)
+    lam = num / den.clamp_min(1)
+    if clip == "domain":
+        lam = lam.clamp_min(0)
+    return torch.where(den > 0, lam, prev)
 
 
 def doremi_update(alpha: torch.Tensor, lam: torch.Tensor, eta: float = 1.0, smoothing: float = 1e-3) -> torch.Tensor:

@@ -1,0 +1,178 @@
+"""Cost of a domain-mixture step against a plain training step, GPT-2-small shape, 7 domains, one GPU.
+
+Variants (fp32 weights under bf16 autocast, AdamW step included in every variant):
+  plain         forward + backward of the batch's mean token loss + optimizer step
+  doremi        proxy forward (per-token NLL) + reference forward (no grad) + excess-loss weight update +
+                backward of the alpha-weighted per-domain token means + optimizer step
+  doge_code     the DoGE public code's way: one backward per domain (retain_graph), flattened per-domain
+                gradients, their Gram, the weight update, the model's gradient sum_i alpha_i g_i, step
+  doge_engine   winnow: ONE backward; the engine's group Gram of the domains' mean gradients, the weight
+                update and the model's gradient from the recorded factors (grad_coeffs), step
+  dga_engine    the same with a target group in the batch (DGA's update step)
+
+    python3 benchmarks/bench_mixture.py --out $OUT      # on the GPU machine
+    python3 benchmarks/bench_mixture.py --smoke         # tiny shapes on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from winnow.scorers.grad_engine import GradEngine, per_example_loss, token_nll  # noqa: E402
+from winnow.selectors.mixture import (  # noqa: E402
+    dga_update,
+    doge_update,
+    doremi_excess,
+    doremi_token_weights,
+    doremi_update,
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--per-domain", type=int, default=4)
+    ap.add_argument("--domains", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    a = ap.parse_args()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    seq = 32 if a.smoke else a.seq
+    cfg = GPT2Config(n_layer=2 if a.smoke else 12, n_embd=64 if a.smoke else 768, n_head=4 if a.smoke else 12,
+                     vocab_size=500 if a.smoke else 50257, n_positions=max(64, seq))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg).to(dev).train()
+    ref = GPT2LMHeadModel(cfg).to(dev).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    K = a.domains
+    B = K * a.per_domain
+    V = cfg.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (B, seq), generator=g).to(dev)
+    mask = torch.ones_like(ids)
+    dom = torch.arange(K).repeat_interleave(a.per_domain).to(dev)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    params = list(model.parameters())
+    state = {"alpha": torch.full((K,), 1 / K, dtype=torch.float64), "hat": torch.full((K,), 1 / K, dtype=torch.float64)}
+
+    def nll_of(m):
+        logits = m(input_ids=ids, attention_mask=mask).logits
+        return token_nll(logits, ids[:, 1:])
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def plain():
+        with torch.autocast(**amp):
+            loss = nll_of(model).mean()
+        loss.backward()
+        step()
+
+    def doremi():
+        with torch.autocast(**amp):
+            with torch.no_grad():
+                r = nll_of(ref)
+            n = nll_of(model)
+        valid = torch.ones_like(n, dtype=torch.bool)
+        lam = doremi_excess(n.detach(), r, valid, dom, K)
+        state["alpha"] = doremi_update(state["alpha"], lam.cpu())
+        w = doremi_token_weights(state["alpha"].to(dev), valid, dom).to(n.dtype)
+        (n * w).sum().backward()
+        step()
+
+    def doge_code():
+        with torch.autocast(**amp):
+            n = nll_of(model)
+        losses = [n[dom == i].mean() for i in range(K)]
+        flat = []
+        for i in range(K):
+            gr = torch.autograd.grad(losses[i], params, retain_graph=i < K - 1)
+            flat.append(torch.cat([x.reshape(-1).float() for x in gr]))
+        Fm = torch.stack(flat)
+        G = (Fm @ Fm.t()).double().cpu()
+        state["alpha"], _ = doge_update(state["alpha"], G, 1e-4)
+        comb = (state["alpha"].to(dev).float().unsqueeze(1) * Fm).sum(0)
+        off = 0
+        for p in params:
+            p.grad = comb[off:off + p.numel()].view_as(p).to(p.dtype)
+            off += p.numel()
+        del Fm, flat
+        step()
+
+    eng = GradEngine(model, check=False)
+    tok_share = torch.full((B,), 1.0 / a.per_domain, device=dev)  # equal lengths: each example's share
+
+    def doge_engine(target: bool = False):
+        def coeffs(out):
+            G = out["group_gram"].double().cpu()
+            if target:  # domain K-1 plays the target; the others train
+                tr = list(range(K - 1))
+                new, hat = dga_update(state["alpha"][:K - 1] / state["alpha"][:K - 1].sum(),
+                                      state["hat"][:K - 1] / state["hat"][:K - 1].sum(), G[tr][:, K - 1])
+                full = torch.zeros(K, dtype=torch.float64)
+                full[tr] = new
+                return full.to(dev)[dom].float()
+            state["alpha"], _ = doge_update(state["alpha"], G, 1e-4)
+            return state["alpha"].to(dev)[dom].float()
+
+        with torch.autocast(**amp):
+            eng.compute(lambda: per_example_loss(model, batch, "causal_lm") * tok_share, sqnorm=False,
+                        groups=dom, num_groups=K, grad_coeffs=coeffs)
+        step()
+
+    res: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+                 "batch": B, "domains": K, "seq": seq, "params": sum(p.numel() for p in params)}
+    variants = [("plain", plain), ("doremi", doremi), ("doge_code", doge_code), ("doge_engine", doge_engine),
+                ("dga_engine", lambda: doge_engine(True))]
+    for name, fn in variants:
+        try:
+            for _ in range(2):
+                fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            ts = []
+            for _ in range(a.iters):
+                t = time.perf_counter()
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                ts.append(time.perf_counter() - t)
+            ts.sort()
+            res[name] = {"ms": ts[len(ts) // 2] * 1e3,
+                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
+        except torch.OutOfMemoryError as e:
+            res[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+            torch.cuda.empty_cache()
+        print(name, res[name], flush=True)
+    eng.close()
+    base = res["plain"]["ms"]
+    for name, _ in variants[1:]:
+        if "ms" in res[name]:
+            res[name]["x_plain"] = res[name]["ms"] / base
+    print(json.dumps(res, indent=2), flush=True)
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "bench_mixture.json").write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
