@@ -9,6 +9,7 @@ Variants (fp32 weights under bf16 autocast, AdamW step included in every variant
   doge_engine   winnow: ONE backward; the engine's group Gram of the domains' mean gradients, the weight
                 update and the model's gradient from the recorded factors (grad_coeffs), step
   dga_engine    the same with a target group in the batch (DGA's update step)
+  *_fast_paths  plain and doremi with the engine's exact fast paths (aligned head, fused GELU) applied
 
     python3 benchmarks/bench_mixture.py --out $OUT      # on the GPU machine
     python3 benchmarks/bench_mixture.py --smoke         # tiny shapes on CPU
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from winnow.scorers.grad_engine import GradEngine, per_example_loss, token_nll  # noqa: E402
+from winnow.scorers.grad_engine import GradEngine, fast_paths, per_example_loss, token_nll  # noqa: E402
 from winnow.selectors.mixture import (  # noqa: E402
     dga_update,
     doge_update,
@@ -140,7 +141,16 @@ def main() -> None:
 
     res: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
                  "batch": B, "domains": K, "seq": seq, "params": sum(p.numel() for p in params)}
-    variants = [("plain", plain), ("doremi", doremi), ("doge_code", doge_code), ("doge_engine", doge_engine),
+    def doremi_fast():  # the proxy and the frozen reference through the engine's exact fast paths
+        with fast_paths(model), fast_paths(ref):
+            doremi()
+
+    def plain_fast():
+        with fast_paths(model):
+            plain()
+
+    variants = [("plain", plain), ("doremi", doremi), ("plain_fast_paths", plain_fast),
+                ("doremi_fast_paths", doremi_fast), ("doge_code", doge_code), ("doge_engine", doge_engine),
                 ("dga_engine", lambda: doge_engine(True))]
     for name, fn in variants:
         try:

@@ -876,3 +876,30 @@ def test_grad_coeffs_give_the_weighted_batch_gradient(arch):
     with pytest.raises(ValueError, match="grad_coeffs must return"):
         with GradEngine(model) as eng:
             eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), grad_coeffs=lambda out: torch.ones(2))
+
+
+def test_fast_paths_give_the_same_losses_and_gradients_and_restore():
+    from winnow.scorers.grad_engine import fast_paths
+
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=16, vocab_size=4100,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    ids = torch.randint(1, 4100, (3, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    outs = []
+    for fast in (False, True):
+        model.zero_grad(set_to_none=True)
+        if fast:
+            with fast_paths(model, force=True) as fp:
+                assert len(fp.patched) == 2  # the head and the one block's gelu_new
+                loss = per_example_loss(model, batch, "causal_lm").sum()
+                loss.backward()
+        else:
+            loss = per_example_loss(model, batch, "causal_lm").sum()
+            loss.backward()
+        outs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-12, atol=1e-12)
+    for n in outs[0][1]:
+        torch.testing.assert_close(outs[1][1][n], outs[0][1][n], rtol=1e-10, atol=1e-13)

@@ -207,6 +207,14 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
             ref = _train_reference(recipe, sampler, full, device, tok, feat, progress)
         lam_prev = None
         local = {i: j for j, i in enumerate(train_ids)}
+        from contextlib import ExitStack
+
+        from winnow.scorers.grad_engine import fast_paths
+
+        fast = ExitStack()  # exact speed substitutions (aligned wide head on CUDA, fused gelu_new)
+        if m.method == "doremi":
+            fast.enter_context(fast_paths(model))
+            fast.enter_context(fast_paths(ref))
         eng = None
         if m.method in ("doge", "dga"):
             from winnow.scorers.grad_engine import GradEngine
@@ -275,6 +283,7 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
                 progress(m.method, step, m.steps)
         if eng is not None:
             eng.close()
+        fast.close()
         final = alpha.numpy()
         avg = (total / m.steps).numpy()
         with atomic_path(run_dir / "mixture" / "model") as tmp:

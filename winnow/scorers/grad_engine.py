@@ -107,6 +107,7 @@ __all__ = [
     "PROJ_KINDS",
     "SQNORM_METHODS",
     "GradEngine",
+    "fast_paths",
     "per_example_loss",
     "projection_factors",
     "select_parameters",
@@ -455,6 +456,35 @@ def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
     x^3))), is exactly ``F.gelu(approximate="tanh")``: one fused kernel (each way) instead of eight
     elementwise passes that round to bf16 in between (~15% of a GPT-2-small forward and backward)."""
     return F.gelu(x, approximate="tanh")
+
+
+class fast_paths:
+    """Context manager: the engine's exact speed substitutions without its hooks, for plain forwards and
+    backwards (a frozen reference model, a proxy's training step): wide unaligned ``nn.Linear`` layers
+    through a zero-padded weight (CUDA inputs only unless ``force``), and transformers' ``gelu_new`` as the
+    identical fused ``F.gelu(approximate="tanh")``. Restores the modules' ``forward`` on exit."""
+
+    def __init__(self, model: nn.Module, force: bool = False) -> None:
+        self.model, self.force, self.patched = model, force, []
+
+    def __enter__(self) -> fast_paths:
+        for module in self.model.modules():
+            if "forward" in module.__dict__:
+                continue
+            if _is_new_gelu(module):
+                module.forward = _tanh_gelu
+            elif (type(module) is nn.Linear and module.out_features % _ALIGN
+                  and module.out_features >= _ALIGN_MIN_WIDTH):
+                module.forward = _aligned_linear(module, cuda_only=not self.force)
+            else:
+                continue
+            self.patched.append(module)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for module in self.patched:
+            module.__dict__.pop("forward", None)
+        self.patched = []
 
 
 # ----------------------------------------------------------------------------------------------
