@@ -891,7 +891,7 @@ def test_fast_paths_give_the_same_losses_and_gradients_and_restore():
     for fast in (False, True):
         model.zero_grad(set_to_none=True)
         if fast:
-            with fast_paths(model, force=True) as fp:
+            with fast_paths(model, align=True) as fp:
                 assert len(fp.patched) == 2  # the head and the one block's gelu_new
                 loss = per_example_loss(model, batch, "causal_lm").sum()
                 loss.backward()

@@ -104,3 +104,14 @@ def fingerprint(*parts: Any) -> str:
     """A stable hex digest of JSON-able parts (dict keys sorted)."""
     blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def save_npy(path: str | os.PathLike, arr: Any) -> Path:
+    """Write a numpy array as .npy atomically."""
+    import numpy as np
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+    return path

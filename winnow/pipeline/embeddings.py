@@ -17,7 +17,7 @@ import polars as pl
 import torch
 
 from winnow.errors import WinnowError
-from winnow.pipeline.atomic import atomic_path, fingerprint
+from winnow.pipeline.atomic import fingerprint, save_npy
 from winnow.pipeline.collate import Featurizer
 from winnow.pipeline.models import _BUILD_LOCK, _quiet_transformers, resolve_device
 from winnow.pipeline.recipe import Recipe
@@ -57,11 +57,6 @@ def embed_fingerprint(recipe: Recipe, shard: InputShard, ckpts: list[dict[str, A
     return fingerprint("embed", shard.fingerprint, e.model_dump(exclude={"batch_size", "device"}), enc,
                        recipe.data.model_dump(exclude={"read_batch_size", "source"}))
 
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
 
 
 def embed_shard(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featurizer, fp: str,
@@ -134,7 +129,7 @@ def embed_shard(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featuriz
     if engine is not None:
         engine.close()
     vecs = np.concatenate(chunks).astype(np.float16) if chunks else np.zeros((0, 1), np.float16)
-    _save_npy(vec_path, vecs)
+    save_npy(vec_path, vecs)
     write_parquet(pl.DataFrame({"id": ids}, schema={"id": pl.Utf8}), ids_path)
     return {"shard": shard.index, "vectors": str(vec_path), "ids": str(ids_path)}
 
@@ -146,7 +141,7 @@ def merge_embeddings(run_dir: Path, parts: list[dict[str, Any]], step_fingerprin
     first = ids.with_row_index("_i").unique(subset="id", keep="first", maintain_order=True)
     vecs = vecs[first["_i"].to_numpy()]
     out = run_dir / "embeddings"
-    _save_npy(out / "embeddings.npy", vecs)
+    save_npy(out / "embeddings.npy", vecs)
     write_parquet(first.select("id"), out / "ids.parquet", {"step_fingerprint": step_fingerprint,
                                                             "dim": int(vecs.shape[1]), "rows": int(len(vecs))})
     return {"rows": int(len(vecs)), "dim": int(vecs.shape[1]), "files": [str(out / "ids.parquet")]}

@@ -33,7 +33,7 @@ import torch
 
 import winnow
 from winnow.errors import WinnowError
-from winnow.pipeline.atomic import atomic_path, fingerprint
+from winnow.pipeline.atomic import fingerprint, save_npy
 from winnow.pipeline.collate import Featurizer
 from winnow.pipeline.models import load_checkpoint, resolve_device
 from winnow.pipeline.recipe import Recipe
@@ -171,11 +171,6 @@ def compute_features(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Fea
             "units": units, "norms": norms, "sqnorms": sqn}
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-
 
 def features_shard(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featurizer,
                    ickpts: list[dict[str, Any]], fp: str, role: str = "train", progress: Any = None) -> dict[str, Any]:
@@ -196,7 +191,7 @@ def features_shard(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featu
         cols[f"norm@{ci}"] = f["norms"][ci]
         cols[f"sqnorm@{ci}"] = f["sqnorms"][ci]
     meta = pl.DataFrame(cols, schema_overrides={"id": pl.Utf8, "domain": pl.Utf8, "preview": pl.Utf8})
-    _save_npy(vec_path, f["units"])
+    save_npy(vec_path, f["units"])
     write_parquet(meta, meta_path, {"fingerprint": fp, "seconds": round(time.time() - t0, 3),
                                     "checkpoints": ickpts})
     return dict(res, skipped=False, rows=meta.height)
@@ -262,7 +257,7 @@ def merge_influence(recipe: Recipe, run_dir: Path, parts: list[dict[str, Any]], 
                            "gradsim_domain": gs_d.double().numpy()}, schema_overrides={"id": pl.Utf8})
     # merged features (float16, (rows, checkpoints, k)) and ids
     out = run_dir / "influence"
-    _save_npy(out / "features.npy", np.ascontiguousarray(units.transpose(1, 0, 2)))
+    save_npy(out / "features.npy", np.ascontiguousarray(units.transpose(1, 0, 2)))
     # neighbours: inner products of the weighted concatenation are sum_i w_i cos_i
     neighbours, faiss_where = _neighbours(cfg.neighbours, units, tunits, w, meta, tmeta)
     write_parquet(neighbours, out / "neighbours.parquet", {"step_fingerprint": step_fingerprint})

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,9 @@ from winnow.pipeline.collate import Example, Featurizer
 from winnow.pipeline.models import init_model, resolve_device
 from winnow.pipeline.recipe import Recipe
 from winnow.pipeline.sources import InputShard, iter_raw_batches
-from winnow.pipeline.store import read_parquet, write_parquet
+from winnow.pipeline.store import write_parquet
 from winnow.pipeline.train import lr_lambda
+from winnow.scorers.grad_engine import GradEngine, fast_paths, next_token_losses, per_example_loss
 
 STATIC = ("uniform", "proportional", "temperature")
 
@@ -95,18 +97,6 @@ class _Sampler:
         return self.g.multinomial(b, w / w.sum()).tolist()
 
 
-def _token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T-1) next-token NLL (fp32) and the mask of counted positions."""
-    from winnow.scorers.base import model_logits, next_token_positions
-    from winnow.scorers.grad_engine import token_nll
-
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    logits = model_logits(model(input_ids=ids, attention_mask=mask))
-    valid = next_token_positions(ids, mask)
-    y = ids[:, 1:].masked_fill(~valid, 0)
-    return token_nll(logits, y), valid
-
-
 def _optimizer(model: Any, lr: float, weight_decay: float):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
@@ -125,7 +115,7 @@ def _train_reference(recipe: Recipe, sampler: _Sampler, w: np.ndarray, device: t
             gr["lr"] = m.lr * f(step)
         exs, _ = sampler.draw(sampler.weighted_counts(m.batch_size, w))
         batch = {k: v.to(device) for k, v in feat.collate(exs).items()}
-        nll, valid = _token_losses(model, batch)
+        nll, valid = next_token_losses(model, batch)
         loss = (nll * valid).sum() / valid.sum().clamp_min(1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), m.grad_clip)
@@ -207,18 +197,12 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
             ref = _train_reference(recipe, sampler, full, device, tok, feat, progress)
         lam_prev = None
         local = {i: j for j, i in enumerate(train_ids)}
-        from contextlib import ExitStack
-
-        from winnow.scorers.grad_engine import fast_paths
-
         fast = ExitStack()  # exact speed substitutions (aligned wide head on CUDA, fused gelu_new)
         if m.method == "doremi":
             fast.enter_context(fast_paths(model))
             fast.enter_context(fast_paths(ref))
         eng = None
         if m.method in ("doge", "dga"):
-            from winnow.scorers.grad_engine import GradEngine
-
             eng = GradEngine(model, params="all", check=False)
         for step in range(1, m.steps + 1):
             lr_t = m.lr * f(step - 1)
@@ -229,8 +213,8 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
                 d = torch.tensor([local[int(x)] for x in dom])
                 batch = {kk: v.to(device) for kk, v in feat.collate(exs).items()}
                 with torch.no_grad():
-                    ref_nll, _ = _token_losses(ref, batch)
-                nll, valid = _token_losses(model, batch)
+                    ref_nll, _ = next_token_losses(ref, batch)
+                nll, valid = next_token_losses(model, batch)
                 lam = doremi_excess(nll.detach(), ref_nll, valid, d.to(device), k, lam_prev, clip=m.clip)
                 lam_prev = lam
                 alpha = doremi_update(alpha, lam.cpu(), m.eta, m.smoothing)
@@ -264,7 +248,7 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
                     return full[dom].to(device)
 
                 state["alpha"], state["alpha_hat"] = alpha, alpha_hat
-                eng.compute(lambda b=batch, s=scale: per_example_loss_fn(model, b) * s, sqnorm=False,
+                eng.compute(lambda b=batch, s=scale: per_example_loss(model, b, "causal_lm") * s, sqnorm=False,
                             groups=dom.to(device), num_groups=len(names), grad_coeffs=coeffs)
                 alpha, alpha_hat = state["alpha"], state["alpha_hat"]
             else:  # dga between updates: train on the current mixture
@@ -272,7 +256,7 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
                 full[train_ids] = alpha.numpy()
                 exs, _ = sampler.draw(sampler.weighted_counts(m.batch_size, full))
                 batch = {kk: v.to(device) for kk, v in feat.collate(exs).items()}
-                nll, valid = _token_losses(model, batch)
+                nll, valid = next_token_losses(model, batch)
                 ((nll * valid).sum() / valid.sum().clamp_min(1)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), m.grad_clip)
             opt.step()
@@ -301,12 +285,6 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
     return res
 
 
-def per_example_loss_fn(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    from winnow.scorers.grad_engine import per_example_loss
-
-    return per_example_loss(model, batch, "causal_lm")
-
-
 def mixture_weights_for_rows(run_dir: Path, domains: list[str | None], kept: np.ndarray) -> np.ndarray:
     """Per-row weights N alpha_d / n_d over kept rows (0 for pruned rows and for domains not in the mixture)."""
     mix = json.loads((run_dir / "mixture.json").read_text())["weights"]
@@ -321,9 +299,4 @@ def mixture_weights_for_rows(run_dir: Path, domains: list[str | None], kept: np.
     return out
 
 
-def read_trajectory(run_dir: Path) -> pl.DataFrame | None:
-    p = run_dir / "mixture_trajectory.parquet"
-    return read_parquet(p) if p.exists() else None
-
-
-__all__ = ["mixture_fingerprint", "mixture_weights_for_rows", "read_trajectory", "run_mixture"]
+__all__ = ["mixture_fingerprint", "mixture_weights_for_rows", "run_mixture"]

@@ -713,9 +713,7 @@ def _plot_mixture(traj: pl.DataFrame) -> bytes:
     ax1.set_title("Mixture weights over training")
     _legend(ax1)
     ax2.plot(steps, traj["entropy"].to_numpy(), color="#444444")
-    import math as _m
-
-    ax2.axhline(_m.log(max(1, len(doms))), color="#888888", linestyle=":", label="uniform (log k)")
+    ax2.axhline(math.log(max(1, len(doms))), color="#888888", linestyle=":", label="uniform (log k)")
     ax2.set_xlabel("proxy step")
     ax2.set_ylabel("entropy of the weights (nats)")
     ax2.set_title("Entropy of the mixture")

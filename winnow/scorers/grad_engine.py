@@ -108,6 +108,7 @@ __all__ = [
     "SQNORM_METHODS",
     "GradEngine",
     "fast_paths",
+    "next_token_losses",
     "per_example_loss",
     "projection_factors",
     "select_parameters",
@@ -459,23 +460,32 @@ def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class fast_paths:
-    """Context manager: the engine's exact speed substitutions without its hooks, for plain forwards and
-    backwards (a frozen reference model, a proxy's training step): wide unaligned ``nn.Linear`` layers
-    through a zero-padded weight (CUDA inputs only unless ``force``), and transformers' ``gelu_new`` as the
-    identical fused ``F.gelu(approximate="tanh")``. Restores the modules' ``forward`` on exit."""
+    """Context manager: the engine's exact speed substitutions, usable without the engine (a frozen reference
+    model, a proxy's training step; the engine applies them itself while open): plain ``nn.Linear`` layers at
+    least 4096 wide whose width is not a multiple of 64 compute through a zero-padded weight (``align``:
+    ``"auto"`` on CUDA inputs only, ``True`` everywhere, ``False`` never; ``linears``: only these modules),
+    and transformers' ``gelu_new`` runs as the identical fused ``F.gelu(approximate="tanh")``
+    (``fuse_activations``). Modules that already have an instance ``forward`` are left alone; exit restores
+    the patched modules' ``forward``."""
 
-    def __init__(self, model: nn.Module, force: bool = False) -> None:
-        self.model, self.force, self.patched = model, force, []
+    def __init__(self, model: nn.Module, align: str | bool = "auto", fuse_activations: bool = True,
+                 linears: Sequence[nn.Module] | None = None) -> None:
+        if align not in ("auto", True, False):
+            raise ValueError(f"align must be 'auto', True or False, got {align!r}")
+        self.model, self.align, self.fuse = model, align, fuse_activations
+        self.linears = None if linears is None else {id(m) for m in linears}
+        self.patched: list[nn.Module] = []
 
     def __enter__(self) -> fast_paths:
         for module in self.model.modules():
             if "forward" in module.__dict__:
                 continue
-            if _is_new_gelu(module):
+            if self.fuse and _is_new_gelu(module):
                 module.forward = _tanh_gelu
-            elif (type(module) is nn.Linear and module.out_features % _ALIGN
-                  and module.out_features >= _ALIGN_MIN_WIDTH):
-                module.forward = _aligned_linear(module, cuda_only=not self.force)
+            elif (self.align is not False and type(module) is nn.Linear and module.out_features % _ALIGN
+                  and module.out_features >= _ALIGN_MIN_WIDTH
+                  and (self.linears is None or id(module) in self.linears)):
+                module.forward = _aligned_linear(module, cuda_only=self.align == "auto")
             else:
                 continue
             self.patched.append(module)
@@ -555,8 +565,7 @@ class GradEngine:
             raise ValueError(f"sqnorm_method must be one of {', '.join(SQNORM_METHODS)}, got {sqnorm_method!r}")
         if not isinstance(chunk_elements, int) or chunk_elements < 1:
             raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
-        if align not in ("auto", True, False):
-            raise ValueError(f"align must be 'auto', True or False, got {align!r}")
+        fast_paths(model, align=align)  # validates align before anything is installed
         self.model = model
         self.proj_dim = proj_dim
         self.proj_seed = int(proj_seed)
@@ -618,19 +627,9 @@ class GradEngine:
             for key, (module, _, _) in self._modules.items()
         ]
         # Linear layers with an output width cuBLAS handles badly (GPT-2's 50257-way head: 7x slower than
-        # at 50304 on an H100) compute through a zero-padded weight while the engine is open.
-        self._patched: list[nn.Module] = []
-        if fuse_activations:
-            for module in model.modules():
-                if _is_new_gelu(module) and "forward" not in module.__dict__:
-                    module.forward = _tanh_gelu
-                    self._patched.append(module)
-        if align is not False:
-            for module, _, _ in self._modules.values():
-                if (type(module) is nn.Linear and "forward" not in module.__dict__
-                        and module.out_features % _ALIGN and module.out_features >= _ALIGN_MIN_WIDTH):
-                    module.forward = _aligned_linear(module, cuda_only=align == "auto")
-                    self._patched.append(module)
+        # at 50304 on an H100) compute through a zero-padded weight while the engine is open; gelu_new fused.
+        self._fast = fast_paths(model, align=align, fuse_activations=fuse_activations,
+                                linears=[m for m, _, _ in self._modules.values()]).__enter__()
 
     # -- hooks ---------------------------------------------------------------------------------
     def _on_forward(self, key: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -664,9 +663,12 @@ class GradEngine:
         for h in self._handles:
             h.remove()
         self._handles = []
-        for module in self._patched:
-            module.__dict__.pop("forward", None)
-        self._patched = []
+        self._fast.__exit__()
+
+    @property
+    def _patched(self) -> list[nn.Module]:
+        """Modules whose forward the engine's fast paths replaced (restored by close)."""
+        return self._fast.patched
 
     def __enter__(self) -> GradEngine:
         return self
@@ -1095,6 +1097,35 @@ def _positions(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)
 
 
+def next_token_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal LM: the (B, T-1) next-token NLL (fp32, :func:`token_nll`; exactly 0 where not counted) and the
+    (B, T-1) bool mask of counted positions (position t predicts token t + 1, both real). The model gets
+    batch-shaped ``position_ids`` (``cumsum(attention_mask) - 1`` with padding) when its forward takes them
+    (see :func:`per_example_loss`)."""
+    input_ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    kwargs: dict[str, Any] = {"input_ids": input_ids}
+    padded = mask is not None and not bool(mask.bool().all())
+    if padded:
+        kwargs["attention_mask"] = mask
+    if _accepts(model, "position_ids"):
+        kwargs["position_ids"] = ((mask.long().cumsum(-1) - 1).clamp(min=0) if padded
+                                  else _positions(input_ids))
+    if _accepts(model, "use_cache"):
+        kwargs["use_cache"] = False
+    logits = model_logits(model(**kwargs))
+    B, T = input_ids.shape
+    valid = next_token_positions(input_ids, mask)
+    if T < 2:
+        return logits.float()[:, :0, 0] * 0.0, valid  # no counted position; keeps the graph
+    y = input_ids[:, 1:]
+    vocab = logits.shape[-1]
+    if bool((((y < 0) | (y >= vocab)) & valid).any()):
+        raise ValueError(f"target token id out of range for a vocabulary of {vocab} at a counted position")
+    nll = token_nll(logits, y.masked_fill(~valid, 0))
+    return torch.where(valid, nll, torch.zeros((), dtype=nll.dtype, device=nll.device)), valid
+
+
 def per_example_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], task: str) -> torch.Tensor:
     """The (B,) per-example losses of ``batch`` (docs/ARCHITECTURE.md, "Batches"), the engine's input.
 
@@ -1114,29 +1145,7 @@ def per_example_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], task: 
     example keeps its own mean, so that summing these losses gives every example its own gradient.
     """
     if task == "causal_lm":
-        input_ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        kwargs: dict[str, Any] = {"input_ids": input_ids}
-        padded = mask is not None and not bool(mask.bool().all())
-        if padded:
-            kwargs["attention_mask"] = mask
-        if _accepts(model, "position_ids"):
-            kwargs["position_ids"] = ((mask.long().cumsum(-1) - 1).clamp(min=0) if padded
-                                      else _positions(input_ids))
-        if _accepts(model, "use_cache"):
-            kwargs["use_cache"] = False
-        logits = model_logits(model(**kwargs))
-        B, T = input_ids.shape
-        valid = next_token_positions(input_ids, mask)
-        if T < 2:
-            return logits.float().sum((1, 2)) * 0.0
-        y = input_ids[:, 1:]
-        vocab = logits.shape[-1]
-        if bool((((y < 0) | (y >= vocab)) & valid).any()):
-            raise ValueError(f"target token id out of range for a vocabulary of {vocab} at a counted position")
-        y = y.masked_fill(~valid, 0)
-        nll = token_nll(logits, y)
-        nll = torch.where(valid, nll, torch.zeros((), dtype=nll.dtype, device=nll.device))
+        nll, valid = next_token_losses(model, batch)
         return nll.sum(1) / valid.sum(1).clamp(min=1)
     if task in ("sequence_classification", "image_classification"):
         inputs = classification_inputs(batch, task, "per_example_loss")
