@@ -6,10 +6,15 @@ Variants (fp32 weights under bf16 autocast, AdamW step included in every variant
                 backward of the alpha-weighted per-domain token means + optimizer step
   doge_code     the DoGE public code's way: one backward per domain (retain_graph), flattened per-domain
                 gradients, their Gram, the weight update, the model's gradient sum_i alpha_i g_i, step
-  doge_engine   winnow: ONE backward; the engine's group Gram of the domains' mean gradients, the weight
-                update and the model's gradient from the recorded factors (grad_coeffs), step
+  doge_engine   winnow: ONE backward; the engine's group sums of the domains' mean gradients from bf16
+                factors (fp32 sums, factor_dtype="input"), their Gram, the weight update, and the model's
+                gradient sum_i alpha_i S_i read off the kept sums (group_coeffs), step
   dga_engine    the same with a target group in the batch (DGA's update step)
+  doge_engine_v1  the previous engine path (run 2): fp32 factors, per-group index_select copies, and the
+                model's gradient from a second product of the factors (grad_coeffs)
   *_fast_paths  plain and doremi with the engine's exact fast paths (aligned head, fused GELU) applied
+  plain_fast_paths_again  the plain fast-path step timed again last: drift between the first and last
+                variants of the run
 
     python3 benchmarks/bench_mixture.py --out $OUT      # on the GPU machine
     python3 benchmarks/bench_mixture.py --smoke         # tiny shapes on CPU
@@ -44,7 +49,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--per-domain", type=int, default=4)
     ap.add_argument("--domains", type=int, default=7)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="also print the top kernels of plain_fast_paths "
+                    "and doge_engine (torch.profiler)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     a = ap.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -118,25 +126,37 @@ def main() -> None:
         del Fm, flat
         step()
 
-    eng = GradEngine(model, check=False)
+    eng = GradEngine(model, check=False, factor_dtype="input")  # bf16 factors under autocast, fp32 sums
+    eng_v1 = None
     tok_share = torch.full((B,), 1.0 / a.per_domain, device=dev)  # equal lengths: each example's share
 
-    def doge_engine(target: bool = False):
-        def coeffs(out):
-            G = out["group_gram"].double().cpu()
-            if target:  # domain K-1 plays the target; the others train
-                tr = list(range(K - 1))
-                new, hat = dga_update(state["alpha"][:K - 1] / state["alpha"][:K - 1].sum(),
-                                      state["hat"][:K - 1] / state["hat"][:K - 1].sum(), G[tr][:, K - 1])
-                full = torch.zeros(K, dtype=torch.float64)
-                full[tr] = new
-                return full.to(dev)[dom].float()
-            state["alpha"], _ = doge_update(state["alpha"], G, 1e-4)
-            return state["alpha"].to(dev)[dom].float()
+    def weights(out, target):
+        G = out["group_gram"].double().cpu()
+        if target:  # domain K-1 plays the target; the others train
+            tr = list(range(K - 1))
+            new, hat = dga_update(state["alpha"][:K - 1] / state["alpha"][:K - 1].sum(),
+                                  state["hat"][:K - 1] / state["hat"][:K - 1].sum(), G[tr][:, K - 1])
+            full = torch.zeros(K, dtype=torch.float64)
+            full[tr] = new
+            return full
+        state["alpha"], _ = doge_update(state["alpha"], G, 1e-4)
+        return state["alpha"].clone()
 
+    def doge_engine(target: bool = False):
         with torch.autocast(**amp):
             eng.compute(lambda: per_example_loss(model, batch, "causal_lm") * tok_share, sqnorm=False,
-                        groups=dom, num_groups=K, grad_coeffs=coeffs)
+                        groups=dom, num_groups=K, group_coeffs=lambda out: weights(out, target))
+        step()
+
+    def doge_engine_v1():
+        nonlocal eng_v1
+        if eng_v1 is None:  # the run-2 path: fp32 factors, the gradient from a second product
+            eng.close()
+            eng_v1 = GradEngine(model, check=False)
+        with torch.autocast(**amp):
+            eng_v1.compute(lambda: per_example_loss(model, batch, "causal_lm") * tok_share, sqnorm=False,
+                           groups=dom, num_groups=K,
+                           grad_coeffs=lambda out: weights(out, False).to(dev)[dom].float())
         step()
 
     res: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
@@ -151,10 +171,11 @@ def main() -> None:
 
     variants = [("plain", plain), ("doremi", doremi), ("plain_fast_paths", plain_fast),
                 ("doremi_fast_paths", doremi_fast), ("doge_code", doge_code), ("doge_engine", doge_engine),
-                ("dga_engine", lambda: doge_engine(True))]
+                ("dga_engine", lambda: doge_engine(True)), ("doge_engine_v1", doge_engine_v1),
+                ("plain_fast_paths_again", plain_fast)]
     for name, fn in variants:
         try:
-            for _ in range(2):
+            for _ in range(a.warmup):
                 fn()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
@@ -173,11 +194,78 @@ def main() -> None:
             res[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
             torch.cuda.empty_cache()
         print(name, res[name], flush=True)
-    eng.close()
+    if dev.type == "cuda":  # the Gram of kept group sums: one long fp32 GEMM against batched slices
+        from winnow.scorers.grad_engine import _rows_gram
+        X = torch.randn(K + 1, 768 * 3072, device=dev)
+        probe = {}
+        for name, fn in (("mm", lambda: X @ X.t()), ("sliced", lambda: _rows_gram(X))):
+            fn()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(20):
+                G = fn()
+            torch.cuda.synchronize()
+            probe[name + "_ms"] = (time.perf_counter() - t) / 20 * 1e3
+        probe["rel_diff"] = float((_rows_gram(X).double() - (X.double() @ X.double().t())).norm()
+                                  / (X.double() @ X.double().t()).norm())
+        res["gram_probe_8x2.4M"] = probe
+        print("gram probe", probe, flush=True)
+        del X, G
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        if eng_v1 is not None:
+            eng_v1.close()
+            eng_v1 = None
+            eng = GradEngine(model, check=False, factor_dtype="input")
+        for name, fn in (("plain_fast_paths", plain_fast), ("doge_engine", doge_engine)):
+            fn()
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+            key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+            try:
+                table = prof.key_averages().table(sort_by=key, row_limit=30)
+            except (AttributeError, KeyError, ValueError):
+                table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30)
+            print(f"== profile {name}\n{table}", flush=True)
+            if a.out:
+                Path(a.out).mkdir(parents=True, exist_ok=True)
+                (Path(a.out) / f"profile_{name}.txt").write_text(table)
+    (eng_v1 or eng).close()
+    # agreement on one batch: the engine's Gram and gradient (bf16 factors, fp32 sums) against the
+    # backward-per-domain way (autograd under the same autocast)
+    fixed = torch.linspace(1.0, 2.0, K, dtype=torch.float64)
+    fixed /= fixed.sum()
+    model.eval()  # no dropout: both ways see the same function
+    opt.zero_grad(set_to_none=True)
+    with GradEngine(model, check=False, factor_dtype="input") as e2, torch.autocast(**amp):
+        o = e2.compute(lambda: per_example_loss(model, batch, "causal_lm") * tok_share, sqnorm=False,
+                       groups=dom, num_groups=K, group_coeffs=lambda out: fixed)
+    g_eng = torch.cat([p.grad.reshape(-1).float() for p in params])
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(**amp):
+        n = nll_of(model)
+    losses = [n[dom == i].mean() for i in range(K)]
+    flat = []
+    for i in range(K):
+        gr = torch.autograd.grad(losses[i], params, retain_graph=i < K - 1)
+        flat.append(torch.cat([x.reshape(-1).float() for x in gr]))
+    Fm = torch.stack(flat)
+    G_ref = (Fm @ Fm.t()).double()
+    g_ref = (fixed.to(dev).float().unsqueeze(1) * Fm).sum(0)
+    res["check"] = {"gram_rel_err": float((o["group_gram"].double() - G_ref).norm() / G_ref.norm()),
+                    "grad_rel_err": float((g_eng - g_ref).norm() / g_ref.norm())}
+    del Fm, flat
+    print("check", res["check"], flush=True)
     base = res["plain"]["ms"]
+    fast = res["plain_fast_paths"].get("ms")
     for name, _ in variants[1:]:
         if "ms" in res[name]:
             res[name]["x_plain"] = res[name]["ms"] / base
+            if fast:
+                res[name]["x_plain_fast_paths"] = res[name]["ms"] / fast
     print(json.dumps(res, indent=2), flush=True)
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)

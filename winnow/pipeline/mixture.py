@@ -11,7 +11,8 @@ per domain with a seeded generator:
 * ``doge``: batches drawn uniformly over the training domains plus the target domains' examples; ONE
   batched backward gives, through the per-example gradient engine, the Gram matrix of the domains' mean
   gradients and the model's update sum_i α_i g_i with the weights updated on this very step
-  (``GradEngine.compute(groups=..., grad_coeffs=...)``);
+  (``GradEngine.compute(groups=..., group_coeffs=...)``: the group sums are kept, so the update costs no
+  second product);
 * ``dga``: online: batches drawn by the current weights (the run trains its model on the mixture it is
   learning); every ``update_every`` steps a batch holding every training domain and the target gives the
   alignments <g_i, g_target> from the engine's group Gram and the EMA-smoothed exponentiated update;
@@ -104,8 +105,14 @@ def _optimizer(model: Any, lr: float, weight_decay: float):
                               {"params": rest, "weight_decay": 0.0}], lr=lr)
 
 
+def _amp(device: torch.device):
+    """bf16 autocast on GPUs that have it (as the spine's training), fp32 elsewhere."""
+    on = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
 def _train_reference(recipe: Recipe, sampler: _Sampler, w: np.ndarray, device: torch.device, tok: Any,
-                     feat: Featurizer, progress: Any) -> Any:
+                     feat: Featurizer, progress: Any, amp: Any) -> Any:
     m = recipe.mixture
     model = init_model(recipe, m.seed + 1, tok, None).to(device).train()
     opt = _optimizer(model, m.lr, m.weight_decay)
@@ -115,7 +122,8 @@ def _train_reference(recipe: Recipe, sampler: _Sampler, w: np.ndarray, device: t
             gr["lr"] = m.lr * f(step)
         exs, _ = sampler.draw(sampler.weighted_counts(m.batch_size, w))
         batch = {k: v.to(device) for k, v in feat.collate(exs).items()}
-        nll, valid = next_token_losses(model, batch)
+        with amp():
+            nll, valid = next_token_losses(model, batch)
         loss = (nll * valid).sum() / valid.sum().clamp_min(1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), m.grad_clip)
@@ -180,6 +188,7 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
         final = avg = w
     else:
         device = resolve_device(m.device)
+        amp = _amp(device)
         sampler = _Sampler(domains, m.seed)
         model = init_model(recipe, m.seed, tok, None).to(device).train()
         opt = _optimizer(model, m.lr, m.weight_decay)
@@ -194,7 +203,7 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
                     else static_weights(tokens, "proportional")).numpy()
             full = np.zeros(len(names))
             full[train_ids] = wref
-            ref = _train_reference(recipe, sampler, full, device, tok, feat, progress)
+            ref = _train_reference(recipe, sampler, full, device, tok, feat, progress, amp)
         lam_prev = None
         local = {i: j for j, i in enumerate(train_ids)}
         fast = ExitStack()  # exact speed substitutions (aligned wide head on CUDA, fused gelu_new)
@@ -203,7 +212,8 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
             fast.enter_context(fast_paths(ref))
         eng = None
         if m.method in ("doge", "dga"):
-            eng = GradEngine(model, params="all", check=False)
+            # bf16 factors under autocast (fp32 sums): the group products cost what a weight gradient does
+            eng = GradEngine(model, params="all", check=False, factor_dtype="input")
         for step in range(1, m.steps + 1):
             lr_t = m.lr * f(step - 1)
             for gr in opt.param_groups:
@@ -212,9 +222,10 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
                 exs, dom = sampler.draw(sampler.uniform_counts(m.batch_size, train_ids))
                 d = torch.tensor([local[int(x)] for x in dom])
                 batch = {kk: v.to(device) for kk, v in feat.collate(exs).items()}
-                with torch.no_grad():
+                with torch.no_grad(), amp():
                     ref_nll, _ = next_token_losses(ref, batch)
-                nll, valid = next_token_losses(model, batch)
+                with amp():
+                    nll, valid = next_token_losses(model, batch)
                 lam = doremi_excess(nll.detach(), ref_nll, valid, d.to(device), k, lam_prev, clip=m.clip)
                 lam_prev = lam
                 alpha = doremi_update(alpha, lam.cpu(), m.eta, m.smoothing)
@@ -231,8 +242,8 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
                 present = torch.tensor([bool(per_dom[i] > 0) for i in train_ids])
                 state: dict[str, Any] = {}
 
-                def coeffs(out: dict[str, Any], dom: torch.Tensor = dom, lr_t: float = lr_t,
-                           present: torch.Tensor = present, state: dict = state) -> torch.Tensor:
+                def coeffs(out: dict[str, Any], lr_t: float = lr_t, present: torch.Tensor = present,
+                           state: dict = state) -> torch.Tensor:
                     G = out["group_gram"].double().cpu()
                     Gtr = G[train_ids][:, train_ids]
                     dots = G[train_ids][:, tgt_ids].sum(1) if tgt_ids else None
@@ -243,20 +254,22 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
                     else:
                         new, hat = dga_update(state["alpha"], state["alpha_hat"], dots, eta=m.eta_dga, beta=m.beta)
                         state["alpha"], state["alpha_hat"] = new, hat
-                    full = torch.zeros(len(names), dtype=torch.float64)
+                    full = torch.zeros(len(names), dtype=torch.float64)  # target domains: no training weight
                     full[train_ids] = state["alpha"]
-                    return full[dom].to(device)
+                    return full
 
                 state["alpha"], state["alpha_hat"] = alpha, alpha_hat
-                eng.compute(lambda b=batch, s=scale: per_example_loss(model, b, "causal_lm") * s, sqnorm=False,
-                            groups=dom.to(device), num_groups=len(names), grad_coeffs=coeffs)
+                with amp():
+                    eng.compute(lambda b=batch, s=scale: per_example_loss(model, b, "causal_lm") * s, sqnorm=False,
+                                groups=dom.to(device), num_groups=len(names), group_coeffs=coeffs)
                 alpha, alpha_hat = state["alpha"], state["alpha_hat"]
             else:  # dga between updates: train on the current mixture
                 full = np.zeros(len(names))
                 full[train_ids] = alpha.numpy()
                 exs, _ = sampler.draw(sampler.weighted_counts(m.batch_size, full))
                 batch = {kk: v.to(device) for kk, v in feat.collate(exs).items()}
-                nll, valid = next_token_losses(model, batch)
+                with amp():
+                    nll, valid = next_token_losses(model, batch)
                 ((nll * valid).sum() / valid.sum().clamp_min(1)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), m.grad_clip)
             opt.step()

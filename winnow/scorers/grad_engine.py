@@ -41,7 +41,10 @@ T = sum over uses of the positions T_u:
   ``Dense``: O(B (k1 d1 d2 + k1 d2 k2)), see "Projection" below.
 * group sums: one C x m x n_slice block of group gradients at a time (the columns of the (m, n) view
   are sliced so that C m n_slice <= ``chunk_elements``), O(B T m n) time, the cost of the weight gradient
-  itself; an embedding-only parameter keeps only the rows of the ids present in the batch.
+  itself, as C products over each group's positions (a slice of the batch when it is ordered by group,
+  else one permuted copy per factor); an embedding-only parameter keeps only the rows of the ids present
+  in the batch. With ``group_coeffs`` the whole C x m x n sums are kept, and the model's gradient
+  sum_c a_c S_c is read off them (O(C m n)) instead of a second product of the factors.
 * consistency check (``check=True``): two rank-1 probes u v^T per parameter, O(B T (m + n)).
 * the backward is one ordinary ``torch.autograd.grad`` of ``sum_b loss_b`` with respect to the selected
   parameters (so the batch gradient is computed too, which the check compares against; ``.grad``
@@ -367,21 +370,69 @@ def _dense_project(v: torch.Tensor, PL: torch.Tensor, PR: torch.Tensor) -> torch
     return torch.matmul(torch.matmul(PL, V), PR.t()).reshape(B, -1)
 
 
+_MM_OUT_DTYPE = {"ok": True}  # torch.mm/bmm(..., out_dtype=) exist for CUDA half inputs in recent torch
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``a @ b`` (2-D, or 3-D batched) as ``acc``: half-precision inputs multiply in their own precision
+    (fp32 accumulation in the kernel) and, on CUDA, write an fp32 result directly (``out_dtype``);
+    elsewhere the product is cast."""
+    if a.dtype == acc and b.dtype == acc:
+        return a @ b
+    if a.dtype != b.dtype:
+        low = a.dtype if a.dtype in _LOW_PRECISION else b.dtype
+        a, b = a.to(low), b.to(low)
+    if a.is_cuda and _MM_OUT_DTYPE["ok"]:
+        try:
+            return (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=acc)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE["ok"] = False
+    return (a @ b).to(acc)
+
+
+_GRAM_SLICE = 8192  # columns per batched slice of a long Gram
+
+
+def _rows_gram(X: torch.Tensor) -> torch.Tensor:
+    """X X^T for a short, very long X (C, P). A plain product of that shape runs far below memory speed on
+    CUDA (one fp32 GEMM with an 8 x 8 output and K in the millions); on CUDA it is computed as a batch of
+    (C, 8192) slices, one read of X."""
+    C, P = X.shape
+    if not X.is_cuda or P < 4 * _GRAM_SLICE or X.stride(1) != 1:
+        return X @ X.t()
+    R = P // _GRAM_SLICE
+    head = X[:, : R * _GRAM_SLICE].as_strided((R, C, _GRAM_SLICE), (_GRAM_SLICE, X.stride(0), 1))
+    G = torch.bmm(head, head.transpose(1, 2)).sum(0)
+    if R * _GRAM_SLICE < P:
+        tail = X[:, R * _GRAM_SLICE:]
+        G += tail @ tail.t()
+    return G
+
+
 def _outer_groups(
     uses: list[Outer],
     m: int,
     n: int,
     groups: torch.Tensor,
-    members: dict[int, torch.Tensor],
+    spans: list[tuple[int, int, int]],
+    perm: torch.Tensor | None,
     C: int,
     target: torch.Tensor | None,
     budget: int,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(C, C) Gram of the group sums of the per-example gradients, and their dot with ``target`` (m, n).
+    acc: torch.dtype,
+    keep: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(C, C) Gram of the group sums S_c of the per-example gradients, their dot with ``target`` (m, n),
+    and with ``keep`` the sums themselves, (C, rows, n) in ``acc`` (rows >= m: an aligned layer's padded
+    width; the real gradient is the first m rows, i.e. the first m * n entries of each group's block).
 
-    ``members``: {group id: indices of its examples} for the groups present in the batch."""
-    dev, dtype = uses[0].right.device, uses[0].right.dtype
-    compact = all(f.onehot for f in uses)
+    ``spans``: (group, start, end) over the batch after ``perm`` (None: the batch is already ordered by
+    group, so each group's positions are a view, not a copy). Products take the factors in their own
+    precision and accumulate in ``acc``. Without ``keep``, S is built one block of columns at a time
+    (C * rows * n_slice <= ``budget``), and an embedding-only parameter keeps only the rows of the ids
+    present in the batch."""
+    dev = uses[0].right.device
+    compact = all(f.onehot for f in uses) and not keep
     if compact:  # keep only the rows of ids present in the batch
         ids, inv = torch.unique(torch.cat([f.left.reshape(-1) for f in uses]), return_inverse=True)
         rows = ids.numel()
@@ -390,31 +441,57 @@ def _outer_groups(
             invs.append(inv[start:start + f.left.numel()].view_as(f.left))
             start += f.left.numel()
     else:
-        rows = m
-    # dense uses: each group's positions gathered once, (N_c, m) and (N_c, n)
-    split = [None if f.onehot else {c: (f.left.index_select(0, ix).reshape(-1, m),
-                                        f.right.index_select(0, ix).reshape(-1, n))
-                                    for c, ix in members.items()} for f in uses]
-    ns = max(1, min(n, budget // max(1, C * rows)))
-    gram = torch.zeros(C, C, dtype=dtype, device=dev)
-    dot = None if target is None else torch.zeros(C, dtype=dtype, device=dev)
+        # an aligned layer's padded output gradient: products over its aligned width (zero extra rows)
+        rows = max([m] + [f.left.stride(-2) for f in uses if f.padded])
+    dense = []
+    for f in uses:
+        if f.onehot:
+            dense.append(None)
+            continue
+        L, R = f.wide_left(), f.right
+        if perm is not None:
+            L, R = L.index_select(0, perm), R.index_select(0, perm)
+        dense.append((L, R))
+    ns = n if keep else max(1, min(n, budget // max(1, C * rows)))
+    gram = torch.zeros(C, C, dtype=acc, device=dev)
+    dot = None if target is None else torch.zeros(C, dtype=acc, device=dev)
+    S = None
+    # every group present with as many examples, in order: one batched product per use, no zero fill
+    sizes = {e - s for _, s, e in spans}
+    batched = len(spans) == C and len(sizes) == 1
+    order = sorted(range(len(uses)), key=lambda i: uses[i].onehot)  # dense uses first
     for c0 in range(0, n, ns):
         c1 = min(n, c0 + ns)
-        S = torch.zeros(C, rows, c1 - c0, dtype=dtype, device=dev)
-        for i, f in enumerate(uses):
+        S = None
+        for i in order:
+            f = uses[i]
             if f.onehot:
+                if S is None:
+                    S = torch.zeros(C, rows, c1 - c0, dtype=acc, device=dev)
                 idx = invs[i] if compact else f.left
                 key = (groups.unsqueeze(1) * rows + idx).reshape(-1)
-                S.view(-1, c1 - c0).index_add_(0, key, f.right[..., c0:c1].reshape(-1, c1 - c0))
-            else:
-                for c, (Lc, Rc) in split[i].items():
-                    S[c].addmm_(Lc.t(), Rc[:, c0:c1])
+                S.view(-1, c1 - c0).index_add_(0, key, f.right[..., c0:c1].reshape(-1, c1 - c0).to(acc))
+                continue
+            L, R = dense[i]
+            w = L.shape[-1]
+            if batched and w == rows:
+                prod = _mm_acc(L.reshape(C, -1, w).transpose(1, 2), R[..., c0:c1].reshape(C, -1, c1 - c0), acc)
+                if S is None:
+                    S = prod
+                else:
+                    S += prod
+                continue
+            if S is None:
+                S = torch.zeros(C, rows, c1 - c0, dtype=acc, device=dev)
+            for c, s, e in spans:
+                S[c, :w] += _mm_acc(L[s:e].reshape(-1, w).t(), R[s:e, :, c0:c1].reshape(-1, c1 - c0), acc)
         Sf = S.reshape(C, -1)
-        gram += Sf @ Sf.t()
+        gram += _rows_gram(Sf)
         if dot is not None:
             tgt = target[ids, c0:c1] if compact else target[:, c0:c1]
-            dot += Sf @ tgt.reshape(-1)
-    return gram, dot
+            r = rows if compact else m  # the real rows: the first r * n_slice entries of each group's block
+            dot += Sf[:, : r * (c1 - c0)] @ tgt.reshape(-1)
+    return gram, dot, (S if keep else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -715,6 +792,7 @@ class GradEngine:
         target: Mapping[str, torch.Tensor] | None = None,
         precondition: Mapping[str, Any] | None = None,
         grad_coeffs: Callable[[dict[str, Any]], torch.Tensor] | None = None,
+        group_coeffs: Callable[[dict[str, Any]], torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """Run ``per_example_loss()`` (a forward returning the B per-example losses) and ONE backward of their
         sum, and return, float32 on the loss's device:
@@ -741,11 +819,21 @@ class GradEngine:
         ``.grad`` (as ``backward`` of ``sum_b c_b loss_b`` would), computed from the recorded factors: a
         training step whose loss weights depend on this step's per-example or per-group gradients (DoGE,
         DGA) costs one backward, not two. The coefficients are returned as ``"grad_coeffs"``.
+
+        ``group_coeffs`` (needs ``groups``): the same for coefficients that are constant within a group: a
+        function of the results giving (C,) coefficients a; the engine ADDS ``sum_c a_c S_c`` to ``.grad``.
+        The group sums S_c that the Gram was built from are kept (C times the selected parameters' size, in
+        fp32), so the model's gradient costs no second product of the factors: a DoGE/DGA step costs a
+        plain step plus O(C * parameters) (benchmarks/RESULTS.md). Returned as ``"group_coeffs"``.
         """
         if project and self.proj_dim is None:
             raise ValueError("compute(project=True) needs an engine built with proj_dim")
         if target is not None and groups is None:
             raise ValueError("compute(target=...) needs groups: the target is compared with group gradient sums")
+        if group_coeffs is not None and groups is None:
+            raise ValueError("compute(group_coeffs=...) needs groups: the coefficients weight the group sums")
+        if group_coeffs is not None and grad_coeffs is not None:
+            raise ValueError("compute: give grad_coeffs (per example) or group_coeffs (per group), not both")
         if not callable(per_example_loss):
             raise ValueError(f"per_example_loss must be a callable returning the (B,) losses, got {per_example_loss!r}")
         if not self._handles:
@@ -760,7 +848,8 @@ class GradEngine:
             self._active = False
         pre = self._check_precondition(precondition) if precondition is not None else None
         try:
-            return self._compute(losses, sqnorm, per_param, project, groups, num_groups, target, pre, grad_coeffs)
+            return self._compute(losses, sqnorm, per_param, project, groups, num_groups, target, pre, grad_coeffs,
+                                 group_coeffs)
         finally:
             self._records = {}
             self._outputs = []
@@ -822,7 +911,7 @@ class GradEngine:
         return out
 
     def _compute(self, losses, sqnorm, per_param, project, groups, num_groups, target, pre=None,
-                 grad_coeffs=None) -> dict[str, Any]:
+                 grad_coeffs=None, group_coeffs=None) -> dict[str, Any]:
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or not losses.is_floating_point():
             what = f"shape {tuple(losses.shape)} {losses.dtype}" if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(f"per_example_loss must return a 1-D float tensor of per-example losses (B,), got {what}")
@@ -832,12 +921,17 @@ class GradEngine:
         B, device = losses.shape[0], losses.device
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params.values()) else torch.float32
         C = 0
-        members: dict[int, torch.Tensor] = {}
+        spans: list[tuple[int, int, int]] = []
+        perm = None
         if groups is not None:
             groups, C = self._check_groups(groups, num_groups, B, device)
-            order = torch.argsort(groups, stable=True)
-            ids, counts = torch.unique_consecutive(groups[order], return_counts=True)
-            members = dict(zip(ids.tolist(), order.split(counts.tolist()), strict=True))
+            # the batch ordered by group: each group's rows are one slice (a view when already ordered)
+            if B > 1 and not bool((groups[1:] >= groups[:-1]).all()):
+                perm = torch.argsort(groups, stable=True)
+            ordered = groups if perm is None else groups[perm]
+            ids, counts = torch.unique_consecutive(ordered, return_counts=True)
+            ends = counts.cumsum(0).tolist()
+            spans = [(c, e - n, e) for c, n, e in zip(ids.tolist(), counts.tolist(), ends, strict=True)]
         targets = self._check_target(target, device, dtype) if target is not None else None
 
         names = list(self.params)
@@ -852,11 +946,11 @@ class GradEngine:
             batch_grads = [None] * len(names)
 
         # Factors (activations and output gradients) are converted to `dtype` (fp32) by default. With
-        # factor_dtype="input" and half-precision records, squared norms keep the factors in their own
-        # precision (no fp32 copies of bf16 activations) and accumulate every sum in fp32; projections and
-        # group sums always use fp32 factors.
+        # factor_dtype="input" and half-precision records, squared norms and group sums keep the factors in
+        # their own precision (no fp32 copies of bf16 activations) and accumulate every sum in fp32;
+        # projections and grad_coeffs always use fp32 factors.
         fdtype = dtype
-        if self.factor_dtype == "input" and not project and groups is None and grad_coeffs is None:
+        if self.factor_dtype == "input" and not project and grad_coeffs is None:
             low = [r.grad.dtype for recs in self._records.values() for r in recs
                    if r.grad is not None and r.grad.dtype in _LOW_PRECISION]
             if low:
@@ -872,6 +966,7 @@ class GradEngine:
         # the rules choose their own precision (factor_dtype): no caller's autocast applies to them
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
             kept: dict[str, list[Any]] = {}
+            sums: dict[str, torch.Tensor] = {}  # group_coeffs: each parameter's group sums S (C, ...)
             for name, G in zip(names, batch_grads, strict=True):
                 uses, low = self._uses(name, B, fdtype, cache, remaining)
                 if grad_coeffs is not None:
@@ -892,6 +987,8 @@ class GradEngine:
                         gram += S @ S.t()
                         if dot is not None:
                             dot += S @ targets[name].reshape(-1)
+                        if group_coeffs is not None:
+                            sums[name] = S
                 else:
                     m, n = self.views[name]
                     if not uses:
@@ -901,6 +998,8 @@ class GradEngine:
                         if sqnorm or per_param:
                             per[name] = torch.zeros(B, dtype=dtype, device=device)
                             total += per[name]
+                        if group_coeffs is not None:
+                            sums[name] = torch.zeros(C, m, n, dtype=dtype, device=device)
                         continue
                     if self.check:
                         checks.append(self._check_outer(name, uses, G, m, n, low))
@@ -911,10 +1010,13 @@ class GradEngine:
                         proj += _outer_project(pu, *self._proj(name, device, dtype))
                     if gram is not None:
                         tg = targets[name].reshape(m, n) if targets is not None else None
-                        g2, d2 = _outer_groups(uses, m, n, groups, members, C, tg, self.chunk_elements)
+                        g2, d2, S = _outer_groups(uses, m, n, groups, spans, perm, C, tg, self.chunk_elements,
+                                                  dtype, keep=group_coeffs is not None)
                         gram += g2
                         if dot is not None:
                             dot += d2
+                        if S is not None:
+                            sums[name] = S
                 if sq is not None:
                     per[name] = sq.to(dtype)
                     total += per[name]
@@ -946,6 +1048,19 @@ class GradEngine:
                     g = self._weighted_grad(name, uses, c.to(device, dtype), dtype).reshape(p.shape).to(p.dtype)
                     p.grad = g if p.grad is None else p.grad.add_(g)
             out["grad_coeffs"] = c.detach().float()
+        if group_coeffs is not None:
+            a = group_coeffs(out)
+            if not isinstance(a, torch.Tensor) or a.shape != (C,):
+                raise ValueError(f"group_coeffs must return a tensor of shape ({C},) (one per group), got "
+                                 f"{tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}")
+            with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+                a = a.detach().to(device, dtype)
+                for name, S in sums.items():
+                    p = self.params[name]
+                    g = (a.unsqueeze(0) @ S.reshape(C, -1)).reshape(-1)[: p.numel()].reshape(p.shape).to(p.dtype)
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+            sums.clear()
+            out["group_coeffs"] = a.float()
         return out
 
     def _weighted_grad(self, name: str, uses: list[Any], c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -1002,7 +1117,7 @@ class GradEngine:
 
     def _check_dense(self, name: str, v: torch.Tensor, uses: list[Dense], G: torch.Tensor | None, low: bool):
         est = v.sum(0)
-        scale = sum(((f.value if f.scale is None else f.scale).abs().sum(0) for f in uses), torch.zeros_like(est))
+        scale = sum(((f.value if f.scale is None else f.scale_value()).abs().sum(0) for f in uses), torch.zeros_like(est))
         ref = torch.zeros_like(est) if G is None else G.detach().reshape(-1).to(est.dtype)
         return (name, (est - ref).norm(), self._tol(G, low) * (scale + ref.abs()).norm(),
                 "|sum_b grad_b - batch gradient|")

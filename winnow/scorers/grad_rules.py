@@ -55,6 +55,7 @@ Extend with :func:`register_rule`.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,10 +133,14 @@ class Dense:
 
     ``scale`` (B, numel), optional: the sums of the absolute values of the terms that ``value`` adds up
     (sum_t |g_t|), the size of the rounding errors of the batch gradient that the engine's consistency
-    check allows for (a key bias, whose exact gradient is 0, is pure rounding noise)."""
+    check allows for (a key bias, whose exact gradient is 0, is pure rounding noise). A callable giving
+    it is evaluated only when the check runs (a full pass over the output gradient otherwise wasted)."""
 
     value: torch.Tensor
-    scale: torch.Tensor | None = None
+    scale: torch.Tensor | Callable[[], torch.Tensor] | None = None
+
+    def scale_value(self) -> torch.Tensor | None:
+        return self.scale() if callable(self.scale) else self.scale
 
 
 Factor = Outer | Dense
@@ -221,7 +226,7 @@ class LinearRule(Rule):
                 and g.stride(0) == g.stride(1) * g.shape[1]
             out["weight"] = Outer(g, a, padded=padded)
         if "bias" in attrs:
-            out["bias"] = Dense(g.sum(1), g.abs().sum(1))
+            out["bias"] = Dense(g.sum(1), lambda g=g: g.abs().sum(1))
         return out
 
 
@@ -251,7 +256,7 @@ class Conv1DRule(Rule):
         if "weight" in attrs:
             out["weight"] = Outer(a, g)
         if "bias" in attrs:
-            out["bias"] = Dense(g.sum(1), g.abs().sum(1))
+            out["bias"] = Dense(g.sum(1), lambda g=g: g.abs().sum(1))
         return out
 
 
@@ -320,7 +325,7 @@ class NormRule(Rule):
             tangent = self._plain_derivative(module, rec, attr)
             if tangent is not None:
                 prod = (g.to(dtype) * tangent.to(dtype)).reshape(B, -1, p.numel())
-                out[attr] = Dense(prod.sum(1), prod.abs().sum(1))
+                out[attr] = Dense(prod.sum(1), lambda prod=prod: prod.abs().sum(1))
                 continue
 
             def call(w: torch.Tensor, attr: str = attr) -> torch.Tensor:
@@ -337,7 +342,7 @@ class NormRule(Rule):
                     f"the shape of its {attr!r} {tuple(p.shape)}; got output {tuple(g.shape)}"
                 )
             prod = (g.to(dtype) * tangent.to(dtype)).reshape(B, -1, p.numel())
-            out[attr] = Dense(prod.sum(1), prod.abs().sum(1))
+            out[attr] = Dense(prod.sum(1), lambda prod=prod: prod.abs().sum(1))
         return out
 
 
@@ -376,7 +381,7 @@ class Conv2dRule(Rule):
                 raise ValueError(f"Conv2d: unfolded input has {cols.shape[-1]} positions, output {g.shape[-1]}")
             out["weight"] = Outer(g.transpose(1, 2), cols.transpose(1, 2))
         if "bias" in attrs:
-            out["bias"] = Dense(g.sum(2), g.abs().sum(2))
+            out["bias"] = Dense(g.sum(2), lambda g=g: g.abs().sum(2))
         return out
 
 
