@@ -30,7 +30,7 @@ def test_overrides_parse_yaml_values():
     ("select.score=grand", "select.score: 'grand' is not a score this recipe computes (el2n)"),
     ("select.count=10", "give exactly one of select.fraction, select.count, select.threshold (got fraction, count)"),
     ("model.path=/m", "give exactly one of model.path (a local folder) or model.config (random init)"),
-    ("data.domain_column=null", "select.stratify is 'domain' but data.domain_column is not set"),
+    ("data.domain_column=null", "select.stratify is 'domain' but the data has no domains"),
     ("name=has space", "name: String should match pattern"),
     ("scoring.scorers=[{name: el2n, params: {reduction: median}}]", None),
     ("nosuch", "expected KEY=VALUE"),

@@ -1,6 +1,7 @@
 """Domain-mixture optimisation runs: DoReMi, DoGE, DGA and static mixtures (recipe section ``mixture``).
 
-The data's domains come from ``data.domain_column``. Each domain's rows are tokenized once and held in
+The data's domains come from ``data.domain_column`` or, with ``data.source: {domain: source}``, from
+which source a row was read. Each domain's rows are tokenized once and held in
 memory (fine for proxy-scale runs: the proxy sees ``steps x batch_size`` examples); batches are drawn
 per domain with a seeded generator:
 

@@ -27,8 +27,9 @@ class Strict(BaseModel):
 class DataConfig(Strict):
     """Where the examples come from and which columns mean what."""
 
-    source: str = Field(description="glob(s) of jsonl/json/parquet/csv files (comma-separated), "
-                        "a `save_to_disk` folder, or a hub dataset id")
+    source: str | dict[str, str] = Field(
+        description="glob(s) of jsonl/json/parquet/csv files (comma-separated), a `save_to_disk` folder, or a "
+        "hub dataset id; or one source per domain, {domain: source}, whose rows get that domain")
     format: Literal["auto", "json", "parquet", "csv", "disk", "hub"] = "auto"
     split: str = "train"
     id_column: str | None = None
@@ -43,6 +44,24 @@ class DataConfig(Strict):
         default=None, description="(C, H, W) to reshape flat pixel arrays into")
     pixel_scale: float = Field(default=1.0, description="pixels are multiplied by this")
     read_batch_size: int = Field(default=512, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_domain_sources(cls, v: Any) -> Any:
+        """``source: {domain: source}``: each source's rows get its domain, written into the column
+        ``domain_column`` (default ``domain``; a column of that name in the files is overwritten)."""
+        if isinstance(v, dict) and isinstance(v.get("source"), dict):
+            src = v["source"]
+            if not src:
+                raise ValueError("data.source: an empty mapping; give {domain: source} with at least one domain")
+            for name, where in src.items():
+                if not isinstance(name, str) or not name.strip():
+                    raise ValueError(f"data.source: domain names must be non-empty strings, got {name!r}")
+                if not isinstance(where, str) or not where.strip():
+                    raise ValueError(f"data.source.{name}: expected a glob, folder or hub id, got {where!r}")
+            if v.get("domain_column") is None:
+                v = {**v, "domain_column": "domain"}
+        return v
 
 
 class TokenizerTrain(Strict):
@@ -258,7 +277,8 @@ class SelectConfig(Strict):
 
 
 class MixtureConfig(Strict):
-    """Domain-mixture optimisation (pipeline/mixture.py, selectors/mixture.py); needs data.domain_column."""
+    """Domain-mixture optimisation (pipeline/mixture.py, selectors/mixture.py); needs domains (data.domain_column
+    or data.source as {domain: source})."""
 
     method: Literal["doremi", "doge", "dga", "uniform", "proportional", "temperature"]
     temperature: float = Field(default=2.0, gt=0, description="temperature: weights ∝ tokens^(1/temperature)")
@@ -329,13 +349,15 @@ class Recipe(Strict):
         if self.model.tokenizer.train is not None and d.text_column is None:
             raise ValueError("model.tokenizer.train needs text: set data.text_column")
         if self.select.stratify == "domain" and d.domain_column is None:
-            raise ValueError("select.stratify is 'domain' but data.domain_column is not set")
+            raise ValueError("select.stratify is 'domain' but the data has no domains (set data.domain_column, or "
+                             "give data.source as {domain: source})")
         if self.select.weights.per_stratum and self.select.stratify is None:
             raise ValueError("select.weights.per_stratum needs select.stratify")
         if self.select.stratify == "label" and d.label_column is None:
             raise ValueError("select.stratify is 'label' but data.label_column is not set")
         if self.mixture is not None and d.domain_column is None:
-            raise ValueError("mixture needs data.domain_column (the domains whose proportions it learns)")
+            raise ValueError("mixture needs domains: data.domain_column, or one source per domain "
+                             "(data.source: {domain: source})")
         if self.select.method == "dpp" and self.scoring.embeddings is None:
             raise ValueError("select.method dpp needs scoring.embeddings (model: minilm, a folder, or column)")
         if self.scoring.embeddings is not None and self.scoring.embeddings.model is not None \

@@ -10,6 +10,9 @@ A source is split into *input shards*, the unit of work of the flows (one Prefec
   `IterableDataset.shard`; fingerprint from the id, split and shard index (no content hash exists
   before reading, so a changed hub dataset needs `--set data.split=...` or a new run name).
 
+With ``data.source: {domain: source, ...}`` each domain's source is resolved as above and its shards are
+tagged with the domain, which is written into every row's ``data.domain_column`` (default ``domain``).
+
 Example ids are the id column when the recipe names one, else the first 20 hex digits of the
 sha256 of the example's content (text, token ids or pixels): exact duplicates share an id, and so
 a score and a decision.
@@ -22,7 +25,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ class InputShard:
     fingerprint: str
     part: int = 0  # arrow file / hub shard index
     parts: int = 1
+    domain: str | None = None  # set when data.source is {domain: source}: every row gets this domain
 
     @property
     def name(self) -> str:
@@ -76,7 +80,18 @@ def _format_of(path: str, declared: str) -> str:
 
 
 def list_shards(data: DataConfig) -> list[InputShard]:
-    """Resolve `data.source` into input shards, in a stable order."""
+    """Resolve `data.source` into input shards, in a stable order (per-domain sources: in the mapping's
+    order, each shard tagged with its domain)."""
+    if isinstance(data.source, dict):
+        out: list[InputShard] = []
+        for name, src in data.source.items():
+            try:
+                sub = list_shards(data.model_copy(update={"source": src}))
+            except WinnowError as e:
+                raise WinnowError(str(e).replace("data.source:", f"data.source.{name}:", 1)) from None
+            for sh in sub:
+                out.append(replace(sh, index=len(out), domain=name))
+        return out
     src = data.source.strip()
     if data.format == "hub":
         return _hub_shards(data)
@@ -172,7 +187,10 @@ def iter_raw_batches(data: DataConfig, shard: InputShard, batch_size: int | None
             ds = datasets.load_dataset(shard.location, split=data.split, streaming=True)
             it = ds.shard(num_shards=shard.parts, index=shard.part).iter(batch_size=bs)
         for batch in it:
-            yield dict(batch)
+            batch = dict(batch)
+            if shard.domain is not None and data.domain_column is not None and batch:
+                batch[data.domain_column] = [shard.domain] * len(next(iter(batch.values())))
+            yield batch
     except WinnowError:
         raise
     except GeneratorExit:
