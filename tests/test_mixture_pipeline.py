@@ -57,9 +57,12 @@ def _run(root, name: str, mixture: dict, exclude_target: bool = False, width: in
 
 
 def test_doremi_drives_random_characters_down(mix_corpus, capsys):
-    # 2 layers x 64 wide, 200 steps: with 1 x 32 and 60 steps the proxy never learns to recognise noise
-    # and DoReMi keeps feeding it (measured 0.31-0.41); see README "Domain mixtures" for the gap
-    mix = _run(mix_corpus, "doremi", {"method": "doremi", "steps": 200, "reference_steps": 200},
+    # 2 layers x 64 wide, 200 proxy steps against a reference trained for 400: the reference must be the
+    # better model. With equal steps (200/200) this small proxy catches up with the reference on the real
+    # domains, whose excess then falls to the level of the noise domain's and the weights wander (noise
+    # 0.076 average measured); with 1 x 32 and 60 steps it was raised (0.31-0.41). Measured with 400
+    # reference steps: noise 0.038 (seed 0) and 0.032 (seed 1) against a quarter of uniform, 0.0625.
+    mix = _run(mix_corpus, "doremi", {"method": "doremi", "steps": 200, "reference_steps": 400},
                exclude_target=True, width=64)
     w = mix["weights"]
     k = len(w)
@@ -68,7 +71,7 @@ def test_doremi_drives_random_characters_down(mix_corpus, capsys):
               + f"; uniform {1 / k:.3f}, a quarter of it {0.25 / k:.3f}")
     assert set(w) == {"code", "prose", "licenses", "noise"}
     assert abs(sum(w.values()) - 1) < 1e-9
-    assert w["noise"] == min(w.values()) and w["noise"] < 0.5 / k  # the issue asks < 0.25 / k: not yet
+    assert w["noise"] == min(w.values()) and w["noise"] < 0.25 / k
     run = mix_corpus / "run-doremi"
     traj = pl.read_parquet(run / "mixture_trajectory.parquet")
     assert traj.height == 201 and {"step", "entropy", "noise"} <= set(traj.columns)
