@@ -232,3 +232,17 @@ def test_one_source_per_domain(tmp_path, corpus, capsys):
     r["output"]["dir"] = str(tmp_path / "bad")
     assert main(["run", str(write_recipe(tmp_path / "bad.yaml", r))]) == 2
     assert "data.source.klingon: no file matches" in capsys.readouterr().err
+
+
+def test_causal_lm_takes_string_labels_as_metadata(tmp_path, corpus):
+    """A language model has no classes: a label column is the rows' metadata (any strings, no label_names)."""
+    from winnow.pipeline.collate import Featurizer
+    from winnow.pipeline.recipe import recipe_from_dict
+
+    r = tiny_recipe(corpus, tmp_path / "run")
+    r["data"] = {"source": "x.jsonl", "input_ids_column": "ids", "label_column": "kind"}
+    r["model"]["tokenizer"] = {}
+    r["select"] = {"method": "all"}
+    feat = Featurizer(recipe_from_dict(r), None, None, None, vocab_size=100)
+    exs = feat.featurize({"ids": [[1, 2, 3], [4, 5]], "kind": ["<b>news</b>", "blog"]}, "x.jsonl")
+    assert [e.label_name for e in exs] == ["<b>news</b>", "blog"] and all(e.label is None for e in exs)

@@ -120,7 +120,11 @@ class Featurizer:
             if d.id_column and batch[d.id_column][i] is None:
                 raise WinnowError(f"{w}: empty id in column {d.id_column!r}")
             label = label_name = None
-            if d.label_column is not None:
+            if d.label_column is not None and self.task == "causal_lm":
+                # a language model has no classes: the label is the row's metadata (stratify, report)
+                v = batch[d.label_column][i]
+                label_name = None if v is None else str(v)
+            elif d.label_column is not None:
                 label, label_name = self._label(batch[d.label_column][i], w)
             dom = None
             if d.domain_column is not None:
