@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint bench-cpu clean
+.PHONY: install demo test lint bench-cpu clean server
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ demo: $(STAMP)
 	$(BIN)/winnow demo-data data/demo
 	$(BIN)/winnow run configs/demo.yaml
 	$(BIN)/winnow inspect runs/demo
+
+# A Prefect server on loopback for `winnow serve`; its database lives in ./.prefect, so stopping it
+# (Ctrl-C) and starting it again keeps deployments, schedules and run history.
+# Then: export PREFECT_API_URL=http://127.0.0.1:4200/api
+server: $(STAMP)
+	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

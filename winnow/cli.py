@@ -5,6 +5,8 @@
     winnow report RUN                         (re)write RUN/report.html
     winnow inspect RUN                        print a run's summary in the terminal
     winnow demo-data OUT                      write the built-in demo corpus (jsonl) to OUT
+    winnow serve RECIPE --interval S | --cron C   rescore on a schedule (a Prefect deployment; needs a server)
+    winnow runs NAME|RUN                      list a run's versions (v0001, ...) with counts and times
 
 Errors in the user's input print one line naming the file, column or key, and exit with 2.
 """
@@ -40,6 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="print a run's summary")
     ins.add_argument("run", type=Path)
 
+    sv = sub.add_parser("serve", help="serve RECIPE as a scheduled Prefect deployment (rescoring; needs a "
+                                      "Prefect server at PREFECT_API_URL: make server)")
+    sv.add_argument("recipe", type=Path)
+    sv.add_argument("--cron", default=None, help='a cron schedule, e.g. "0 3 * * *" (03:00 every day, UTC)')
+    sv.add_argument("--interval", type=float, default=None, help="run every this many seconds")
+    sv.add_argument("--name", default=None, help="deployment name (default: the recipe's name)")
+    sv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    rn = sub.add_parser("runs", help="list a run's versions with their counts and times")
+    rn.add_argument("run", help="a run folder, or a run name (looked up as runs/NAME)")
+
     d = sub.add_parser("demo-data", help="write the built-in multi-domain demo corpus as jsonl")
     d.add_argument("out", type=Path)
     d.add_argument("--per-domain", type=int, default=500, help="rows per domain (default 500)")
@@ -71,6 +84,33 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(target: str) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from winnow.pipeline.versions import list_versions
+
+    run_dir = Path(target)
+    if not run_dir.is_dir():
+        run_dir = Path("runs") / target
+    if not run_dir.is_dir():
+        raise WinnowError(f"{target}: no run folder (looked for {target} and runs/{target})")
+    versions = list_versions(run_dir)
+    con = Console()
+    if not versions:
+        con.print(f"{run_dir}: no versions yet (a run writes v0001 when it completes)", markup=False)
+        return 0
+    t = Table(title=f"{run_dir}: {len(versions)} version(s)")
+    for col in ("version", "created (UTC)", "rows", "kept", "pruned", "scored", "from cache", "new rows",
+                "entered", "left"):
+        t.add_column(col, justify="left" if col in ("version", "created (UTC)") else "right")
+    for v in versions:
+        t.add_row(v["name"], v["created_at"].replace("T", " ").rstrip("Z"), *(str(v.get(k, "")) for k in (
+            "rows", "kept", "pruned", "scored_rows", "reused_rows", "new_rows", "entered", "left")))
+    con.print(t)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Prefect's temporary server can take longer than its 20 s default to start on a small, busy machine.
@@ -93,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print_summary(args.run)
             return 0
+        if args.cmd == "serve":
+            from winnow.flows.serve import serve_recipe
+
+            serve_recipe(args.recipe, args.overrides, args.cron, args.interval, args.name)
+            return 0
+        if args.cmd == "runs":
+            return _runs(args.run)
         if args.cmd == "demo-data":
             from winnow.pipeline.demo import build_demo_corpus
 

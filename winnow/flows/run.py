@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import CachePolicy
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE, CachePolicy
 
 import winnow
 from winnow.errors import WinnowError
@@ -187,7 +187,7 @@ def train_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], tok_d
 
 @task(name="score", **TASK_OPTS)
 def score_task(recipe_d: dict[str, Any], run_dir: str, shard: dict, ckpts: list[dict], tok_dir: str | None,
-               threads: int | None, fp: str) -> dict[str, Any]:
+               threads: int | None, fp: str, cache_fp: str | None = None) -> dict[str, Any]:
     from winnow.pipeline.scoring import score_shard
 
     recipe = _setup(recipe_d, threads)
@@ -195,7 +195,7 @@ def score_task(recipe_d: dict[str, Any], run_dir: str, shard: dict, ckpts: list[
     sh = InputShard.from_dict(shard)
     bar = _progress(f"score {sh.name}", None, "row")
     try:
-        return score_shard(recipe, Path(run_dir), sh, ckpts, feat, fp, progress=bar.update)
+        return score_shard(recipe, Path(run_dir), sh, ckpts, feat, fp, progress=bar.update, cache_fp=cache_fp)
     finally:
         bar.close()
 
@@ -289,6 +289,17 @@ def emit_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], tok_di
                        step_fingerprint=fp)
 
 
+@task(name="version", **TASK_OPTS)
+def version_task(run_dir: str, emit_fp: str, input_fp: str, scored: int, reused: int, report_fp: str) -> dict:
+    from prefect.runtime import flow_run
+
+    from winnow.pipeline.versions import write_version
+
+    root = flow_run.root_flow_run_id or flow_run.id  # a scheduled run's own id (winnow-run is its subflow)
+    return write_version(Path(run_dir), emit_fp, input_fp, scored, reused, report_fingerprint=report_fp,
+                         flow_run_id=str(root) if root else None)
+
+
 @task(name="report", **TASK_OPTS)
 def report_task(run_dir: str, fp: str) -> str:
     from winnow.pipeline.report import write_report
@@ -370,6 +381,8 @@ class _Steps:
             res = t.with_options(cache_policy=self.policy, refresh_cache=True)(**kw)
             state_name = "Completed (cache stale)"
             self.done[id(fut)] = time.time()
+        if state_name == "Cached" and t.name == "score":  # nothing was scored by this run
+            res = dict(res, scored=0, reused=res["rows"])
         finished = self.done.get(id(fut), time.time())
         self.log.append({"step": label, "state": state_name, "finished_s": round(finished - self.t0, 2)})
         return res
@@ -418,7 +431,7 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
     threads = recipe.runner.torch_threads or max(1, (os.cpu_count() or 1) // workers)
 
     from winnow.pipeline.models import model_source_fingerprint, tokenizer_fingerprint
-    from winnow.pipeline.scoring import score_fingerprint
+    from winnow.pipeline.scoring import cache_fingerprint, score_fingerprint
     from winnow.pipeline.train import train_fingerprint
 
     # tokenizer
@@ -443,12 +456,15 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
                for s in recipe.train.seeds]
     ckpts = [c for h in handles for c in steps.result(h)]
 
-    # scoring, one task per input shard
+    # scoring, one task per input shard; examples already scored by the same scorers, model and tokenizer
+    # (keyed by content) are read back from the cache, not scored again
     handles = []
+    cache_fp = cache_fingerprint(recipe, ckpts, tok_fp)
     for s in shards:
         fp = score_fingerprint(recipe, s, ckpts, tok_fp)
         handles.append(steps.submit(score_task, f"score {s.name}", recipe_d=recipe_d, run_dir=run_dir,
-                                    shard=s.to_dict(), ckpts=ckpts, tok_dir=tok_dir, threads=threads, fp=fp))
+                                    shard=s.to_dict(), ckpts=ckpts, tok_dir=tok_dir, threads=threads, fp=fp,
+                                    cache_fp=cache_fp))
     emb_handles = []
     if recipe.scoring.embeddings is not None:
         from winnow.pipeline.embeddings import embed_fingerprint
@@ -511,10 +527,19 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
     emit_fp = fingerprint("emit", select_fp, recipe.output.model_dump(), fps)
     emitted = steps.result(steps.submit(emit_task, "emit shards", recipe_d=recipe_d, run_dir=run_dir, shards=shard_ds,
                                         tok_dir=tok_dir, fingerprints=fps, fp=emit_fp))
-    report = steps.result(steps.submit(report_task, "report", run_dir=run_dir,
-                                       fp=fingerprint("report", emit_fp, winnow.__version__)))
-    summary = {"run_dir": run_dir, "rows": merged["rows"], "kept": selected["kept"],
-               "shards": emitted["shards"], "report": report, "steps": steps.log}
+    report_fp = fingerprint("report", emit_fp, winnow.__version__)
+    report = steps.result(steps.submit(report_task, "report", run_dir=run_dir, fp=report_fp))
+    scored = sum(p.get("scored", p["rows"]) for p in parts)
+    reused = sum(p.get("reused", 0) for p in parts)
+    logger.info(f"scored {scored} row(s), {reused} read back from the score cache")
+    # a new version of the outputs when they changed (never cached: it compares with the versions on disk)
+    version = version_task.with_options(cache_policy=NO_CACHE)(run_dir=run_dir, emit_fp=emit_fp, input_fp=input_fp,
+                                                                scored=scored, reused=reused, report_fp=report_fp)
+    steps.log.append({"step": "version", "state": f"{version['name']} ({'new' if version['new'] else 'unchanged'})",
+                      "finished_s": round(time.time() - steps.t0, 2)})
+    summary = {"run_dir": run_dir, "rows": merged["rows"], "kept": selected["kept"], "scored": scored,
+               "reused": reused, "shards": emitted["shards"], "report": report, "version": version,
+               "steps": steps.log}
     _artifact(recipe, rd, summary)
     return summary
 
@@ -532,7 +557,15 @@ def _artifact(recipe: Recipe, run_dir: Path, summary: dict[str, Any]) -> None:
              f"{'threshold ' + str(recipe.select.threshold) if recipe.select.threshold is not None else ''}, "
              f"keep {recipe.select.keep})",
              f"- shards: {len(man['shards'])} under `{run_dir / 'shards'}`",
-             f"- report: [{summary['report']}](file://{Path(summary['report']).resolve()})", ""]
+             f"- scored: {summary['scored']} row(s); {summary['reused']} read back from the score cache",
+             f"- report: [{summary['report']}](file://{Path(summary['report']).resolve()})"]
+    version = summary.get("version")
+    if version:
+        vreport = Path(version["path"]) / "report.html"
+        state = "new" if version.get("new") else "unchanged since"
+        lines.append(f"- version: **{version['name']}** ({state}; {version.get('entered', 0)} entered, "
+                     f"{version.get('left', 0)} left the selection): [{vreport}](file://{vreport.resolve()})")
+    lines.append("")
     if man["domains"]:
         lines += ["| domain | input | kept | proportion |", "|---|---:|---:|---:|"]
         lines += [f"| {k} | {v['input_rows']} | {v['kept_rows']} | {v['proportion']:.3f} |"
@@ -541,6 +574,10 @@ def _artifact(recipe: Recipe, run_dir: Path, summary: dict[str, Any]) -> None:
     lines += [f"| {s['step']} | {s['state']} | {s['finished_s']} |" for s in summary["steps"]]
     key = "winnow-" + "".join(c if c.isalnum() else "-" for c in recipe.name.lower())
     create_markdown_artifact("\n".join(lines), key=key[:100], description=f"winnow run {recipe.name}")
+    if version:
+        create_link_artifact(f"file://{(Path(version['path']) / 'report.html').resolve()}",
+                             link_text=f"{recipe.name} {version['name']} report", key=(key + "-report")[:100],
+                             description=f"selection report of {recipe.name} {version['name']}")
     write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
     _ = json  # keep import local
 

@@ -94,7 +94,10 @@ def model_loss(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.T
 
 def train_fingerprint(recipe: Recipe, input_fp: str, tokenizer_fp: str | None, model_fp: str) -> str:
     t = recipe.train.model_dump(exclude={"seeds", "checkpoints", "device"})
-    return fingerprint("train", t, recipe.model.model_dump(exclude={"tokenizer"}), input_fp, tokenizer_fp, model_fp)
+    # train.steps 0: the checkpoint is the loaded (or seeded random) model; the data does not enter it, so
+    # new rows keep the model's fingerprint (and the scores cached under it)
+    data = input_fp if recipe.train.steps > 0 else None
+    return fingerprint("train", t, recipe.model.model_dump(exclude={"tokenizer"}), data, tokenizer_fp, model_fp)
 
 
 def checkpoint_dir(run_dir: Path, train_fp: str, seed: int, step: int) -> Path:

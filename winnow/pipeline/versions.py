@@ -1,0 +1,115 @@
+"""Versioned outputs: every run that changes the selection writes ``RUN/v0001/``, ``RUN/v0002/``, ...
+
+A version folder holds what a consumer needs from that run, frozen: ``manifest.json``,
+``selection.parquet``, ``shards/`` (hard links to the emitted files where the file system allows, else
+copies), ``report.html`` (the report of that run, with what changed since the previous version), and
+``version.json``:
+
+    {"version": 3, "name": "v0003", "created_at": "...Z", "rows": ..., "kept": ..., "pruned": ...,
+     "scored_rows": rows scored by this run (the rest came from the score cache), "reused_rows": ...,
+     "new_rows": rows not in the previous version, "removed_rows": rows gone since it,
+     "entered": rows kept now and not before (new rows included), "left": rows kept before and not now,
+     "previous": "v0002", "input_fingerprint": ..., "emit_fingerprint": ..., "flow_run_id": ...}
+
+A run whose emitted outputs are those of the latest version (same emit fingerprint) adds no version.
+Versions are never rewritten; each appears atomically (written under a temporary name, then renamed).
+The top-level files of the run folder are always the latest run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from winnow.errors import WinnowError
+from winnow.pipeline.atomic import atomic_path, write_json
+
+_NAME = re.compile(r"^v(\d{4,})$")
+
+
+def list_versions(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The versions of a run folder, oldest first (each its version.json, plus ``path``)."""
+    run_dir = Path(run_dir)
+    out = []
+    if not run_dir.is_dir():
+        return out
+    for d in run_dir.iterdir():
+        m = _NAME.match(d.name)
+        if not m or not d.is_dir() or not (d / "version.json").exists():
+            continue
+        try:
+            info = json.loads((d / "version.json").read_text())
+        except ValueError:
+            raise WinnowError(f"{d / 'version.json'}: not valid JSON") from None
+        out.append(dict(info, path=str(d)))
+    return sorted(out, key=lambda v: v["version"])
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True)
+    for f in sorted(src.rglob("*")):
+        target = dst / f.relative_to(src)
+        if f.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(f, target)
+        except OSError:
+            shutil.copy2(f, target)
+
+
+def _changes(sel: pl.DataFrame, prev_dir: Path | None) -> dict[str, int]:
+    kept_now = set(sel.filter(pl.col("kept"))["id"].to_list())
+    ids_now = set(sel["id"].to_list())
+    if prev_dir is None or not (prev_dir / "selection.parquet").exists():
+        return {"new_rows": len(ids_now), "removed_rows": 0, "entered": len(kept_now), "left": 0}
+    prev = pl.read_parquet(prev_dir / "selection.parquet")
+    kept_before = set(prev.filter(pl.col("kept"))["id"].to_list())
+    ids_before = set(prev["id"].to_list())
+    return {"new_rows": len(ids_now - ids_before), "removed_rows": len(ids_before - ids_now),
+            "entered": len(kept_now - kept_before), "left": len(kept_before - kept_now)}
+
+
+def write_version(run_dir: str | Path, emit_fingerprint: str, input_fingerprint: str, scored: int, reused: int,
+                  report_fingerprint: str | None = None, flow_run_id: str | None = None) -> dict[str, Any]:
+    """Freeze the run folder's current outputs as the next version (unless they are the latest one's)."""
+    from winnow.pipeline.report import write_report
+
+    run_dir = Path(run_dir)
+    versions = list_versions(run_dir)
+    latest = versions[-1] if versions else None
+    if latest is not None and latest.get("emit_fingerprint") == emit_fingerprint:
+        return dict(latest, new=False)
+    n = (latest["version"] if latest else 0) + 1
+    name = f"v{n:04d}"
+    prev_dir = Path(latest["path"]) if latest else None
+    sel = pl.read_parquet(run_dir / "selection.parquet")
+    man = json.loads((run_dir / "manifest.json").read_text())
+    info: dict[str, Any] = {
+        "version": n, "name": name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": man["counts"]["input_rows"], "kept": man["counts"]["kept_rows"],
+        "pruned": man["counts"]["pruned_rows"], "scored_rows": scored, "reused_rows": reused,
+        **_changes(sel, prev_dir), "previous": latest["name"] if latest else None,
+        "input_fingerprint": input_fingerprint, "emit_fingerprint": emit_fingerprint, "flow_run_id": flow_run_id,
+    }
+    with atomic_path(run_dir / name) as tmp:
+        tmp.mkdir(parents=True)
+        for f in ("manifest.json", "selection.parquet", "mixture.json"):
+            if (run_dir / f).exists():
+                shutil.copy2(run_dir / f, tmp / f)
+        if (run_dir / "shards").is_dir():
+            _link_tree(run_dir / "shards", tmp / "shards")
+        write_report(run_dir, fingerprint=report_fingerprint, out=tmp / "report.html", previous=prev_dir)
+        write_json(tmp / "version.json", info)
+    return dict(info, path=str(run_dir / name), new=True)
+
+
+__all__ = ["list_versions", "write_version"]
