@@ -262,3 +262,191 @@ def test_print_summary(tmp_path: Path) -> None:
     assert "demo" in text and f"{s['counts']['kept_rows']:,}" in text
     for word in ("web", "code", "books", "pos", "neg", "el2n", "Spearman"):
         assert word in text
+
+
+# --------------------------------------------------------------------------------------------------
+# versions: out= and previous=
+
+
+def make_previous(run: Path, dest: Path, drop: int = 5, flip_every: int | None = 3, gone_kept: int = 2) -> Path:
+    """A previous version of `run`: its selection with the first `drop` ids missing (new rows now), every
+    `flip_every`-th row's kept flag flipped, and `gone_kept` + 1 ids that this run lacks (gone rows,
+    all but one kept); its manifest as a copy of the run's."""
+    dest.mkdir(parents=True)
+    sel = pl.read_parquet(run / "selection.parquet").slice(drop)
+    if flip_every:
+        sel = sel.with_columns(kept=pl.when(pl.int_range(pl.len()) % flip_every == 0)
+                               .then(~pl.col("kept")).otherwise(pl.col("kept")))
+    gone = pl.DataFrame({"id": [f"gone-{i}" for i in range(gone_kept + 1)],
+                         "kept": [True] * gone_kept + [False], "weight": [1.0] * gone_kept + [0.0]})
+    pl.concat([sel, gone]).write_parquet(dest / "selection.parquet")
+    if (run / "manifest.json").is_file():
+        (dest / "manifest.json").write_bytes((run / "manifest.json").read_bytes())
+    return dest
+
+
+def test_previous_version_changes(tmp_path: Path) -> None:
+    run = make_run(tmp_path, keep_fraction=0.5)
+    prev = make_previous(run, tmp_path / "runs" / "demo" / "v0001")
+    out = write_report(run, fingerprint="fp-1", out=tmp_path / "v0002" / "report.html", previous=prev)
+    assert out == tmp_path / "v0002" / "report.html" and out.is_file()
+    assert not (run / "report.html").exists()  # out= replaces the default place
+    assert sorted(p.name for p in out.parent.iterdir()) == ["report.html"]  # no temporary left
+    page = out.read_text(encoding="utf-8")
+    _check_page(page)
+    from winnow.pipeline.report import report_fingerprint
+
+    assert report_fingerprint(out) == "fp-1"
+    assert "Changes since v0001" in page
+    anchors = re.findall(r'<li><a href="#([^"]+)">', page)
+    assert anchors[0] == "changes" and 'id="changes"' in page
+    assert page.index('id="changes"') < page.index('id="scores"')
+
+    # the counts, recomputed here from the two selections
+    now = pl.read_parquet(run / "selection.parquet")
+    was = pl.read_parquet(prev / "selection.parquet")
+    j = now.join(was, on="id", how="full", suffix="_was", coalesce=True)
+    kept_now, kept_was = pl.col("kept").fill_null(False), pl.col("kept_was")
+    entered_pruned = j.filter(kept_now & (kept_was == False)).height  # noqa: E712
+    entered_new = j.filter(kept_now & kept_was.is_null()).height
+    left_pruned = j.filter((pl.col("kept") == False) & kept_was.fill_null(False)).height  # noqa: E712
+    left_gone = j.filter(pl.col("kept").is_null() & kept_was).height
+    assert entered_pruned and entered_new and left_pruned and left_gone == 2
+    for n, what in ((entered_pruned + entered_new, "entered the selection"),
+                    (left_pruned + left_gone, "left the selection"), (5, "new rows"), (3, "gone rows")):
+        assert f"<b>{n:,}</b><span>{what}" in page, what
+    assert f"<td>entered: new rows, kept now</td><td>{entered_new}</td>" in page
+    assert f"<td>left: kept before, pruned now</td><td>{left_pruned}</td>" in page
+    # per domain and per label: a table and a chart each; the gone rows' group is unknown here
+    for group in ("domain", "label"):
+        assert f"Kept rows per {group}, before and after" in page
+        assert f'alt="share of kept rows per {group}, v0001 vs this run"' in page
+    assert "(not in this run)" in page and "gone-0, gone-1" in page
+    # examples of entered and left rows with their (escaped) text and scores
+    assert re.search(r"Rows that entered the selection \(\d+; 5 shown, the highest el2n first\)", page)
+    assert re.search(r"Rows that left the selection and still in the data \(\d+; 5 shown", page)
+    assert "new row</td>" in page and "pruned before</td>" in page and "pruned now</td>" in page
+
+
+def test_previous_version_missing_files(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    empty = tmp_path / "v0001"
+    empty.mkdir()
+    page = write_report(run, previous=empty).read_text(encoding="utf-8")
+    _check_page(page)
+    assert "Changes since v0001" in page
+    assert "selection.parquet not found" in page and "manifest.json not found" in page
+
+    only_sel = make_previous(run, tmp_path / "v0002")
+    (only_sel / "manifest.json").unlink()
+    page = write_report(run, previous=only_sel).read_text(encoding="utf-8")
+    assert "manifest.json not found" in page and "entered the selection" in page
+
+    broken = tmp_path / "v0003"
+    broken.mkdir()
+    (broken / "selection.parquet").write_bytes(b"not parquet")
+    (broken / "manifest.json").write_text("{not json")
+    page = write_report(run, previous=broken).read_text(encoding="utf-8")
+    assert "could not be read" in page and "Changes since v0003" in page
+
+    page = write_report(run, previous=tmp_path / "nope").read_text(encoding="utf-8")
+    assert "does not exist" in page
+
+    # a previous manifest with per-domain counts is used for the shares before (gone rows included)
+    man_prev = make_previous(run, tmp_path / "v0004", drop=0, flip_every=None, gone_kept=0)
+    sel = pl.read_parquet(man_prev / "selection.parquet").join(
+        pl.read_parquet(run / "scores" / "rows.parquet"), on="id", how="left")
+    m = json.loads((man_prev / "manifest.json").read_text())
+    m["domains"] = {d: {"input_rows": n, "kept_rows": k, "weight_sum": float(k), "proportion": 0.0}
+                    for d, n, k in sel.group_by("domain").agg(n=pl.len(), k=pl.col("kept").sum()).iter_rows()
+                    if d is not None}
+    (man_prev / "manifest.json").write_text(json.dumps(m))
+    page = write_report(run, previous=man_prev).read_text(encoding="utf-8")
+    assert "counted from v0004/manifest.json" in page
+    assert "<b>0</b><span>entered the selection" in page and "<b>0</b><span>left the selection" in page
+
+
+# --------------------------------------------------------------------------------------------------
+# plots: every figure says what it shows
+
+
+def _figure_problems(fig) -> list[str]:
+    """What a rendered figure lacks: a title per Axes with content (or a suptitle), x and y labels, tick
+    labels on image axes (heatmaps), a label on colorbars."""
+    suptitle = fig.get_suptitle() if hasattr(fig, "get_suptitle") else (fig._suptitle.get_text()
+                                                                       if fig._suptitle else "")
+    problems = []
+    for i, ax in enumerate(fig.axes):
+        if not ax.get_visible():
+            continue
+        if ax.get_label() == "<colorbar>":
+            if not (ax.get_ylabel().strip() or ax.get_xlabel().strip()):
+                problems.append(f"axes {i}: colorbar without a label")
+            continue
+        if not (ax.lines or ax.patches or ax.collections or ax.images or ax.texts or ax.containers):
+            continue
+        name = ax.get_title() or ax.get_title("left") or ax.get_title("right") or suptitle
+        if not name.strip():
+            problems.append(f"axes {i}: no title")
+        for axis, label in (("x", ax.get_xlabel()), ("y", ax.get_ylabel())):
+            if not label.strip():
+                problems.append(f"axes {i} ({name!r}): no {axis} label")
+        if ax.images:
+            for axis, ticks in (("x", ax.get_xticklabels()), ("y", ax.get_yticklabels())):
+                if not any(t.get_text().strip() for t in ticks):
+                    problems.append(f"axes {i} ({name!r}): image without {axis} tick labels")
+    return problems
+
+
+def test_figure_check_can_fail() -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot([0, 1], [1, 0])
+    ax1.set_title("t")
+    ax1.set_xlabel("x")
+    ax2.imshow([[0.0, 1.0], [1.0, 0.0]])
+    ax2.set_xticks([])
+    fig.colorbar(ax2.images[0], ax=ax2)
+    fig.savefig(io.BytesIO(), format="png")
+    problems = _figure_problems(fig)
+    assert any("axes 0" in p and "no y label" in p for p in problems)
+    assert any("axes 1: no title" in p for p in problems)
+    assert any("image without x tick labels" in p for p in problems)
+    assert any("colorbar without a label" in p for p in problems)
+
+
+def test_every_plot_has_title_and_axis_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from winnow.pipeline import report
+
+    run = make_run(tmp_path)
+    # an influence and a mixture section, so that their plots are drawn too
+    pl.DataFrame({
+        "target_id": ["t0"] * 3 + ["t1"] * 3, "target_preview": ["target text"] * 6, "subtask": ["a"] * 3 + ["b"] * 3,
+        "rank": [1, 2, 3] * 2, "id": [f"row-{i:04d}" for i in range(6)], "domain": ["web", "code", "books"] * 2,
+        "influence": [0.9, 0.5, 0.1] * 2, "preview": ["neighbour text"] * 6,
+    }).write_parquet((run / "influence").mkdir() or run / "influence" / "neighbours.parquet")
+    steps = list(range(0, 50, 10))
+    pl.DataFrame({"step": steps, "web": [0.5, 0.45, 0.4, 0.4, 0.38], "code": [0.3, 0.35, 0.4, 0.4, 0.42],
+                  "books": [0.2] * 5, "entropy": [1.03, 1.04, 1.05, 1.05, 1.05]}
+                 ).write_parquet(run / "mixture_trajectory.parquet")
+    (run / "mixture.json").write_text(json.dumps({"method": "doremi", "output": "average", "steps": 50,
+                                                  "weights": {"web": 0.4, "code": 0.4, "books": 0.2}}))
+    prev = make_previous(run, tmp_path / "v0001")
+
+    seen: dict[str, list[str]] = {}
+    render = report._png
+
+    def checked(fig) -> bytes:
+        png = render(fig)  # drawn first, so tick labels are filled in
+        seen.setdefault(sys._getframe(1).f_code.co_name, []).extend(_figure_problems(fig))
+        return png
+
+    monkeypatch.setattr(report, "_png", checked)
+    write_report(run, previous=prev)
+    plots = {name for name in vars(report) if name.startswith("_plot_")}
+    assert set(seen) == plots, f"plots not drawn by this test: {plots - set(seen)}"
+    assert {k: v for k, v in seen.items() if v} == {}

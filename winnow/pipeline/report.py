@@ -12,6 +12,11 @@ Only ids, groups, kept, weights and scores are loaded for every row; previews ar
 handful of example rows. Plots are drawn with matplotlib's Agg canvas on ``Figure`` objects (no
 pyplot state, so the report can be built from worker threads) and embedded as PNG data URIs. Every
 string that comes from the data or the recipe is passed through ``html.escape``.
+
+``write_report(..., previous=FOLDER)`` compares the run with a previous version of it (a folder with
+that version's ``selection.parquet`` and ``manifest.json``) in a section "Changes since FOLDER":
+rows that entered and left the selection, new and gone rows, kept shares per domain and label
+before and after, and examples.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ CHECKPOINT_COLUMN = re.compile(r"^(?P<base>.+)@s(?P<seed>\d+)k(?P<step>\d+)$")
 NO_GROUP = "(none)"  # rows whose domain or label is null
 MAX_GROUPS = 20  # domains / labels drawn in a plot or printed in a terminal table
 N_EXAMPLES = 10
+N_CHANGE_EXAMPLES = 5  # entered / left rows shown in "Changes since ..."
+GONE_GROUP = "(not in this run)"  # previous rows whose id is gone: their domain / label is unknown
 AGREEMENT_SAMPLE = 1_000_000  # rows used for the Spearman matrices
 MAX_HEATMAP = 30  # checkpoint columns drawn in one heatmap
 KEPT_COLOR = "#1f77b4"
@@ -219,6 +226,58 @@ def _load(run_dir: str | Path) -> _Run:
     run.run_json = rj if isinstance(rj, dict) else None
     run.mixture = _read_json(root / "mixture.json", notes)
     return run
+
+
+@dataclass
+class _Previous:
+    """The previous version of a run: its folder, its selection and its manifest (either may be missing)."""
+
+    dir: Path
+    name: str
+    selection: pl.DataFrame | None = None  # id, kept_before, weight_before
+    manifest: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _load_previous(previous: str | Path) -> _Previous:
+    """Read a previous version's selection.parquet and manifest.json; what is missing or unreadable becomes a note."""
+    root = Path(previous)
+    prev = _Previous(dir=root, name=root.resolve().name or str(root))
+    if not root.is_dir():
+        prev.notes.append(f"The previous version's folder {root} does not exist: there is nothing to compare with.")
+        return prev
+    sel_path = root / "selection.parquet"
+    if not sel_path.is_file():
+        prev.notes.append(f"{sel_path} not found: the rows that entered or left the selection cannot be counted.")
+    else:
+        try:
+            cols = pq.read_schema(sel_path).names
+            lacking = [c for c in ("id", "kept") if c not in cols]
+            if lacking:
+                prev.notes.append(f"{sel_path} has no {' or '.join(f'`{c}`' for c in lacking)} column "
+                                  f"(columns: {', '.join(cols)}): the changes cannot be counted.")
+            else:
+                sel = pl.read_parquet(sel_path, columns=[c for c in ("id", "kept", "weight") if c in cols])
+                kept = pl.col("kept").cast(pl.Boolean).fill_null(False)
+                weight = pl.col("weight").cast(pl.Float64).fill_null(0.0) if "weight" in cols else kept.cast(pl.Float64)
+                prev.selection = (
+                    sel.select(pl.col("id").cast(pl.Utf8), kept.alias("kept_before"), weight.alias("weight_before"))
+                    .filter(pl.col("id").is_not_null())
+                    .unique("id", keep="first", maintain_order=True)
+                )
+        except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
+            prev.notes.append(f"{sel_path} could not be read ({exc.__class__.__name__}: {exc}): "
+                              "the changes cannot be counted.")
+    man_path = root / "manifest.json"
+    if not man_path.is_file():
+        prev.notes.append(f"{man_path} not found: the previous version's run details are left out, and its kept "
+                          "rows per domain and label are counted from its selection.parquet alone.")
+    else:
+        man = _read_json(man_path, prev.notes)
+        if man is not None and not isinstance(man, dict):
+            prev.notes.append(f"{man_path} is not a JSON object; it is left out of this comparison.")
+        prev.manifest = man if isinstance(man, dict) else None
+    return prev
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,6 +552,77 @@ def _summarize(run: _Run) -> dict:
     }
 
 
+def _changes(run: _Run, prev: _Previous, s: dict) -> dict | None:
+    """Rows that entered and left the selection since the previous version, overall and per domain / label.
+
+    entered: kept now and pruned before or new; left: kept before and pruned now or gone. New rows are
+    ids of this run that the previous selection lacks; gone rows, ids of the previous selection that
+    this run lacks (their domain and label are unknown here: only the previous manifest counts them).
+    """
+    if prev.selection is None:
+        return None
+    before = prev.selection
+    j = run.frame.join(before, on="id", how="left")
+    new = pl.col("kept_before").is_null()
+    entered = pl.col("kept") & (new | ~pl.col("kept_before").fill_null(True))
+    left = ~pl.col("kept") & pl.col("kept_before").fill_null(False)
+    j = j.with_columns(_new=new, _entered=entered, _left=left)
+    gone = before.join(run.frame.select("id"), on="id", how="anti")
+    count = {
+        "rows_before": before.height,
+        "kept_before": int(before["kept_before"].sum()),
+        "rows_now": j.height,
+        "kept_now": int(j["kept"].sum()),
+        "kept_both": j.filter(pl.col("kept") & pl.col("kept_before").fill_null(False)).height,
+        "entered_pruned_before": j.filter(pl.col("_entered") & ~pl.col("_new")).height,
+        "entered_new": j.filter(pl.col("_entered") & pl.col("_new")).height,
+        "left_pruned_now": j.filter(pl.col("_left")).height,
+        "left_gone": int(gone["kept_before"].sum()),
+        "new_rows": j.filter(pl.col("_new")).height,
+        "gone_rows": gone.height,
+    }
+    count["entered"] = count["entered_pruned_before"] + count["entered_new"]
+    count["left"] = count["left_pruned_now"] + count["left_gone"]
+    notes: list[str] = []
+    man = prev.manifest or {}
+    groups: dict[str, dict] = {}
+    for col, key in (("domain", "domains"), ("label", "labels")):
+        if not s[key]:
+            continue  # this run has no such groups
+        g = pl.col(col).fill_null(NO_GROUP)
+        now = dict(j.filter(pl.col("kept")).group_by(g).len().iter_rows())
+        ent = dict(j.filter(pl.col("_entered")).group_by(g).len().iter_rows())
+        ent_new = dict(j.filter(pl.col("_entered") & pl.col("_new")).group_by(g).len().iter_rows())
+        lft = dict(j.filter(pl.col("_left")).group_by(g).len().iter_rows())
+        source = "selection"
+        was: dict[str, int] = {}
+        mg = man.get(key)
+        if isinstance(mg, dict) and mg and all(isinstance(v, dict) and isinstance(v.get("kept_rows"), int)
+                                               for v in mg.values()):
+            was = {(NO_GROUP if k in ("", None) else str(k)): int(v["kept_rows"]) for k, v in mg.items()}
+            if sum(was.values()) != count["kept_before"]:
+                notes.append(f"The previous manifest.json counts {sum(was.values()):,} kept rows over its {key} but "
+                             f"its selection.parquet keeps {count['kept_before']:,}: the {col} shares before are "
+                             "counted from the selection instead.")
+                was = {}
+            else:
+                source = "manifest"
+        if not was:
+            was = dict(j.filter(pl.col("kept_before").fill_null(False)).group_by(g).len().iter_rows())
+            if count["left_gone"]:
+                was[GONE_GROUP] = count["left_gone"]
+        tot_was, tot_now = sum(was.values()), sum(now.values())
+        names = sorted(set(was) | set(now), key=lambda n: (-(was.get(n, 0) + now.get(n, 0)), n))
+        groups[col] = {
+            "source": source,
+            "rows": {n: {"kept_before": was.get(n, 0), "share_before": was.get(n, 0) / tot_was if tot_was else None,
+                         "kept_now": now.get(n, 0), "share_now": now.get(n, 0) / tot_now if tot_now else None,
+                         "entered": ent.get(n, 0), "entered_new": ent_new.get(n, 0), "left": lft.get(n, 0)}
+                     for n in names},
+        }
+    return {"counts": count, "groups": groups, "notes": notes, "frame": j}
+
+
 def summarize(run_dir: str | Path) -> dict:
     """The numbers the report shows, as a JSON-able dict.
 
@@ -668,8 +798,33 @@ def _plot_group_counts(group: str, stats: dict[str, dict]) -> bytes:
         vals = np.array([stats[n][key] or 0.0 for n in names])
         ax2.barh(y + (k - 1) * h, vals, height=h, color=color, label=label)
     ax2.set_xlabel("proportion of all rows / of total weight")
+    ax2.set_ylabel(group)
     ax2.set_title(f"Share per {group} before and after selection")
     _legend(ax2)
+    return _png(fig)
+
+
+def _plot_change_shares(group: str, rows: dict[str, dict], prev_name: str) -> bytes:
+    """Grouped bars: each group's share of the kept rows in the previous version and in this run."""
+    names = list(rows)[:MAX_GROUPS]
+    y = np.arange(len(names))
+    fig = Figure(figsize=(11, 1.6 + 0.5 * len(names)), layout="constrained")
+    ax = fig.subplots()
+    h = 0.38
+    for k, (label, key, color) in enumerate(((f"{_plain(prev_name, 40)} (before)", "share_before", "#888888"),
+                                             ("this run (now)", "share_now", KEPT_COLOR))):
+        vals = np.array([rows[n][key] or 0.0 for n in names])
+        bars = ax.barh(y + (k - 0.5) * h, vals, height=h, color=color, label=label)
+        if len(names) <= 12:
+            ax.bar_label(bars, labels=[f"{100 * v:.1f}%" for v in vals], padding=2, fontsize=8)
+    ax.set_yticks(y, [_plain(n, 32) for n in names])
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.margins(x=0.12)
+    ax.set_xlabel("share of kept rows")
+    ax.set_ylabel(group)
+    more = f" ({MAX_GROUPS} largest of {len(rows)})" if len(rows) > len(names) else ""
+    ax.set_title(_plain(f"Share of kept rows per {group}: {prev_name} vs this run{more}", 100))
+    _legend(ax)
     return _png(fig)
 
 
@@ -958,6 +1113,16 @@ def _group_rows(stats: dict[str, dict], name: str) -> str:
     return _table(headers, rows)
 
 
+def _previews(run: _Run, ids: list[str]) -> dict[str, str]:
+    """id -> preview text from scores/rows.parquet, read for these ids only."""
+    ids = sorted(set(ids))
+    if run.rows_path is None or not ids or "preview" not in pq.read_schema(run.rows_path).names:
+        return {}
+    pv = (pl.scan_parquet(run.rows_path).select(pl.col("id").cast(pl.Utf8), pl.col("preview").cast(pl.Utf8))
+          .filter(pl.col("id").is_in(ids)).collect())
+    return {r[0]: r[1] for r in pv.iter_rows() if r[1] is not None}
+
+
 def _examples(run: _Run, col: str | None) -> str:
     frame = run.frame
     if col is None:
@@ -973,12 +1138,7 @@ def _examples(run: _Run, col: str | None) -> str:
     if bad.height:
         picks.append((f"Rows whose {col} is NaN, infinite or missing ({bad.height:,}; first {N_EXAMPLES})",
                       bad.head(N_EXAMPLES)))
-    ids = sorted({i for _, p in picks for i in p["id"].to_list()})
-    previews: dict[str, str] = {}
-    if run.rows_path is not None and ids and "preview" in pq.read_schema(run.rows_path).names:
-        pv = (pl.scan_parquet(run.rows_path).select(pl.col("id").cast(pl.Utf8), pl.col("preview").cast(pl.Utf8))
-              .filter(pl.col("id").is_in(ids)).collect())
-        previews = {r[0]: r[1] for r in pv.iter_rows() if r[1] is not None}
+    previews = _previews(run, [i for _, p in picks for i in p["id"].to_list()])
     out = []
     for title, part in picks:
         out.append(f"<h3>{_e(title)}</h3>")
@@ -995,6 +1155,112 @@ def _examples(run: _Run, col: str | None) -> str:
     return "".join(out)
 
 
+def _changes_section(run: _Run, prev: _Previous, s: dict) -> str:
+    ch = _changes(run, prev, s)
+    body = [_note(f"Compared with the previous version in {prev.dir}. Entered: rows kept now that were pruned "
+                  "before or are new; left: rows kept before that are pruned now or gone from the data. New rows: "
+                  "ids of this run that the previous selection does not have; gone rows: the reverse.")]
+    body.extend(_note(msg, "warn") for msg in prev.notes)
+    man = prev.manifest
+    if man is not None:
+        cur = run.manifest or {}
+        pc = man.get("counts") if isinstance(man.get("counts"), dict) else {}
+        facts = [
+            ["created", man.get("created"), s["run"]["created"]],
+            ["winnow version", man.get("winnow_version"), s["run"]["winnow_version"]],
+            ["selector", _selector_summary(man.get("selector")), s["run"]["selector"]],
+            ["recipe fingerprint", man.get("recipe_fingerprint"), cur.get("recipe_fingerprint")],
+            ["input rows", pc.get("input_rows"), s["counts"]["input_rows"]],
+            ["kept rows", pc.get("kept_rows"), s["counts"]["kept_rows"]],
+        ]
+        body.append(_table(["", prev.name, "this run"], [[_Raw(f"<b>{_e(k)}</b>"), a, b] for k, a, b in facts]))
+    if ch is None:
+        return "".join(body)
+    c = ch["counts"]
+    body.append(
+        '<div class="cards">'
+        f'<div class="card kept"><b>{c["entered"]:,}</b><span>entered the selection<br>'
+        f'({c["entered_pruned_before"]:,} pruned before, {c["entered_new"]:,} new rows)</span></div>'
+        f'<div class="card pruned"><b>{c["left"]:,}</b><span>left the selection<br>'
+        f'({c["left_pruned_now"]:,} pruned now, {c["left_gone"]:,} gone)</span></div>'
+        f'<div class="card"><b>{c["new_rows"]:,}</b><span>new rows<br>({c["entered_new"]:,} kept)</span></div>'
+        f'<div class="card"><b>{c["gone_rows"]:,}</b><span>gone rows<br>({c["left_gone"]:,} were kept)</span></div>'
+        f'<div class="card"><b>{c["kept_both"]:,}</b><span>kept in both</span></div></div>')
+    body.append(_table(["", prev.name, "this run"], [
+        ["rows", c["rows_before"], c["rows_now"]],
+        ["kept rows", c["kept_before"], c["kept_now"]],
+    ]))
+    body.append(_table(["change", "rows"], [
+        ["entered: pruned before, kept now", c["entered_pruned_before"]],
+        ["entered: new rows, kept now", c["entered_new"]],
+        ["left: kept before, pruned now", c["left_pruned_now"]],
+        ["left: kept before, gone from the data", c["left_gone"]],
+        ["new rows (kept or pruned)", c["new_rows"]],
+        ["gone rows (kept or pruned before)", c["gone_rows"]],
+        ["kept in both", c["kept_both"]],
+    ]))
+    body.extend(_note(msg, "warn") for msg in ch["notes"])
+    for group, g in ch["groups"].items():
+        body.append(f"<h3>Kept rows per {group}, before and after</h3>")
+        if not g["rows"]:
+            body.append(_note(f"No kept rows before or now: no {group} shares to compare."))
+            continue
+        src = (f"the kept rows before are counted from {prev.name}/manifest.json (rows gone from the data "
+               "included)" if g["source"] == "manifest" else
+               f"the kept rows before are counted from {prev.name}/selection.parquet with this run's {group}s; "
+               f"rows gone from the data are shown as {GONE_GROUP}")
+        body.append(_note(f"Share: the {group}'s part of all kept rows; {src}. Entered and left count rows "
+                          "still in the data (rows gone from the data are in the totals above)."))
+        body.append(_img(_plot_change_shares(group, g["rows"], prev.name),
+                         f"share of kept rows per {group}, {prev.name} vs this run"))
+        rows = []
+        for n, r in g["rows"].items():
+            delta = None if r["share_before"] is None or r["share_now"] is None else \
+                f"{100 * (r['share_now'] - r['share_before']):+.1f}"
+            rows.append([n, r["kept_before"], _pct(r["share_before"]), r["kept_now"], _pct(r["share_now"]), delta,
+                         r["entered"], r["entered_new"], r["left"]])
+        body.append(_table([group, "kept before", "share before", "kept now", "share now", "change (points)",
+                            "entered", "of which new rows", "left (pruned now)"], rows))
+    col = s["selection_score"]
+    j = ch["frame"]
+    picks = []
+    for flag, what in (("_entered", "entered"), ("_left", "left")):
+        part = j.filter(pl.col(flag))
+        n_part = part.height
+        if col is not None:
+            # entered: the highest scores first; left: the lowest first; NaN and null last
+            part = part.with_columns(_s=pl.when(pl.col(col).is_finite()).then(pl.col(col)))
+            part = part.sort(["_s", "id"], descending=[flag == "_entered", False], nulls_last=True)
+            how = f"the {'highest' if flag == '_entered' else 'lowest'} {col} first"
+        else:
+            part = part.sort("id")
+            how = "first ids"
+        picks.append((what, n_part, how, part.head(N_CHANGE_EXAMPLES)))
+    previews = _previews(run, [i for *_, p in picks for i in p["id"].to_list()])
+    for what, n_part, how, part in picks:
+        extra = " and still in the data" if what == "left" else ""
+        body.append(f"<h3>{_e(f'Rows that {what} the selection{extra} ({n_part:,}; {part.height:,} shown, {how})')}"
+                    "</h3>")
+        if part.height == 0:
+            body.append(_note("none"))
+            continue
+        rows = []
+        for r in part.iter_rows(named=True):
+            status = ("new row" if r["_new"] else "pruned before") if what == "entered" else "pruned now"
+            score = "–" if col is None else (r[col] if r[col] is None or not math.isfinite(r[col])
+                                             else f"{r[col]:.6g}")
+            rows.append([r["id"], status, r["domain"], r["label"], score, r["weight_before"], r["weight"],
+                         r["n_tokens"], _Raw(f'<div class="preview">{_e(previews.get(r["id"], ""))}</div>')])
+        body.append(_table(["id", "status", "domain", "label", col or "score", "weight before", "weight now",
+                            "tokens", "preview"], rows))
+    if c["left_gone"]:
+        gone_ids = (prev.selection.filter(pl.col("kept_before"))
+                    .join(run.frame.select("id"), on="id", how="anti")["id"].head(N_CHANGE_EXAMPLES).to_list())
+        body.append(_note(f"{_rows(c['left_gone'])} that were kept left because they are gone from the data "
+                          f"(no text or scores in this run); the first: {', '.join(gone_ids)}"))
+    return "".join(body)
+
+
 def _cut_text(cutoff: float | None, side: str | None) -> str:
     if cutoff is not None:
         return f"{_fmt(cutoff)} (kept rows score at or {'above' if side == 'high' else 'below'} it)"
@@ -1003,7 +1269,7 @@ def _cut_text(cutoff: float | None, side: str | None) -> str:
     return "–"
 
 
-def _render(run: _Run, s: dict) -> str:
+def _render(run: _Run, s: dict, prev: _Previous | None = None) -> str:
     frame = run.frame
     info, counts = s["run"], s["counts"]
     col = s["selection_score"]
@@ -1192,7 +1458,9 @@ def _render(run: _Run, s: dict) -> str:
 
     infl_html = _influence_section(run)
     mix_html = _mixture_section(run)
+    changes_html = _changes_section(run, prev, s) if prev is not None else ""
     sections = "".join([
+        _section("changes", f"Changes since {prev.name}", changes_html, toc) if prev is not None else "",
         _section("scores", "Score distributions", scores_html, toc),
         _section("influence", "Influence on the target set", infl_html, toc) if infl_html else "",
         _section("mixture", "Domain mixture", mix_html, toc) if mix_html else "",
@@ -1213,30 +1481,39 @@ def _render(run: _Run, s: dict) -> str:
     )
 
 
-def write_report(run_dir: str | Path, fingerprint: str | None = None) -> Path:
-    """Write run_dir/report.html (self-contained: inline CSS, plots as PNG data URIs) and return its path.
+def write_report(run_dir: str | Path, fingerprint: str | None = None, *, out: str | Path | None = None,
+                 previous: str | Path | None = None) -> Path:
+    """Write the report (self-contained: inline CSS, plots as PNG data URIs) and return its path.
 
-    The file appears atomically: it is written as ``report.html.tmp-<pid>`` in the same folder and
-    renamed. Raises FileNotFoundError when run_dir, run_dir/scores or run_dir/selection.parquet is
-    missing; manifest.json, config.yaml and scores/rows.parquet are optional. `fingerprint`, when
-    given, is recorded in a `<meta name="winnow-fingerprint">` tag (the flow's cache check reads it).
+    `out` is where it goes (default run_dir/report.html). The file appears atomically: it is written
+    as ``<name>.tmp-<pid>`` in the same folder and renamed. Raises FileNotFoundError when run_dir,
+    run_dir/scores or run_dir/selection.parquet is missing; manifest.json, config.yaml and
+    scores/rows.parquet are optional. `fingerprint`, when given, is recorded in a
+    `<meta name="winnow-fingerprint">` tag (the flow's cache check reads it).
+
+    `previous`, a folder holding the previous version's ``selection.parquet`` and ``manifest.json``,
+    adds a section "Changes since <its folder name>": rows that entered and left the selection, new
+    and gone rows, kept shares per domain and label before and after, and examples. A missing or
+    unreadable file there becomes a note in that section.
     """
     run = _load(run_dir)
-    page = _render(run, _summarize(run))
+    prev = _load_previous(previous) if previous is not None else None
+    page = _render(run, _summarize(run), prev)
     if fingerprint is not None:
         page = page.replace("<meta charset=\"utf-8\">",
                             f"<meta charset=\"utf-8\"><meta name=\"winnow-fingerprint\" content=\"{_e(fingerprint)}\">", 1)
-    out = run.dir / "report.html"
-    tmp = run.dir / f"report.html.tmp-{os.getpid()}"
+    dest = Path(out) if out is not None else run.dir / "report.html"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f"{dest.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(page)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out)
+        os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    return out
+    return dest
 
 
 # --------------------------------------------------------------------------------------------------
