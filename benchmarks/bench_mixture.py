@@ -95,10 +95,16 @@ def main() -> None:
         loss.backward()
         step()
 
-    def doremi():
+    ref_bf16 = None
+
+    def doremi(bf16_ref: bool = False):
         with torch.autocast(**amp):
-            with torch.no_grad():
-                r = nll_of(ref)
+            if bf16_ref:  # the frozen reference held in bf16 weights, run in inference mode
+                with torch.inference_mode():
+                    r = nll_of(ref_bf16)
+            else:
+                with torch.no_grad():
+                    r = nll_of(ref)
             n = nll_of(model)
         valid = torch.ones_like(n, dtype=torch.bool)
         lam = doremi_excess(n.detach(), r, valid, dom, K)
@@ -165,12 +171,21 @@ def main() -> None:
         with fast_paths(model), fast_paths(ref):
             doremi()
 
+    def doremi_fast_bf16ref():
+        nonlocal ref_bf16
+        if ref_bf16 is None:
+            import copy
+            ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16) if dev.type == "cuda" else ref
+        with fast_paths(model), fast_paths(ref_bf16):
+            doremi(bf16_ref=True)
+
     def plain_fast():
         with fast_paths(model):
             plain()
 
     variants = [("plain", plain), ("doremi", doremi), ("plain_fast_paths", plain_fast),
-                ("doremi_fast_paths", doremi_fast), ("doge_code", doge_code), ("doge_engine", doge_engine),
+                ("doremi_fast_paths", doremi_fast), ("doremi_fast_paths_bf16_ref", doremi_fast_bf16ref),
+                ("doge_code", doge_code), ("doge_engine", doge_engine),
                 ("dga_engine", lambda: doge_engine(True)), ("doge_engine_v1", doge_engine_v1),
                 ("plain_fast_paths_again", plain_fast)]
     for name, fn in variants:
