@@ -34,8 +34,11 @@ demo: $(STAMP)
 server: $(STAMP)
 	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
+# Two workers by default (CI has 2 cores; many tests wait on Prefect servers and subprocesses); each
+# worker takes whole test files, so module fixtures are built once. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -172,7 +172,7 @@ def test_serve_runs_on_schedule_against_a_real_prefect_server(tmp_path, corpus, 
     logs.mkdir()
     try:
         server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=_env(home, None), stdout=open(logs / "server.log", "w"),
+                                  env=dict(_env(home, None), PREFECT_UI_ENABLED="false"), stdout=open(logs / "server.log", "w"),
                                   stderr=subprocess.STDOUT)
 
         def healthy() -> bool:
@@ -181,14 +181,18 @@ def test_serve_runs_on_schedule_against_a_real_prefect_server(tmp_path, corpus, 
             except httpx.HTTPError:
                 return False
 
+        t0 = time.time()
         _wait(healthy, 120, "the Prefect server", [server])
+        print(f"server healthy after {time.time() - t0:.1f} s")
         serve = subprocess.Popen([winnow, "serve", str(rec), "--interval", "5", "--name", "test"],
                                  env=dict(_env(home, api), PREFECT_RUNNER_POLL_FREQUENCY="2"), cwd=tmp_path, stdout=open(logs / "serve.log", "w"),
                                  stderr=subprocess.STDOUT)
         _wait(lambda: (run / "v0001" / "version.json").exists(), 240, "the first scheduled run", [server, serve])
+        print(f"v0001 after {time.time() - t0:.1f} s")
         _write_rows(data / "rows.jsonl", rows[:50] + rows[50:62])
         _wait(lambda: (run / "v0002" / "version.json").exists(), 240, "a scheduled run on the new rows",
               [server, serve])
+        print(f"v0002 after {time.time() - t0:.1f} s")
         v1 = json.loads((run / "v0001" / "version.json").read_text())
         v2 = json.loads((run / "v0002" / "version.json").read_text())
         assert (v1["rows"], v1["scored_rows"]) == (50, 50)

@@ -100,7 +100,8 @@ def _runs(target: str) -> int:
     if not versions:
         con.print(f"{run_dir}: no versions yet (a run writes v0001 when it completes)", markup=False)
         return 0
-    t = Table(title=f"{run_dir}: {len(versions)} version(s)")
+    con.print(f"{run_dir}: {len(versions)} version(s)", markup=False, highlight=False, soft_wrap=True)
+    t = Table()
     for col in ("version", "created (UTC)", "rows", "kept", "pruned", "scored", "from cache", "new rows",
                 "entered", "left"):
         t.add_column(col, justify="left" if col in ("version", "created (UTC)") else "right")
