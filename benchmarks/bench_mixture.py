@@ -113,7 +113,8 @@ def main() -> None:
         (n * w).sum().backward()
         step()
 
-    def doge_code():
+    def domain_grads() -> torch.Tensor:
+        """(K, parameters): each domain's mean-token gradient, one backward per domain (DoGE's code)."""
         with torch.autocast(**amp):
             n = nll_of(model)
         losses = [n[dom == i].mean() for i in range(K)]
@@ -121,7 +122,10 @@ def main() -> None:
         for i in range(K):
             gr = torch.autograd.grad(losses[i], params, retain_graph=i < K - 1)
             flat.append(torch.cat([x.reshape(-1).float() for x in gr]))
-        Fm = torch.stack(flat)
+        return torch.stack(flat)
+
+    def doge_code():
+        Fm = domain_grads()
         G = (Fm @ Fm.t()).double().cpu()
         state["alpha"], _ = doge_update(state["alpha"], G, 1e-4)
         comb = (state["alpha"].to(dev).float().unsqueeze(1) * Fm).sum(0)
@@ -129,7 +133,7 @@ def main() -> None:
         for p in params:
             p.grad = comb[off:off + p.numel()].view_as(p).to(p.dtype)
             off += p.numel()
-        del Fm, flat
+        del Fm
         step()
 
     eng = GradEngine(model, check=False, factor_dtype="input")  # bf16 factors under autocast, fp32 sums
@@ -260,19 +264,12 @@ def main() -> None:
                        groups=dom, num_groups=K, group_coeffs=lambda out: fixed)
     g_eng = torch.cat([p.grad.reshape(-1).float() for p in params])
     opt.zero_grad(set_to_none=True)
-    with torch.autocast(**amp):
-        n = nll_of(model)
-    losses = [n[dom == i].mean() for i in range(K)]
-    flat = []
-    for i in range(K):
-        gr = torch.autograd.grad(losses[i], params, retain_graph=i < K - 1)
-        flat.append(torch.cat([x.reshape(-1).float() for x in gr]))
-    Fm = torch.stack(flat)
+    Fm = domain_grads()
     G_ref = (Fm @ Fm.t()).double()
     g_ref = (fixed.to(dev).float().unsqueeze(1) * Fm).sum(0)
     res["check"] = {"gram_rel_err": float((o["group_gram"].double() - G_ref).norm() / G_ref.norm()),
                     "grad_rel_err": float((g_eng - g_ref).norm() / g_ref.norm())}
-    del Fm, flat
+    del Fm
     print("check", res["check"], flush=True)
     base = res["plain"]["ms"]
     fast = res["plain_fast_paths"].get("ms")

@@ -161,6 +161,15 @@ def gpt2(seed: int = 0):
     return jiggle(transformers.GPT2LMHeadModel(cfg), seed)
 
 
+def wide_gpt2(seed: int = 0):
+    """A 1-layer GPT-2 with a tied 4100-word head: at least 4096 wide and not a multiple of 64, so the
+    engine's aligned (zero-padded) output layer applies."""
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=16, vocab_size=4100,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
 def llama(seed: int = 0):
     cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=24,
                                    num_attention_heads=2, num_key_value_heads=1, vocab_size=V,
@@ -739,10 +748,7 @@ def test_token_nll_equals_cross_entropy_with_its_gradient():
 def test_aligned_wide_output_layer_is_exact_and_restored():
     """A tied GPT-2 head of 4100 classes (not a multiple of 64) computed through the zero-padded weight
     (align=True forces it on the CPU) gives the plain per-example gradients; close() restores forward."""
-    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=16, vocab_size=4100,
-                                  bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    model = jiggle(transformers.GPT2LMHeadModel(cfg), 0).double().eval()
+    model = jiggle(wide_gpt2(0), 0).double().eval()
     examples = [torch.randint(1, 4100, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 3, 5)]
     names = list(select_parameters(model, "all"))
     ref = flat(reference_grads(model, names, examples, causal_loss_alone), names)
@@ -791,10 +797,7 @@ def test_aligned_layer_records_padded_rows_in_every_factor_dtype(monkeypatch):
         return out
 
     monkeypatch.setattr(grad_rules.Outer, "wide_left", wide_spy)
-    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=16, vocab_size=4100,
-                                  bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(1)
-    model = transformers.GPT2LMHeadModel(cfg).eval().bfloat16()
+    model = wide_gpt2(1).eval().bfloat16()
     ids = torch.randint(1, 4100, (3, 9))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     for fdt in ("fp32", "input"):
@@ -881,10 +884,7 @@ def test_grad_coeffs_give_the_weighted_batch_gradient(arch):
 def test_fast_paths_give_the_same_losses_and_gradients_and_restore():
     from winnow.scorers.grad_engine import fast_paths
 
-    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=16, vocab_size=4100,
-                                  bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    model = wide_gpt2(0).double().eval()
     ids = torch.randint(1, 4100, (3, 9))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     outs = []
@@ -912,13 +912,7 @@ def test_group_coeffs_give_the_group_weighted_gradient(order, wide, monkeypatch)
     step's Gram: equal (float64) to autograd's gradient of sum_b a_{group(b)} loss_b, and its Gram equals
     the per-example path's, whether or not the batch is ordered by group; ``wide``: a tied 4100-word head
     that the engine aligns (padded output gradient, group sums over the padded rows)."""
-    if wide:
-        cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=32, vocab_size=4100,
-                                      bos_token_id=0, eos_token_id=0, pad_token_id=PAD)
-        torch.manual_seed(3)
-        model = transformers.GPT2LMHeadModel(cfg).double().eval()
-    else:
-        model = gpt2().double()
+    model = wide_gpt2(3).double().eval() if wide else gpt2().double()
     examples = seqs([9, 4, 7, 2, 6, 5, 8], seed=9)
     batch = text_batch(examples, "right")
     groups = torch.tensor({"sorted": [0, 0, 1, 1, 1, 3, 3], "shuffled": [1, 0, 3, 1, 0, 3, 1],

@@ -107,43 +107,45 @@ def score_shard(recipe: Recipe, run_dir: Path, shard: InputShard, ckpts: list[di
     known = set(cached["key"].to_list()) if cached is not None else set()
     rows: dict[str, list] = {"id": [], "domain": [], "label": [], "n_tokens": [], "preview": []}
     keys: list[str] = []
-    for exs in _stream(recipe, shard, feat):  # what the shard holds, and what is not scored yet
-        for e in exs:
-            rows["id"].append(e.id)
-            rows["domain"].append(e.domain)
-            rows["label"].append(e.label_name)
-            rows["n_tokens"].append(e.n_tokens)
-            rows["preview"].append(e.preview)
-            keys.append(example_key(e))
-    todo = {k for k in keys if k not in known}
-    new_keys: list[str] = []
+    todo: set[str] = set()  # keys not in the cache: found while the first checkpoint's pass reads the shard
+    new_keys: list[str] = []  # keys of the examples scored, in the order every pass scores them
     per_ckpt: dict[str, list[np.ndarray]] = {}
-    if todo:
-        device = resolve_device(recipe.scoring.device)
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        for ci, ck in enumerate(ckpts):
-            model = load_checkpoint(run_dir / ck["path"], task, recipe.model.trust_remote_code).to(device).eval()
-            if use_bf16:
-                model = model.to(torch.bfloat16)
-            if recipe.scoring.compile and device.type == "cuda":
-                getattr(model, model.base_model_prefix, model).compile(dynamic=True)
-            chunks: dict[str, list[np.ndarray]] = {}
-            for exs in _stream(recipe, shard, feat):
-                exs_k = [(e, example_key(e)) for e in exs]
-                new = [e for e, k in exs_k if k in todo]
-                if ci == 0:
-                    new_keys += [k for _, k in exs_k if k in todo]
-                if new:
-                    out = _score_examples(scorers, model, new, feat, task, device, bs)
-                    for col, arr in out.items():
-                        chunks.setdefault(col + ckpt_suffix(ck), []).append(arr)
-                if progress is not None:
-                    progress(len(exs))
-            for col, arrs in chunks.items():
-                per_ckpt[col] = [np.concatenate(arrs)] if arrs else [np.zeros(0)]
-            del model
-    elif progress is not None:
-        progress(len(keys))
+    device = resolve_device(recipe.scoring.device)
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    for ci, ck in enumerate(ckpts):
+        if ci > 0 and not todo:
+            break  # the first pass found nothing new: no other checkpoint needs loading
+        model = None  # loaded at the first example that needs scoring
+        chunks: dict[str, list[np.ndarray]] = {}
+        for exs in _stream(recipe, shard, feat):
+            exs_k = [(e, example_key(e)) for e in exs]
+            if ci == 0:
+                for e, k in exs_k:
+                    rows["id"].append(e.id)
+                    rows["domain"].append(e.domain)
+                    rows["label"].append(e.label_name)
+                    rows["n_tokens"].append(e.n_tokens)
+                    rows["preview"].append(e.preview)
+                    keys.append(k)
+                    if k not in known:
+                        todo.add(k)
+                        new_keys.append(k)
+            new = [e for e, k in exs_k if k in todo]
+            if new:
+                if model is None:
+                    model = load_checkpoint(run_dir / ck["path"], task, recipe.model.trust_remote_code).to(device).eval()
+                    if use_bf16:
+                        model = model.to(torch.bfloat16)
+                    if recipe.scoring.compile and device.type == "cuda":
+                        getattr(model, model.base_model_prefix, model).compile(dynamic=True)
+                out = _score_examples(scorers, model, new, feat, task, device, bs)
+                for col, arr in out.items():
+                    chunks.setdefault(col + ckpt_suffix(ck), []).append(arr)
+            if progress is not None:
+                progress(len(exs))
+        for col, arrs in chunks.items():
+            per_ckpt[col] = [np.concatenate(arrs)] if arrs else [np.zeros(0)]
+        del model
     data: dict[str, Any] = {"key": new_keys}
     base_cols: list[str] = []
     for s in scorers:

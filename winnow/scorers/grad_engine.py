@@ -455,7 +455,6 @@ def _outer_groups(
     ns = n if keep else max(1, min(n, budget // max(1, C * rows)))
     gram = torch.zeros(C, C, dtype=acc, device=dev)
     dot = None if target is None else torch.zeros(C, dtype=acc, device=dev)
-    S = None
     # every group present with as many examples, in order: one batched product per use, no zero fill
     sizes = {e - s for _, s, e in spans}
     batched = len(spans) == C and len(sizes) == 1
