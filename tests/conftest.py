@@ -6,8 +6,14 @@ import os
 import tempfile
 from pathlib import Path
 
+# Every cache a test run touches lives in this process's own temporary folder: nothing is shared with
+# other test processes, earlier runs or the user's home (Prefect, Hugging Face, torch.compile, matplotlib).
 _HOME = tempfile.mkdtemp(prefix="winnow-prefect-")
+_CACHES = tempfile.mkdtemp(prefix="winnow-caches-")
 os.environ["PREFECT_HOME"] = _HOME
+os.environ["HF_HOME"] = os.path.join(_CACHES, "huggingface")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_CACHES, "torchinductor")
+os.environ["MPLCONFIGDIR"] = os.path.join(_CACHES, "matplotlib")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"

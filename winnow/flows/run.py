@@ -2,7 +2,7 @@
 
 One task per seed (training) and per input shard (scoring); every task is cached by a
 fingerprint of its inputs and parameters (`cache_policy` keyed on the task's `fp` argument, with
-the cache records under `runs/NAME/.prefect/`), so rerunning an unchanged recipe redoes nothing
+the cache records and their JSON results under `runs/NAME/.prefect/`), so rerunning an unchanged recipe redoes nothing
 and a crashed run resumes from the tasks that finished. Outputs are files written atomically;
 a cached task whose files have since gone is run again.
 
@@ -81,6 +81,24 @@ def _no_retry_for_user_errors(task: Any, task_run: Any, state: Any) -> bool:
 
 def _policy(run_dir: Path) -> CachePolicy:
     return CachePolicy.from_cache_key_fn(_fp_key).configure(key_storage=str(run_dir / ".prefect"))
+
+
+def _task_options(run_dir: Path) -> dict[str, Any]:
+    """Results as JSON (nothing a run folder holds is unpickled); where they are written is the run
+    folder's own `.prefect/results` (`_run_settings`)."""
+    return {"cache_policy": _policy(run_dir), "result_serializer": "json"}
+
+
+def _run_settings(run_dir: Path, api_url: str | None) -> dict[Any, Any]:
+    """Prefect settings for one run: task results in the run folder beside their cache records, so one
+    folder's results never stand in for another's (the keys are fingerprints of inputs, and two
+    folders, or two tests, can share them) and the folder carries what resuming it needs."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
+
+    out: dict[Any, Any] = {PREFECT_LOCAL_STORAGE_PATH: str(run_dir / ".prefect" / "results")}
+    if api_url:
+        out[PREFECT_API_URL] = api_url
+    return out
 
 
 TASK_OPTS: dict[str, Any] = dict(persist_result=True, retries=1, retry_delay_seconds=1,
@@ -360,13 +378,13 @@ class _Steps:
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
-        self.policy = _policy(run_dir)
+        self.options = _task_options(run_dir)
         self.log: list[dict[str, Any]] = []
         self.t0 = time.time()
         self.done: dict[int, float] = {}
 
     def submit(self, t: Any, label: str, **kw: Any):
-        fut = t.with_options(cache_policy=self.policy).submit(**kw)
+        fut = t.with_options(**self.options).submit(**kw)
         try:
             fut.add_done_callback(lambda f, k=id(fut): self.done.setdefault(k, time.time()))
         except Exception:  # a runner whose futures take no callbacks: fall back to when we read it
@@ -378,7 +396,7 @@ class _Steps:
         res = fut.result()
         state_name = fut.state.name
         if state_name == "Cached" and not _outputs_present(t.name, res, self.run_dir, kw["fp"]):
-            res = t.with_options(cache_policy=self.policy, refresh_cache=True)(**kw)
+            res = t.with_options(**self.options, refresh_cache=True)(**kw)
             state_name = "Completed (cache stale)"
             self.done[id(fut)] = time.time()
         if state_name == "Cached" and t.name == "score":  # nothing was scored by this run
@@ -533,7 +551,7 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
     reused = sum(p.get("reused", 0) for p in parts)
     logger.info(f"scored {scored} row(s), {reused} read back from the score cache")
     # a new version of the outputs when they changed (never cached: it compares with the versions on disk)
-    version = version_task.with_options(cache_policy=NO_CACHE)(run_dir=run_dir, emit_fp=emit_fp, input_fp=input_fp,
+    version = version_task.with_options(cache_policy=NO_CACHE, persist_result=False)(run_dir=run_dir, emit_fp=emit_fp, input_fp=input_fp,
                                                                 scored=scored, reused=reused, report_fp=report_fp)
     steps.log.append({"step": "version", "state": f"{version['name']} ({'new' if version['new'] else 'unchanged'})",
                       "finished_s": round(time.time() - steps.t0, 2)})
@@ -586,15 +604,14 @@ _FORWARDED_ENV = ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_L
                   "HF_HOME", "TOKENIZERS_PARALLELISM")
 
 
-def task_runner(recipe: Recipe, api_url: str | None = None):
+def task_runner(recipe: Recipe, settings: dict[Any, Any] | None = None):
     if recipe.runner.kind == "ray":
         try:
             from prefect_ray import RayTaskRunner
         except ImportError:
             raise WinnowError("runner.kind is 'ray' but prefect-ray is not installed: pip install 'winnow[ray]'") from None
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-        if api_url:
-            env["PREFECT_API_URL"] = api_url
+        env.update({s.name: str(v) for s, v in (settings or {}).items()})
         init = {"num_cpus": recipe.runner.max_workers, "include_dashboard": False, "log_to_driver": True,
                 "runtime_env": {"env_vars": env}}
         return RayTaskRunner(address=recipe.runner.ray_address, init_kwargs=init)
@@ -652,12 +669,10 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
     shards = preflight(recipe)
     run_dir = prepare_run_dir(recipe).absolute()
     _quiet_user_errors()
-    api_url = _api_for_workers(recipe)
-    f = run_flow.with_options(task_runner=task_runner(recipe, api_url), flow_run_name=f"{recipe.name}")
-    args = (recipe.model_dump(mode="json"), str(run_dir), [s.to_dict() for s in shards])
-    if api_url:
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
-        with temporary_settings({PREFECT_API_URL: api_url}):
-            return f(*args)
-    return f(*args)
+    settings = _run_settings(run_dir, _api_for_workers(recipe))
+    f = run_flow.with_options(task_runner=task_runner(recipe, settings), flow_run_name=f"{recipe.name}")
+    args = (recipe.model_dump(mode="json"), str(run_dir), [s.to_dict() for s in shards])
+    with temporary_settings(settings):
+        return f(*args)

@@ -224,12 +224,21 @@ def kernel_submatrix(X, idx, *, kernel: str = "cosine", quality=None, sigma: flo
 
 def log_det(X, idx, *, kernel: str = "cosine", quality=None, sigma: float = 1.0, kappa: float = 1.0,
             dtype: torch.dtype = torch.float64) -> float:
-    """``log det L_S`` by ``torch.linalg.slogdet`` (``-inf`` if ``L_S`` is singular; 0 for the empty set)."""
+    """``log det L_S`` from the eigenvalues of the symmetric ``L_S`` (0 for the empty set).
+
+    ``-inf`` when ``L_S`` is singular to working precision: its smallest eigenvalue is at most
+    ``|S| * eps * max eigenvalue`` (the rank tolerance of ``numpy.linalg.matrix_rank``). Rows that are
+    exact duplicates make ``L_S`` singular in exact arithmetic; a determinant read off rounding noise
+    (``slogdet``'s sign and magnitude there) would change with the BLAS, the thread count and the machine.
+    """
     L = kernel_submatrix(X, idx, kernel=kernel, quality=quality, sigma=sigma, kappa=kappa, dtype=dtype)
     if L.shape[0] == 0:
         return 0.0
-    sign, logabs = torch.linalg.slogdet(L)
-    return float(logabs) if float(sign) > 0 else -math.inf
+    lam = torch.linalg.eigvalsh(L)
+    tol = L.shape[0] * torch.finfo(lam.dtype).eps * float(lam.abs().max())
+    if float(lam.min()) <= tol:
+        return -math.inf
+    return float(lam.log().sum())
 
 
 @dataclass(frozen=True)
