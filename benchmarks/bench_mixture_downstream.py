@@ -12,6 +12,7 @@ through the CLI: a recipe with ``data.source: {domain: file}`` and ``mixture.met
 This runs on CPU with the full install (the pipeline makes the mixture), not on the GPU machine:
 
     .venv/bin/python benchmarks/bench_mixture_downstream.py --out /tmp/downstream [--seeds 0 1 2]
+    .venv/bin/python benchmarks/bench_mixture_downstream.py --smoke --out /tmp/smoke   (checks the script)
 """
 
 from __future__ import annotations
@@ -171,7 +172,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (checks the script; figures mean nothing)")
     a = ap.parse_args()
+    if a.smoke:
+        a.per_domain, a.eval_rows, a.vocab, a.proxy_steps, a.proxy_batch = 30, 5, 300, 4, 8
+        a.tokens, a.batch, a.width, a.layers, a.seeds = 4000, 8, 32, 1, [0]
     work = Path(a.out).absolute()
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))

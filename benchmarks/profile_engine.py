@@ -1,6 +1,7 @@
 """Where the per-example gradient engine spends its time on a GPT-2-small shape (CUDA profiler).
 
     python3 benchmarks/profile_engine.py --batch 32 [--out $OUT]
+    python3 benchmarks/profile_engine.py --smoke      (a tiny GPT-2 on the CPU: checks the script)
 Prints the top CUDA kernels of one engine call and the wall time of its stages.
 """
 
@@ -27,14 +28,21 @@ def main() -> None:
                     help="the engine's factor_dtype (GraNd uses 'input')")
     ap.add_argument("--model", default="gpt2")
     ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--smoke", action="store_true", help="a tiny GPT-2 on the CPU (checks the script)")
     a = ap.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    dev = "cpu" if a.smoke or not torch.cuda.is_available() else "cuda"
+    shape = {} if not a.smoke else {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 1001}
+    if a.smoke:
+        a.batch, a.seq = 2, 16
     torch.backends.cuda.matmul.allow_tf32 = True
-    model = GPT2LMHeadModel(GPT2Config(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).cuda()
-    ids = torch.randint(0, 50257, (a.batch, a.seq), device="cuda")
+    model = GPT2LMHeadModel(GPT2Config(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                       **shape)).to(dev)
+    ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), device=dev)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    amp = dict(device_type="cuda", dtype=torch.bfloat16)
+    amp = dict(device_type=dev, dtype=torch.bfloat16)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     eng = GradEngine(model, check=False, factor_dtype=a.precision)
 
     def run():
@@ -43,7 +51,7 @@ def main() -> None:
 
     for _ in range(2):
         run()
-    torch.cuda.synchronize()
+    sync()
     # stages: forward only, forward+backward to outputs (no rules), full
     def fwd():
         with torch.autocast(**amp):
@@ -57,19 +65,20 @@ def main() -> None:
 
     for name, fn in [("forward", fwd), ("forward+backward (weights too)", fwd_bwd), ("engine", run)]:
         fn()
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         for _ in range(3):
             fn()
-        torch.cuda.synchronize()
+        sync()
         print(f"{name}: {(time.perf_counter() - t) / 3 * 1e3:.1f} ms", flush=True)
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=acts) as prof:
         run()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+        sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total" if dev == "cuda" else "cpu_time_total", row_limit=30, max_name_column_width=60)
     print(table)
     cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60)
     print(cpu)

@@ -1,6 +1,7 @@
 """Per-parameter time of the engine's rules on a GPT-2-small shape (CUDA-synchronised timers).
 
     python3 benchmarks/profile_rules.py --batch 32 [--precision fp32|input]
+    python3 benchmarks/profile_rules.py --smoke       (a tiny GPT-2 on the CPU: checks the script)
 """
 
 from __future__ import annotations
@@ -24,23 +25,31 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--precision", choices=["fp32", "input"], default="input",
                     help="the engine's factor_dtype (GraNd uses 'input')")
+    ap.add_argument("--out", default=None, help="also write the table to OUT/profile_rules.txt")
+    ap.add_argument("--smoke", action="store_true", help="a tiny GPT-2 on the CPU (checks the script)")
     a = ap.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    dev = "cpu" if a.smoke or not torch.cuda.is_available() else "cuda"
+    shape = {} if not a.smoke else {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 1001}
+    if a.smoke:
+        a.batch, a.seq = 2, 16
     torch.backends.cuda.matmul.allow_tf32 = True
-    model = GPT2LMHeadModel(GPT2Config(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).cuda()
-    ids = torch.randint(0, 50257, (a.batch, a.seq), device="cuda")
+    model = GPT2LMHeadModel(GPT2Config(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                       **shape)).to(dev)
+    ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), device=dev)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    amp = dict(device_type="cuda", dtype=torch.bfloat16)
+    amp = dict(device_type=dev, dtype=torch.bfloat16)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     times: dict[str, float] = defaultdict(float)
     orig_uses, orig_sq, orig_grad = ge.GradEngine._uses, ge._outer_sqnorm, torch.autograd.grad
 
     def timed(label, fn):
         def wrap(*args, **kw):
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             out = fn(*args, **kw)
-            torch.cuda.synchronize()
+            sync()
             times[label if isinstance(label, str) else label(args)] += time.perf_counter() - t
             return out
         return wrap
@@ -59,19 +68,22 @@ def main() -> None:
 
     run()
     times.clear()
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     n = 3
     for _ in range(n):
         run()
-    torch.cuda.synchronize()
+    sync()
     wall = (time.perf_counter() - t) / n
-    print(f"engine wall {wall * 1e3:.1f} ms per call (B={a.batch})")
     agg: dict[str, float] = defaultdict(float)
     for k, v in times.items():
         agg[k] += v / n
-    for k, v in sorted(agg.items(), key=lambda kv: -kv[1])[:25]:
-        print(f"{v * 1e3:8.2f} ms  {k}")
+    lines = [f"engine wall {wall * 1e3:.1f} ms per call (B={a.batch})"]
+    lines += [f"{v * 1e3:8.2f} ms  {k}" for k, v in sorted(agg.items(), key=lambda kv: -kv[1])[:25]]
+    print("\n".join(lines))
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "profile_rules.txt").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
