@@ -93,14 +93,21 @@ def cpu_compare(args: argparse.Namespace, res: dict, n_cpu: int, k_cpu: int) -> 
     t0 = time.perf_counter()
     ours32 = greedy_map(Xc.float(), k_cpu, kernel="vmf", kappa=args.kappa)
     t_ours32 = time.perf_counter() - t0
-    res["cpu"] = {"N": n_cpu, "k": k_cpu, "torch_threads": torch.get_num_threads(),
-                  "seconds_winnow_fp64": t_ours, "seconds_numpy_fp64": t_np, "seconds_winnow_fp32": t_ours32,
-                  "equal_picks_fp64": ours.picks.tolist() == base,
-                  "equal_picks_fp32_vs_numpy": ours32.picks.tolist() == base}
-    log(f"CPU N={n_cpu} k={k_cpu}: winnow fp64 {t_ours:.2f} s, NumPy fp64 {t_np:.2f} s, "
+    res["cpu"] = {
+        "N": n_cpu,
+        "k": k_cpu,
+        "torch_threads": torch.get_num_threads(),
+        "seconds_winnow_fp64": t_ours,
+        "seconds_numpy_fp64": t_np,
+        "seconds_winnow_fp32": t_ours32,
+        "equal_picks_fp64": ours.picks.tolist() == base,
+        "equal_picks_fp32_vs_numpy": ours32.picks.tolist() == base,
+    }
+    log(
+        f"CPU N={n_cpu} k={k_cpu}: winnow fp64 {t_ours:.2f} s, NumPy fp64 {t_np:.2f} s, "
         f"winnow fp32 {t_ours32:.2f} s; same picks fp64 {res['cpu']['equal_picks_fp64']}, "
-        f"fp32 {res['cpu']['equal_picks_fp32_vs_numpy']}")
-
+        f"fp32 {res['cpu']['equal_picks_fp32_vs_numpy']}"
+    )
 
 
 def main() -> None:
@@ -121,8 +128,15 @@ def main() -> None:
     res: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "numpy": np.__version__, "cpu_count": os.cpu_count(),
-        "argv": sys.argv, "N": args.n, "d": args.d, "k": args.k, "kernel": "vmf", "kappa": args.kappa,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cpu_count": os.cpu_count(),
+        "argv": sys.argv,
+        "N": args.n,
+        "d": args.d,
+        "k": args.k,
+        "kernel": "vmf",
+        "kappa": args.kappa,
     }
     log(f"device {res['device']}, torch {torch.__version__}, N={args.n} d={args.d} k={args.k}")
     if args.cpu_only:
@@ -143,9 +157,16 @@ def main() -> None:
     Xv64 /= np.linalg.norm(Xv64, axis=1, keepdims=True)
     ref_v = numpy_chen(Xv64, k_ver, args.kappa)
     same_v = gpu_v.picks.tolist() == ref_v
-    first = next((i for i, (a, b) in enumerate(zip(gpu_v.picks.tolist(), ref_v, strict=False)) if a != b), None)
-    res["verify"] = {"N": n_ver, "k": k_ver, "equal_picks": same_v, "first_difference": first,
-                     "seconds_gpu": t_v}
+    first = next(
+        (i for i, (a, b) in enumerate(zip(gpu_v.picks.tolist(), ref_v, strict=False)) if a != b), None
+    )
+    res["verify"] = {
+        "N": n_ver,
+        "k": k_ver,
+        "equal_picks": same_v,
+        "first_difference": first,
+        "seconds_gpu": t_v,
+    }
     log(f"verify N={n_ver} k={k_ver}: GPU fp32 picks == NumPy fp64 picks: {same_v} (first diff {first})")
 
     # --- the big run ------------------------------------------------------------------------
@@ -156,13 +177,23 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     floor_c = 2 * args.n * args.k**2 / BANDWIDTH
     floor_all = (2 * args.n * args.k**2 + 4 * args.n * args.d * args.k) / BANDWIDTH
-    res["main"] = {"seconds": t, "picks": int(r.picks.numel()), "picks_per_s": r.picks.numel() / t,
-                   "stopped": r.stopped, "logdet": r.logdet, "peak_gib": peak,
-                   "floor_c_seconds": floor_c, "ratio_to_floor_c": t / floor_c,
-                   "floor_c_plus_rows_seconds": floor_all, "ratio_to_floor_c_plus_rows": t / floor_all}
-    log(f"main: {t:.2f} s, {r.picks.numel()} picks ({r.stopped}), {r.picks.numel() / t:.1f} picks/s, "
+    res["main"] = {
+        "seconds": t,
+        "picks": int(r.picks.numel()),
+        "picks_per_s": r.picks.numel() / t,
+        "stopped": r.stopped,
+        "logdet": r.logdet,
+        "peak_gib": peak,
+        "floor_c_seconds": floor_c,
+        "ratio_to_floor_c": t / floor_c,
+        "floor_c_plus_rows_seconds": floor_all,
+        "ratio_to_floor_c_plus_rows": t / floor_all,
+    }
+    log(
+        f"main: {t:.2f} s, {r.picks.numel()} picks ({r.stopped}), {r.picks.numel() / t:.1f} picks/s, "
         f"peak {peak} GiB; floor 2Nk^2/3TB/s = {floor_c:.2f} s -> ratio {t / floor_c:.3f}; "
-        f"with kernel rows {floor_all:.2f} s -> ratio {t / floor_all:.3f}")
+        f"with kernel rows {floor_all:.2f} s -> ratio {t / floor_all:.3f}"
+    )
     del r
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -170,8 +201,13 @@ def main() -> None:
     # --- cosine, k < d -----------------------------------------------------------------------
     k_cos = min(1000, args.d - 24) if not args.smoke else 40
     rc, tc = timed(lambda: greedy_map(X, k_cos, kernel="cosine"), sync)
-    res["cosine"] = {"k": k_cos, "seconds": tc, "picks": int(rc.picks.numel()), "stopped": rc.stopped,
-                     "floor_c_seconds": 2 * args.n * k_cos**2 / BANDWIDTH}
+    res["cosine"] = {
+        "k": k_cos,
+        "seconds": tc,
+        "picks": int(rc.picks.numel()),
+        "stopped": rc.stopped,
+        "floor_c_seconds": 2 * args.n * k_cos**2 / BANDWIDTH,
+    }
     log(f"cosine N={args.n} k={k_cos}: {tc:.2f} s, {rc.picks.numel()} picks ({rc.stopped})")
     del rc
     X = None  # free the GPU embeddings

@@ -82,9 +82,9 @@ def baseline_el2n(model, ids: torch.Tensor) -> torch.Tensor:
 
 def ours_fn(scorer):
     def fn(model, ids):
-        return scorer.score_batch(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "causal_lm")[
-            "el2n"
-        ]
+        return scorer.score_batch(
+            model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "causal_lm"
+        )["el2n"]
 
     return fn
 
@@ -170,15 +170,23 @@ def ref_token_el2n(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the script)")
-    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                    help="torch.compile variants: auto = on for CUDA only")
+    ap.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="torch.compile variants: auto = on for CUDA only",
+    )
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=64, help="batch of the 'ours' variants")
     ap.add_argument("--baseline-batches", default="8,32")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--init-range", type=float, default=0.2,
-                    help="weight init std; 0.2 gives peaked softmaxes so the score checks mean something")
+    ap.add_argument(
+        "--init-range",
+        type=float,
+        default=0.2,
+        help="weight init std; 0.2 gives peaked softmaxes so the score checks mean something",
+    )
     ap.add_argument("--budget-s", type=float, default=440.0, help="skip optional variants past this time")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for bench_el2n.json")
     args = ap.parse_args()
@@ -259,8 +267,10 @@ def main() -> None:
                 torch.cuda.empty_cache()
             return None
         report["variants"][name] = res
-        log(f"  {res['tokens_per_s']:,.0f} tok/s, median {res['median_s'] * 1e3:.1f} ms, "
-            f"peak {res['peak_gib']:.2f} GiB (first call {res['first_call_s']} s)")
+        log(
+            f"  {res['tokens_per_s']:,.0f} tok/s, median {res['median_s'] * 1e3:.1f} ms, "
+            f"peak {res['peak_gib']:.2f} GiB (first call {res['first_call_s']} s)"
+        )
         save()
         return res
 
@@ -274,8 +284,11 @@ def main() -> None:
     del model_eager_attn
 
     # 2. ours, no compile --------------------------------------------------------------------
-    run_variant(f"ours_eager_b{args.batch}", ours_fn(get_scorer("el2n", vocab_chunk=8192, token_chunk=8192)),
-                args.batch)
+    run_variant(
+        f"ours_eager_b{args.batch}",
+        ours_fn(get_scorer("el2n", vocab_chunk=8192, token_chunk=8192)),
+        args.batch,
+    )
 
     # 3. the EL2N head alone, on precomputed hidden states: chunk sizes, eager vs compiled -------
     head: dict = {}
@@ -297,8 +310,16 @@ def main() -> None:
         log(f"head-only {key}")
 
         def head_fn(_m, ids_, vc=vc, tc=tc, mode=mode):
-            return causal_lm_token_el2n(hidden[:, :-1], weight, bias, ids_[:, 1:], None, vocab_chunk=vc,
-                                        token_chunk=tc, compile=mode == "compiled")
+            return causal_lm_token_el2n(
+                hidden[:, :-1],
+                weight,
+                bias,
+                ids_[:, 1:],
+                None,
+                vocab_chunk=vc,
+                token_chunk=tc,
+                compile=mode == "compiled",
+            )
 
         try:
             res = measure(timer, device, lambda ids_: head_fn(None, ids_), [ids], args.warmup, args.iters)
@@ -317,7 +338,11 @@ def main() -> None:
         best_vc, best_tc = int(v_s[1:]), int(t_s[1:])
     else:
         best_vc, best_tc = 8192, 8192
-    report["chosen_chunks"] = {"vocab_chunk": best_vc, "token_chunk": best_tc, "compile_el2n": best is not None}
+    report["chosen_chunks"] = {
+        "vocab_chunk": best_vc,
+        "token_chunk": best_tc,
+        "compile_el2n": best is not None,
+    }
     log(f"chosen chunks vocab {best_vc} tokens {best_tc}")
 
     # 4. ours with the compiled EL2N kernel, then also the compiled base model -----------------
@@ -367,9 +392,12 @@ def main() -> None:
             checks["fp32 per-token eager vs float64 ref (sharpened, half argmax)"] = diff(tok, ref_tok)
             checks["per-token ref range (sharpened)"] = [float(ref_tok.min()), float(ref_tok.max())]
             if use_compile:
-                tokc = causal_lm_token_el2n(hidden32, w32, b32, tgt, vocab_chunk=best_vc, token_chunk=best_tc,
-                                            compile=True)
-                checks["fp32 per-token compiled vs float64 ref (sharpened, half argmax)"] = diff(tokc, ref_tok)
+                tokc = causal_lm_token_el2n(
+                    hidden32, w32, b32, tgt, vocab_chunk=best_vc, token_chunk=best_tc, compile=True
+                )
+                checks["fp32 per-token compiled vs float64 ref (sharpened, half argmax)"] = diff(
+                    tokc, ref_tok
+                )
             # the kernel alone: identity output layer, so the logits are exact and any error is the
             # kernel's; targets beat the best other class by 0..80 (scores down to ~1e-35)
             kv = 4096 if not args.smoke else 64
@@ -394,9 +422,12 @@ def main() -> None:
 
     # 6. summary -----------------------------------------------------------------------------
     variants = report["variants"]
-    base_best = max((v["tokens_per_s"] for k, v in variants.items() if k.startswith("baseline_sdpa")), default=None)
-    ours_best_name = max((k for k in variants if k.startswith("ours")), key=lambda k: variants[k]["tokens_per_s"],
-                         default=None)
+    base_best = max(
+        (v["tokens_per_s"] for k, v in variants.items() if k.startswith("baseline_sdpa")), default=None
+    )
+    ours_best_name = max(
+        (k for k in variants if k.startswith("ours")), key=lambda k: variants[k]["tokens_per_s"], default=None
+    )
     summary = {}
     if base_best and ours_best_name:
         ours_best = variants[ours_best_name]["tokens_per_s"]
@@ -413,16 +444,22 @@ def main() -> None:
     save()
 
     print()
-    print(f"{'variant':34} {'batch':>5} {'tokens/s':>12} {'x base':>7} {'ms/batch':>9} {'peak GiB':>9} "
-          f"{'peak-res':>9}")
+    print(
+        f"{'variant':34} {'batch':>5} {'tokens/s':>12} {'x base':>7} {'ms/batch':>9} {'peak GiB':>9} "
+        f"{'peak-res':>9}"
+    )
     for k, v in variants.items():
         x = v["tokens_per_s"] / base_best if base_best else float("nan")
-        print(f"{k:34} {v['batch']:5d} {v['tokens_per_s']:12,.0f} {x:7.2f} {v['median_s'] * 1e3:9.1f} "
-              f"{v['peak_gib']:9.2f} {v['peak_over_resident_gib']:9.2f}")
+        print(
+            f"{k:34} {v['batch']:5d} {v['tokens_per_s']:12,.0f} {x:7.2f} {v['median_s'] * 1e3:9.1f} "
+            f"{v['peak_gib']:9.2f} {v['peak_over_resident_gib']:9.2f}"
+        )
     print("\nhead only (EL2N on precomputed hidden states):")
     for k, v in head.items():
         if isinstance(v, dict):
-            print(f"  {k:34} {v['tokens_per_s']:12,.0f} tok/s  peak-res {v['peak_over_resident_gib']:.2f} GiB")
+            print(
+                f"  {k:34} {v['tokens_per_s']:12,.0f} tok/s  peak-res {v['peak_over_resident_gib']:.2f} GiB"
+            )
         else:
             print(f"  {k:34} {v}")
     print("\nchecks:")

@@ -38,15 +38,28 @@ def build(kind: str, smoke: bool, seq: int):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     if kind == "gpt2":
-        cfg = GPT2Config(n_layer=2 if smoke else 12, n_embd=64 if smoke else 768, n_head=4 if smoke else 12,
-                         vocab_size=500 if smoke else 50257, n_positions=max(seq, 64),
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = GPT2Config(
+            n_layer=2 if smoke else 12,
+            n_embd=64 if smoke else 768,
+            n_head=4 if smoke else 12,
+            vocab_size=500 if smoke else 50257,
+            n_positions=max(seq, 64),
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         m = GPT2LMHeadModel(cfg)
     else:
-        cfg = LlamaConfig(num_hidden_layers=2 if smoke else 12, hidden_size=64 if smoke else 768,
-                          intermediate_size=128 if smoke else 2048, num_attention_heads=4 if smoke else 12,
-                          num_key_value_heads=4 if smoke else 12, vocab_size=500 if smoke else 32000,
-                          max_position_embeddings=max(seq, 64), tie_word_embeddings=False)
+        cfg = LlamaConfig(
+            num_hidden_layers=2 if smoke else 12,
+            hidden_size=64 if smoke else 768,
+            intermediate_size=128 if smoke else 2048,
+            num_attention_heads=4 if smoke else 12,
+            num_key_value_heads=4 if smoke else 12,
+            vocab_size=500 if smoke else 32000,
+            max_position_embeddings=max(seq, 64),
+            tie_word_embeddings=False,
+        )
         m = LlamaForCausalLM(cfg)
     return m
 
@@ -83,8 +96,13 @@ def main() -> None:
     seq = 32 if a.smoke else a.seq
     device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
-    results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                     "torch": torch.__version__, "seq": seq, "batch": a.batch, "variants": {}}
+    results: dict = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "seq": seq,
+        "batch": a.batch,
+        "variants": {},
+    }
     import transformers
 
     results["transformers"] = transformers.__version__
@@ -98,7 +116,11 @@ def main() -> None:
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "bench_grand.json").write_text(json.dumps(results, indent=2, default=str))
-    print(json.dumps(results, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
+    print(
+        json.dumps(
+            results, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)
+        )
+    )
 
 
 def bench_one(kind: str, a: argparse.Namespace, seq: int, device: torch.device, amp: dict) -> dict:
@@ -128,7 +150,7 @@ def bench_one(kind: str, a: argparse.Namespace, seq: int, device: torch.device, 
 
     def less_loop():
         for i in range(n_loop):
-            one = {"input_ids": ids[i:i + 1], "attention_mask": mask[i:i + 1]}
+            one = {"input_ids": ids[i : i + 1], "attention_mask": mask[i : i + 1]}
             with torch.autocast(**amp):
                 loss = per_example_loss(model, one, "causal_lm").sum()
             grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
@@ -156,7 +178,7 @@ def bench_one(kind: str, a: argparse.Namespace, seq: int, device: torch.device, 
     def run_vmap():
         vmap_norms.clear()
         for k in range(0, B, chunk):
-            gs = vg(params, ids[k:k + chunk])
+            gs = vg(params, ids[k : k + chunk])
             vmap_norms.append(torch.stack([gs[n].float().flatten(1).pow(2).sum(1) for n in names]).sum(0))
             del gs
 
@@ -177,12 +199,20 @@ def bench_one(kind: str, a: argparse.Namespace, seq: int, device: torch.device, 
         for m in gelus:
             m.forward = _tanh_gelu
         s, peak = timed(plain, device, a.iters, a.warmup)
-        res["plain_step_fused_gelu"] = {"tokens_per_s": B * seq / s, "examples_per_s": B / s, "peak_gib": peak}
+        res["plain_step_fused_gelu"] = {
+            "tokens_per_s": B * seq / s,
+            "examples_per_s": B / s,
+            "peak_gib": peak,
+        }
         print("plain_step_fused_gelu", res["plain_step_fused_gelu"], flush=True)
         try:
             s, peak = timed(run_vmap, device, a.iters, a.warmup)
-            res["vmap_fused_gelu"] = {"examples_per_s": B / s, "tokens_per_s": B * seq / s, "peak_gib": peak,
-                                      "chunk": chunk}
+            res["vmap_fused_gelu"] = {
+                "examples_per_s": B / s,
+                "tokens_per_s": B * seq / s,
+                "peak_gib": peak,
+                "chunk": chunk,
+            }
         except torch.OutOfMemoryError as e:
             res["vmap_fused_gelu"] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
             torch.cuda.empty_cache()
@@ -194,7 +224,7 @@ def bench_one(kind: str, a: argparse.Namespace, seq: int, device: torch.device, 
     for check, fdt in ((True, "fp32"), (False, "fp32"), (False, "input")):
         eng = GradEngine(model, params="all", check=check, factor_dtype=fdt)
 
-        for bb in ([B] if a.smoke or check else [B, 2 * B, 4 * B]):
+        for bb in [B] if a.smoke or check else [B, 2 * B, 4 * B]:
             ids_b = torch.randint(0, V, (bb, seq), generator=g).to(device) if bb != B else ids[:B]
             batch = {"input_ids": ids_b, "attention_mask": torch.ones_like(ids_b)}
             key = f"engine_b{bb}" + ("_check" if check else "") + ("_bf16factors" if fdt == "input" else "")
@@ -216,7 +246,8 @@ def bench_one(kind: str, a: argparse.Namespace, seq: int, device: torch.device, 
     k32, k16 = f"engine_b{B}", f"engine_b{B}_bf16factors"
     if k32 in eng_out and k16 in eng_out:
         res["bf16factors_max_rel_diff_vs_fp32factors"] = (
-            (eng_out[k16].double() - eng_out[k32].double()).abs() / eng_out[k32].double().abs()).max().item()
+            ((eng_out[k16].double() - eng_out[k32].double()).abs() / eng_out[k32].double().abs()).max().item()
+        )
         print("bf16 factors vs fp32 factors, max rel diff:", res["bf16factors_max_rel_diff_vs_fp32factors"])
     # exactness on the same examples as vmap (fp32 engine vs fp32 vmap, no autocast)
     batch = {"input_ids": ids[:B], "attention_mask": mask[:B]}
@@ -227,7 +258,7 @@ def bench_one(kind: str, a: argparse.Namespace, seq: int, device: torch.device, 
     vg32 = vmap(grad(lambda p, x: _loss_fp32(model, p, x, amp_off)), in_dims=(None, 0))
     ref = []
     for k in range(0, B, chunk):
-        gs = vg32(params, ids[k:k + chunk])
+        gs = vg32(params, ids[k : k + chunk])
         ref.append(torch.stack([gs[n].double().flatten(1).pow(2).sum(1) for n in names]).sum(0))
         del gs
     ref_t = torch.cat(ref)
@@ -239,8 +270,9 @@ def bench_one(kind: str, a: argparse.Namespace, seq: int, device: torch.device, 
     try:
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
-        gm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum",
-                                                  max_grad_norm=1.0, use_ghost_clipping=True)
+        gm = GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="sum", max_grad_norm=1.0, use_ghost_clipping=True
+        )
 
         def opacus_norms():
             with torch.autocast(**amp):
@@ -257,16 +289,20 @@ def bench_one(kind: str, a: argparse.Namespace, seq: int, device: torch.device, 
     print("opacus", res["opacus"], flush=True)
 
     base = res.get("vmap", {}).get("examples_per_s")
-    best = max((v["examples_per_s"] for k, v in res.items() if k.startswith("engine") and "examples_per_s" in v),
-               default=float("nan"))
+    best = max(
+        (v["examples_per_s"] for k, v in res.items() if k.startswith("engine") and "examples_per_s" in v),
+        default=float("nan"),
+    )
     res["engine_vs_vmap"] = best / base if base else None
     fused = res.get("vmap_fused_gelu", {}).get("examples_per_s")
     res["engine_vs_vmap_fused_gelu"] = best / fused if fused else None
     res["engine_vs_plain_tokens"] = best * seq / res["plain_step"]["tokens_per_s"]
-    print(f"engine/vmap = {res['engine_vs_vmap']}, engine tokens/s / plain step = "
-          f"{res['engine_vs_plain_tokens']:.3f}", flush=True)
+    print(
+        f"engine/vmap = {res['engine_vs_vmap']}, engine tokens/s / plain step = "
+        f"{res['engine_vs_plain_tokens']:.3f}",
+        flush=True,
+    )
     return res
-
 
 
 def _loss_fp32(model, p, x, amp):

@@ -53,9 +53,16 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     seq = 32 if a.smoke else a.seq
     k = 256 if a.smoke else a.k
-    cfg = GPT2Config(n_layer=2 if a.smoke else 12, n_embd=64 if a.smoke else 768, n_head=4 if a.smoke else 12,
-                     vocab_size=500 if a.smoke else 50257, n_positions=max(64, seq),
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        n_layer=2 if a.smoke else 12,
+        n_embd=64 if a.smoke else 768,
+        n_head=4 if a.smoke else 12,
+        vocab_size=500 if a.smoke else 50257,
+        n_positions=max(64, seq),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = GPT2LMHeadModel(cfg).to(device).eval()
     params = [p for p in model.parameters()]
     D = sum(p.numel() for p in params)
@@ -64,8 +71,13 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     n_less = 4 if a.smoke else a.less_examples
     ids = torch.randint(0, V, (max(64, n_less), seq), generator=g).to(device)
-    res: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                 "torch": torch.__version__, "params": D, "seq": seq, "k": k}
+    res: dict = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "params": D,
+        "seq": seq,
+        "k": k,
+    }
     print(f"GPT-2 {D / 1e6:.1f}M params, T={seq}, k={k}, {device}", flush=True)
 
     # ---------------- the LESS way
@@ -81,12 +93,17 @@ def main() -> None:
         for bi, lo in enumerate(range(0, D, block)):
             hi = min(D, lo + block)
             gen.manual_seed(1000 + bi)
-            R = torch.empty(k, hi - lo, dtype=wdtype, device=device).bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
+            R = (
+                torch.empty(k, hi - lo, dtype=wdtype, device=device)
+                .bernoulli_(0.5, generator=gen)
+                .mul_(2)
+                .sub_(1)
+            )
             out += (Gw[:, lo:hi] @ R.t()).float()
-        return out / k ** 0.5
+        return out / k**0.5
 
     def grad_one(i: int) -> torch.Tensor:
-        one = {"input_ids": ids[i:i + 1], "attention_mask": torch.ones_like(ids[i:i + 1])}
+        one = {"input_ids": ids[i : i + 1], "attention_mask": torch.ones_like(ids[i : i + 1])}
         with torch.autocast(**amp):
             loss = per_example_loss(model, one, "causal_lm").sum()
         grads = torch.autograd.grad(loss, params)
@@ -111,7 +128,12 @@ def main() -> None:
     less_loop(n_less)
     sync(device)
     s = time.perf_counter() - t
-    res["less_way"] = {"examples_per_s": n_less / s, "peak_gib": _peak(device), "buffer": buf_n, "block": block}
+    res["less_way"] = {
+        "examples_per_s": n_less / s,
+        "peak_gib": _peak(device),
+        "buffer": buf_n,
+        "block": block,
+    }
     t = time.perf_counter()
     less_loop(n_less, project=False)
     sync(device)
@@ -133,18 +155,27 @@ def main() -> None:
 
     # ---------------- the engine
     eng = GradEngine(model, params="all", proj_dim=k, proj_seed=0, check=False)
-    fake = {n: torch.rand(p.shape, generator=g, dtype=torch.float32) ** 2 * 1e-6 for n, p in eng.params.items()}
-    pre = adam_preconditioner(eng.views, eng.kinds, {n: p.numel() for n, p in eng.params.items()}, fake, 100,
-                              0.999, 1e-8)
-    pre = {n: (tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)) for n, v in pre.items()}
-    for B in ([4] if a.smoke else [16, 32, 64]):
+    fake = {
+        n: torch.rand(p.shape, generator=g, dtype=torch.float32) ** 2 * 1e-6 for n, p in eng.params.items()
+    }
+    pre = adam_preconditioner(
+        eng.views, eng.kinds, {n: p.numel() for n, p in eng.params.items()}, fake, 100, 0.999, 1e-8
+    )
+    pre = {
+        n: (tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)) for n, v in pre.items()
+    }
+    for B in [4] if a.smoke else [16, 32, 64]:
         for name, pc in (("engine", None), ("engine_adam", pre)):
             batch = {"input_ids": ids[:B], "attention_mask": torch.ones_like(ids[:B])}
 
             def run(batch=batch, pc=pc):
                 with torch.autocast(**amp):
-                    return eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), sqnorm=False,
-                                       project=True, precondition=pc)["proj"]
+                    return eng.compute(
+                        lambda: per_example_loss(model, batch, "causal_lm"),
+                        sqnorm=False,
+                        project=True,
+                        precondition=pc,
+                    )["proj"]
 
             try:
                 run()
@@ -162,16 +193,22 @@ def main() -> None:
                 res[f"{name}_b{B}"] = {"examples_per_s": B / times[2], "peak_gib": _peak(device)}
                 if name == "engine" and B == (4 if a.smoke else 16):
                     P = out.double()
-                    res["engine_ip_rel_err_rms"] = float((((P @ P.t()) - exact[:B, :B]) / scale[:B, :B])
-                                                         .square().mean().sqrt())
+                    res["engine_ip_rel_err_rms"] = float(
+                        (((P @ P.t()) - exact[:B, :B]) / scale[:B, :B]).square().mean().sqrt()
+                    )
             except torch.OutOfMemoryError as e:
                 res[f"{name}_b{B}"] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
                 torch.cuda.empty_cache()
             print(f"{name}_b{B}", res[f"{name}_b{B}"], flush=True)
     eng.close()
-    best = max(v["examples_per_s"] for kk, v in res.items() if kk.startswith("engine_b") and "examples_per_s" in v)
-    best_adam = max(v["examples_per_s"] for kk, v in res.items()
-                    if kk.startswith("engine_adam_b") and "examples_per_s" in v)
+    best = max(
+        v["examples_per_s"] for kk, v in res.items() if kk.startswith("engine_b") and "examples_per_s" in v
+    )
+    best_adam = max(
+        v["examples_per_s"]
+        for kk, v in res.items()
+        if kk.startswith("engine_adam_b") and "examples_per_s" in v
+    )
     res["engine_vs_less_way"] = best / res["less_way"]["examples_per_s"]
     res["engine_adam_vs_less_way"] = best_adam / res["less_way"]["examples_per_s"]
     res["engine_vs_less_backward_only"] = best / res["less_way_backward_only"]["examples_per_s"]

@@ -51,8 +51,11 @@ def main() -> None:
     ap.add_argument("--domains", type=int, default=7)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--profile", action="store_true", help="also print the top kernels of plain_fast_paths "
-                    "and doge_engine (torch.profiler)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print the top kernels of plain_fast_paths and doge_engine (torch.profiler)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT"))
     a = ap.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -60,8 +63,13 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     seq = 32 if a.smoke else a.seq
-    cfg = GPT2Config(n_layer=2 if a.smoke else 12, n_embd=64 if a.smoke else 768, n_head=4 if a.smoke else 12,
-                     vocab_size=500 if a.smoke else 50257, n_positions=max(64, seq))
+    cfg = GPT2Config(
+        n_layer=2 if a.smoke else 12,
+        n_embd=64 if a.smoke else 768,
+        n_head=4 if a.smoke else 12,
+        vocab_size=500 if a.smoke else 50257,
+        n_positions=max(64, seq),
+    )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg).to(dev).train()
     ref = GPT2LMHeadModel(cfg).to(dev).eval()
@@ -78,7 +86,10 @@ def main() -> None:
     batch = {"input_ids": ids, "attention_mask": mask}
     amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     params = list(model.parameters())
-    state = {"alpha": torch.full((K,), 1 / K, dtype=torch.float64), "hat": torch.full((K,), 1 / K, dtype=torch.float64)}
+    state = {
+        "alpha": torch.full((K,), 1 / K, dtype=torch.float64),
+        "hat": torch.full((K,), 1 / K, dtype=torch.float64),
+    }
 
     def nll_of(m):
         logits = m(input_ids=ids, attention_mask=mask).logits
@@ -131,7 +142,7 @@ def main() -> None:
         comb = (state["alpha"].to(dev).float().unsqueeze(1) * Fm).sum(0)
         off = 0
         for p in params:
-            p.grad = comb[off:off + p.numel()].view_as(p).to(p.dtype)
+            p.grad = comb[off : off + p.numel()].view_as(p).to(p.dtype)
             off += p.numel()
         del Fm
         step()
@@ -144,8 +155,11 @@ def main() -> None:
         G = out["group_gram"].double().cpu()
         if target:  # domain K-1 plays the target; the others train
             tr = list(range(K - 1))
-            new, hat = dga_update(state["alpha"][:K - 1] / state["alpha"][:K - 1].sum(),
-                                  state["hat"][:K - 1] / state["hat"][:K - 1].sum(), G[tr][:, K - 1])
+            new, hat = dga_update(
+                state["alpha"][: K - 1] / state["alpha"][: K - 1].sum(),
+                state["hat"][: K - 1] / state["hat"][: K - 1].sum(),
+                G[tr][:, K - 1],
+            )
             full = torch.zeros(K, dtype=torch.float64)
             full[tr] = new
             return full
@@ -154,8 +168,13 @@ def main() -> None:
 
     def doge_engine(target: bool = False):
         with torch.autocast(**amp):
-            eng.compute(lambda: per_example_loss(model, batch, "causal_lm") * tok_share, sqnorm=False,
-                        groups=dom, num_groups=K, group_coeffs=lambda out: weights(out, target))
+            eng.compute(
+                lambda: per_example_loss(model, batch, "causal_lm") * tok_share,
+                sqnorm=False,
+                groups=dom,
+                num_groups=K,
+                group_coeffs=lambda out: weights(out, target),
+            )
         step()
 
     def doge_engine_v1():
@@ -164,13 +183,24 @@ def main() -> None:
             eng.close()
             eng_v1 = GradEngine(model, check=False)
         with torch.autocast(**amp):
-            eng_v1.compute(lambda: per_example_loss(model, batch, "causal_lm") * tok_share, sqnorm=False,
-                           groups=dom, num_groups=K,
-                           grad_coeffs=lambda out: weights(out, False).to(dev)[dom].float())
+            eng_v1.compute(
+                lambda: per_example_loss(model, batch, "causal_lm") * tok_share,
+                sqnorm=False,
+                groups=dom,
+                num_groups=K,
+                grad_coeffs=lambda out: weights(out, False).to(dev)[dom].float(),
+            )
         step()
 
-    res: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-                 "batch": B, "domains": K, "seq": seq, "params": sum(p.numel() for p in params)}
+    res: dict = {
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "batch": B,
+        "domains": K,
+        "seq": seq,
+        "params": sum(p.numel() for p in params),
+    }
+
     def doremi_fast():  # the proxy and the frozen reference through the engine's exact fast paths
         with fast_paths(model), fast_paths(ref):
             doremi()
@@ -179,6 +209,7 @@ def main() -> None:
         nonlocal ref_bf16
         if ref_bf16 is None:
             import copy
+
             ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16) if dev.type == "cuda" else ref
         with fast_paths(model), fast_paths(ref_bf16):
             doremi(bf16_ref=True)
@@ -187,11 +218,18 @@ def main() -> None:
         with fast_paths(model):
             plain()
 
-    variants = [("plain", plain), ("doremi", doremi), ("plain_fast_paths", plain_fast),
-                ("doremi_fast_paths", doremi_fast), ("doremi_fast_paths_bf16_ref", doremi_fast_bf16ref),
-                ("doge_code", doge_code), ("doge_engine", doge_engine),
-                ("dga_engine", lambda: doge_engine(True)), ("doge_engine_v1", doge_engine_v1),
-                ("plain_fast_paths_again", plain_fast)]
+    variants = [
+        ("plain", plain),
+        ("doremi", doremi),
+        ("plain_fast_paths", plain_fast),
+        ("doremi_fast_paths", doremi_fast),
+        ("doremi_fast_paths_bf16_ref", doremi_fast_bf16ref),
+        ("doge_code", doge_code),
+        ("doge_engine", doge_engine),
+        ("dga_engine", lambda: doge_engine(True)),
+        ("doge_engine_v1", doge_engine_v1),
+        ("plain_fast_paths_again", plain_fast),
+    ]
     for name, fn in variants:
         try:
             for _ in range(a.warmup):
@@ -207,14 +245,17 @@ def main() -> None:
                     torch.cuda.synchronize()
                 ts.append(time.perf_counter() - t)
             ts.sort()
-            res[name] = {"ms": ts[len(ts) // 2] * 1e3,
-                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
+            res[name] = {
+                "ms": ts[len(ts) // 2] * 1e3,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
+            }
         except torch.OutOfMemoryError as e:
             res[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
             torch.cuda.empty_cache()
         print(name, res[name], flush=True)
     if dev.type == "cuda":  # the Gram of kept group sums: one long fp32 GEMM against batched slices
         from winnow.scorers.grad_engine import _rows_gram
+
         X = torch.randn(K + 1, 768 * 3072, device=dev)
         probe = {}
         for name, fn in (("mm", lambda: X @ X.t()), ("sliced", lambda: _rows_gram(X))):
@@ -225,13 +266,16 @@ def main() -> None:
                 G = fn()
             torch.cuda.synchronize()
             probe[name + "_ms"] = (time.perf_counter() - t) / 20 * 1e3
-        probe["rel_diff"] = float((_rows_gram(X).double() - (X.double() @ X.double().t())).norm()
-                                  / (X.double() @ X.double().t()).norm())
+        probe["rel_diff"] = float(
+            (_rows_gram(X).double() - (X.double() @ X.double().t())).norm()
+            / (X.double() @ X.double().t()).norm()
+        )
         res["gram_probe_8x2.4M"] = probe
         print("gram probe", probe, flush=True)
         del X, G
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
+
         if eng_v1 is not None:
             eng_v1.close()
             eng_v1 = None
@@ -260,15 +304,22 @@ def main() -> None:
     model.eval()  # no dropout: both ways see the same function
     opt.zero_grad(set_to_none=True)
     with GradEngine(model, check=False, factor_dtype="input") as e2, torch.autocast(**amp):
-        o = e2.compute(lambda: per_example_loss(model, batch, "causal_lm") * tok_share, sqnorm=False,
-                       groups=dom, num_groups=K, group_coeffs=lambda out: fixed)
+        o = e2.compute(
+            lambda: per_example_loss(model, batch, "causal_lm") * tok_share,
+            sqnorm=False,
+            groups=dom,
+            num_groups=K,
+            group_coeffs=lambda out: fixed,
+        )
     g_eng = torch.cat([p.grad.reshape(-1).float() for p in params])
     opt.zero_grad(set_to_none=True)
     Fm = domain_grads()
     G_ref = (Fm @ Fm.t()).double()
     g_ref = (fixed.to(dev).float().unsqueeze(1) * Fm).sum(0)
-    res["check"] = {"gram_rel_err": float((o["group_gram"].double() - G_ref).norm() / G_ref.norm()),
-                    "grad_rel_err": float((g_eng - g_ref).norm() / g_ref.norm())}
+    res["check"] = {
+        "gram_rel_err": float((o["group_gram"].double() - G_ref).norm() / G_ref.norm()),
+        "grad_rel_err": float((g_eng - g_ref).norm() / g_ref.norm()),
+    }
     del Fm
     print("check", res["check"], flush=True)
     base = res["plain"]["ms"]

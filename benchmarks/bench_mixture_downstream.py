@@ -32,7 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def build(work: Path, per_domain: int, eval_rows: int, vocab: int) -> tuple[dict[str, Path], dict[str, list[str]], Path]:
+def build(
+    work: Path, per_domain: int, eval_rows: int, vocab: int
+) -> tuple[dict[str, Path], dict[str, list[str]], Path]:
     from winnow.pipeline.demo import build_demo_corpus
     from winnow.pipeline.models import load_tokenizer, train_tokenizer
     from winnow.pipeline.recipe import recipe_from_dict
@@ -48,16 +50,26 @@ def build(work: Path, per_domain: int, eval_rows: int, vocab: int) -> tuple[dict
     tok_dir = work / "tok"
     if not tok_dir.exists():
         texts = [r["text"] for rs in rows.values() for r in rs[:-eval_rows]]
-        rec = recipe_from_dict({"name": "tok", "data": {"source": "x", "text_column": "text"},
-                                "model": {"task": "causal_lm", "config": {"model_type": "gpt2"},
-                                          "tokenizer": {"train": {"vocab_size": vocab}}},
-                                "select": {"method": "all"}})
+        rec = recipe_from_dict(
+            {
+                "name": "tok",
+                "data": {"source": "x", "text_column": "text"},
+                "model": {
+                    "task": "causal_lm",
+                    "config": {"model_type": "gpt2"},
+                    "tokenizer": {"train": {"vocab_size": vocab}},
+                },
+                "select": {"method": "all"},
+            }
+        )
         train_tokenizer(texts, rec, tok_dir)
     tok = load_tokenizer(tok_dir)
     rng = random.Random(0)
     n_noise = min(len(v) for v in rows.values())
-    rows["noise"] = [{"id": f"noise-{i:05d}", "text": tok.decode([rng.randrange(3, len(tok)) for _ in range(60)])}
-                     for i in range(n_noise)]
+    rows["noise"] = [
+        {"id": f"noise-{i:05d}", "text": tok.decode([rng.randrange(3, len(tok)) for _ in range(60)])}
+        for i in range(n_noise)
+    ]
     train_files, held = {}, {}
     (work / "train").mkdir(exist_ok=True)
     for d, rs in sorted(rows.items()):
@@ -68,7 +80,9 @@ def build(work: Path, per_domain: int, eval_rows: int, vocab: int) -> tuple[dict
     return train_files, held, tok_dir
 
 
-def make_mixture(work: Path, name: str, files: dict[str, Path], tok_dir: Path, mixture: dict, proxy: dict) -> dict:
+def make_mixture(
+    work: Path, name: str, files: dict[str, Path], tok_dir: Path, mixture: dict, proxy: dict
+) -> dict:
     import yaml
 
     from winnow.cli import main as cli
@@ -76,8 +90,12 @@ def make_mixture(work: Path, name: str, files: dict[str, Path], tok_dir: Path, m
     recipe = {
         "name": name,
         "data": {"source": {d: str(f) for d, f in files.items()}, "id_column": "id", "text_column": "text"},
-        "model": {"task": "causal_lm", "config": {"model_type": "gpt2", "n_positions": 128, **proxy},
-                  "tokenizer": {"path": str(tok_dir)}, "max_length": 64},
+        "model": {
+            "task": "causal_lm",
+            "config": {"model_type": "gpt2", "n_positions": 128, **proxy},
+            "tokenizer": {"path": str(tok_dir)},
+            "max_length": 64,
+        },
         # the spine still trains and scores a proxy in every recipe; keep it minimal
         "train": {"steps": 2, "batch_size": 8, "seeds": [0], "checkpoints": [2]},
         "scoring": {"scorers": [{"name": "loss"}], "batch_size": 64},
@@ -111,16 +129,36 @@ def collate(seqs: list[torch.Tensor], pad: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def train_and_eval(probs: dict[str, float], train: dict[str, list[torch.Tensor]], held: dict[str, list[torch.Tensor]],
-                   vocab: int, pad: int, tokens: int, batch: int, seed: int, width: int, layers: int,
-                   lr: float) -> dict:
+def train_and_eval(
+    probs: dict[str, float],
+    train: dict[str, list[torch.Tensor]],
+    held: dict[str, list[torch.Tensor]],
+    vocab: int,
+    pad: int,
+    tokens: int,
+    batch: int,
+    seed: int,
+    width: int,
+    layers: int,
+    lr: float,
+) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from winnow.scorers.grad_engine import next_token_losses
 
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=128, n_embd=width, n_layer=layers,
-                                       n_head=4, bos_token_id=0, eos_token_id=0, pad_token_id=pad))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab,
+            n_positions=128,
+            n_embd=width,
+            n_layer=layers,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=pad,
+        )
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     names = sorted(probs)
     p = np.array([probs[d] for d in names], dtype=np.float64)
@@ -133,7 +171,9 @@ def train_and_eval(probs: dict[str, float], train: dict[str, list[torch.Tensor]]
     while seen < tokens:
         frac = min(1.0, step / steps_est)
         for gr in opt.param_groups:  # linear warm-up over 5%, cosine to 10%
-            gr["lr"] = lr * (min(1.0, frac / 0.05) if frac < 0.05 else 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+            gr["lr"] = lr * (
+                min(1.0, frac / 0.05) if frac < 0.05 else 0.1 + 0.45 * (1 + math.cos(math.pi * frac))
+            )
         doms = g.choice(len(names), size=batch, p=p)
         seqs = [train[names[i]][g.integers(len(train[names[i]]))] for i in doms]
         b = collate(seqs, pad)
@@ -151,7 +191,7 @@ def train_and_eval(probs: dict[str, float], train: dict[str, list[torch.Tensor]]
         for d, seqs in held.items():
             tot, cnt = 0.0, 0
             for i in range(0, len(seqs), 64):
-                nll, valid = next_token_losses(model, collate(seqs[i:i + 64], pad))
+                nll, valid = next_token_losses(model, collate(seqs[i : i + 64], pad))
                 tot += float(nll.sum())
                 cnt += int(valid.sum())
             ppl[d] = math.exp(tot / cnt)
@@ -172,7 +212,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes (checks the script; figures mean nothing)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny sizes (checks the script; figures mean nothing)"
+    )
     a = ap.parse_args()
     if a.smoke:
         a.per_domain, a.eval_rows, a.vocab, a.proxy_steps, a.proxy_batch = 30, 5, 300, 4, 8
@@ -188,8 +230,14 @@ def main() -> None:
     common = {"steps": a.proxy_steps, "batch_size": a.proxy_batch, "lr": 3e-3, "warmup_steps": 10}
     mixtures = {
         "uniform": make_mixture(work, "uniform", files, tok_dir, {"method": "uniform"}, proxy),
-        "doremi": make_mixture(work, "doremi", files, tok_dir,
-                               {"method": "doremi", "reference_steps": 2 * a.proxy_steps, **common}, proxy),
+        "doremi": make_mixture(
+            work,
+            "doremi",
+            files,
+            tok_dir,
+            {"method": "doremi", "reference_steps": 2 * a.proxy_steps, **common},
+            proxy,
+        ),
     }
     from winnow.pipeline.models import load_tokenizer
 
@@ -197,35 +245,77 @@ def main() -> None:
     pad = tok.pad_token_id
     train = {d: encode(tok, [json.loads(line)["text"] for line in open(f)], 64) for d, f in files.items()}
     held = {d: encode(tok, t, 64) for d, t in held_text.items()}
-    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(a),
-                 "mixtures": mixtures, "runs": {}}
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "args": vars(a),
+        "mixtures": mixtures,
+        "runs": {},
+    }
     for name, mx in mixtures.items():
         for seed in a.seeds:
             t = time.time()
-            r = train_and_eval(mx["probabilities"], train, held, len(tok), pad, a.tokens, a.batch, seed,
-                               a.width, a.layers, a.lr)
+            r = train_and_eval(
+                mx["probabilities"],
+                train,
+                held,
+                len(tok),
+                pad,
+                a.tokens,
+                a.batch,
+                seed,
+                a.width,
+                a.layers,
+                a.lr,
+            )
             r["seconds"] = round(time.time() - t, 1)
             res["runs"][f"{name}/{seed}"] = r
-            print(name, seed, {d: round(v, 2) for d, v in r["perplexity"].items()}, r["steps"], "steps",
-                  r["tokens"], "tokens", flush=True)
+            print(
+                name,
+                seed,
+                {d: round(v, 2) for d, v in r["perplexity"].items()},
+                r["steps"],
+                "steps",
+                r["tokens"],
+                "tokens",
+                flush=True,
+            )
     domains = sorted(held)
     real = [d for d in domains if d != "noise"]
-    lines = ["| domain | DoReMi weight | " + " | ".join(f"{m} ppl (mean of {len(a.seeds)} seeds)" for m in mixtures)
-             + " |", "| --- | ---: |" + " ---: |" * len(mixtures)]
+    lines = [
+        "| domain | DoReMi weight | "
+        + " | ".join(f"{m} ppl (mean of {len(a.seeds)} seeds)" for m in mixtures)
+        + " |",
+        "| --- | ---: |" + " ---: |" * len(mixtures),
+    ]
     summary = {}
     for m in mixtures:
-        per = {d: float(np.mean([res["runs"][f"{m}/{s}"]["perplexity"][d] for s in a.seeds])) for d in domains}
+        per = {
+            d: float(np.mean([res["runs"][f"{m}/{s}"]["perplexity"][d] for s in a.seeds])) for d in domains
+        }
         worst_by_seed = [max(res["runs"][f"{m}/{s}"]["perplexity"][d] for d in real) for s in a.seeds]
-        summary[m] = {"per_domain": per, "avg_real": float(np.mean([per[d] for d in real])),
-                      "worst_real": max(per[d] for d in real), "worst_real_by_seed": worst_by_seed,
-                      "worst_all": max(per.values())}
+        summary[m] = {
+            "per_domain": per,
+            "avg_real": float(np.mean([per[d] for d in real])),
+            "worst_real": max(per[d] for d in real),
+            "worst_real_by_seed": worst_by_seed,
+            "worst_all": max(per.values()),
+        }
     for d in domains:
-        lines.append(f"| {d} | {mixtures['doremi']['mixture'].get(d, 0):.3f} | "
-                     + " | ".join(f"{summary[m]['per_domain'][d]:.2f}" for m in mixtures) + " |")
-    lines.append("| **average over the 6 real domains** | | "
-                 + " | ".join(f"**{summary[m]['avg_real']:.2f}**" for m in mixtures) + " |")
-    lines.append("| **worst real domain** | | " + " | ".join(f"**{summary[m]['worst_real']:.2f}**" for m in mixtures)
-                 + " |")
+        lines.append(
+            f"| {d} | {mixtures['doremi']['mixture'].get(d, 0):.3f} | "
+            + " | ".join(f"{summary[m]['per_domain'][d]:.2f}" for m in mixtures)
+            + " |"
+        )
+    lines.append(
+        "| **average over the 6 real domains** | | "
+        + " | ".join(f"**{summary[m]['avg_real']:.2f}**" for m in mixtures)
+        + " |"
+    )
+    lines.append(
+        "| **worst real domain** | | "
+        + " | ".join(f"**{summary[m]['worst_real']:.2f}**" for m in mixtures)
+        + " |"
+    )
     res["summary"] = summary
     res["table"] = "\n".join(lines)
     print(res["table"], flush=True)

@@ -7,6 +7,7 @@ loss forward, the engine (bf16 factors) and vmap(grad) on GPT-2-small shapes wit
     python3 benchmarks/probe_vocab.py --out $OUT
     python3 benchmarks/probe_vocab.py --smoke          (tiny shapes on the CPU: checks the script)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,11 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__}
     # (tokens, width, vocabularies, batches, sequence, layers)
-    M, K, vocabs, batches, T, layers = ((32 * 512, 768, (50257, 50304), (32, 64), 512, 12) if not a.smoke else
-                                        (64, 32, (1001, 1024), (2,), 16, 1))
+    M, K, vocabs, batches, T, layers = (
+        (32 * 512, 768, (50257, 50304), (32, 64), 512, 12)
+        if not a.smoke
+        else (64, 32, (1001, 1024), (2,), 16, 1)
+    )
     for V in vocabs:
         h = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
         W = torch.randn(V, K, device=dev, dtype=torch.bfloat16)
@@ -61,16 +65,27 @@ def main():
         res[f"mm_dW_V{V}_ms"] = tm(lambda: g.t() @ h) * 1e3
         x = torch.randn(M, V, device=dev, dtype=torch.bfloat16)
         y = torch.randint(0, V, (M,), device=dev)
-        res[f"ce_fp32_V{V}_ms"] = tm(lambda: torch.nn.functional.cross_entropy(x.float(), y, reduction="none")) * 1e3
+        res[f"ce_fp32_V{V}_ms"] = (
+            tm(lambda: torch.nn.functional.cross_entropy(x.float(), y, reduction="none")) * 1e3
+        )
         print(res, flush=True)
     from torch.func import functional_call, grad, vmap
     from transformers import GPT2Config, GPT2LMHeadModel
 
     amp = dict(device_type=dev, dtype=torch.bfloat16)
     for V in vocabs:
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=1024, n_embd=K, n_layer=layers,
-                                           n_head=12 if K % 12 == 0 else 4, resid_pdrop=0.0, embd_pdrop=0.0,
-                                           attn_pdrop=0.0)).to(dev)
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=V,
+                n_positions=1024,
+                n_embd=K,
+                n_layer=layers,
+                n_head=12 if K % 12 == 0 else 4,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+        ).to(dev)
         model.config.use_cache = False
         res[f"attn_impl_V{V}"] = str(getattr(model.config, "_attn_implementation", None))
         for B in batches:
@@ -112,9 +127,10 @@ def main():
 
         def run_vmap():
             for k in range(0, nv, chunk):
-                gs = vg(params, ids[k:k + chunk])
+                gs = vg(params, ids[k : k + chunk])
                 torch.stack([v.float().flatten(1).pow(2).sum(1) for v in gs.values()]).sum(0)
                 del gs
+
         s = tm(run_vmap, iters=3 if not a.smoke else 1, warm=1)
         res[f"vmap_V{V}_ex_s"] = nv / s
         print(res, flush=True)

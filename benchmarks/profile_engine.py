@@ -24,8 +24,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--precision", choices=["fp32", "input"], default="input",
-                    help="the engine's factor_dtype (GraNd uses 'input')")
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "input"],
+        default="input",
+        help="the engine's factor_dtype (GraNd uses 'input')",
+    )
     ap.add_argument("--model", default="gpt2")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--smoke", action="store_true", help="a tiny GPT-2 on the CPU (checks the script)")
@@ -37,8 +41,9 @@ def main() -> None:
     if a.smoke:
         a.batch, a.seq = 2, 16
     torch.backends.cuda.matmul.allow_tf32 = True
-    model = GPT2LMHeadModel(GPT2Config(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                       **shape)).to(dev)
+    model = GPT2LMHeadModel(
+        GPT2Config(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape)
+    ).to(dev)
     ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), device=dev)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     amp = dict(device_type=dev, dtype=torch.bfloat16)
@@ -52,6 +57,7 @@ def main() -> None:
     for _ in range(2):
         run()
     sync()
+
     # stages: forward only, forward+backward to outputs (no rules), full
     def fwd():
         with torch.autocast(**amp):
@@ -78,7 +84,11 @@ def main() -> None:
     with profile(activities=acts) as prof:
         run()
         sync()
-    table = prof.key_averages().table(sort_by="cuda_time_total" if dev == "cuda" else "cpu_time_total", row_limit=30, max_name_column_width=60)
+    table = prof.key_averages().table(
+        sort_by="cuda_time_total" if dev == "cuda" else "cpu_time_total",
+        row_limit=30,
+        max_name_column_width=60,
+    )
     print(table)
     cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60)
     print(cpu)

@@ -1,7 +1,7 @@
 """Per-parameter time of the engine's rules on a GPT-2-small shape (CUDA-synchronised timers).
 
-    python3 benchmarks/profile_rules.py --batch 32 [--precision fp32|input]
-    python3 benchmarks/profile_rules.py --smoke       (a tiny GPT-2 on the CPU: checks the script)
+python3 benchmarks/profile_rules.py --batch 32 [--precision fp32|input]
+python3 benchmarks/profile_rules.py --smoke       (a tiny GPT-2 on the CPU: checks the script)
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--precision", choices=["fp32", "input"], default="input",
-                    help="the engine's factor_dtype (GraNd uses 'input')")
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "input"],
+        default="input",
+        help="the engine's factor_dtype (GraNd uses 'input')",
+    )
     ap.add_argument("--out", default=None, help="also write the table to OUT/profile_rules.txt")
     ap.add_argument("--smoke", action="store_true", help="a tiny GPT-2 on the CPU (checks the script)")
     a = ap.parse_args()
@@ -35,8 +39,9 @@ def main() -> None:
     if a.smoke:
         a.batch, a.seq = 2, 16
     torch.backends.cuda.matmul.allow_tf32 = True
-    model = GPT2LMHeadModel(GPT2Config(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                       **shape)).to(dev)
+    model = GPT2LMHeadModel(
+        GPT2Config(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape)
+    ).to(dev)
     ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), device=dev)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     amp = dict(device_type=dev, dtype=torch.bfloat16)
@@ -52,12 +57,21 @@ def main() -> None:
             sync()
             times[label if isinstance(label, str) else label(args)] += time.perf_counter() - t
             return out
+
         return wrap
 
-    ge.GradEngine._uses = timed(lambda args: "factors " + args[1].split(".")[-2] + "." + args[1].split(".")[-1]
-                                if "." in args[1] else "factors " + args[1], orig_uses)
-    ge._outer_sqnorm = timed(lambda args: f"sqnorm T={args[0][0].right.shape[1]} m={args[2]} n={args[3]} "
-                             f"uses={len(args[0])}", orig_sq)
+    ge.GradEngine._uses = timed(
+        lambda args: (
+            "factors " + args[1].split(".")[-2] + "." + args[1].split(".")[-1]
+            if "." in args[1]
+            else "factors " + args[1]
+        ),
+        orig_uses,
+    )
+    ge._outer_sqnorm = timed(
+        lambda args: f"sqnorm T={args[0][0].right.shape[1]} m={args[2]} n={args[3]} uses={len(args[0])}",
+        orig_sq,
+    )
     torch.autograd.grad = timed("autograd.grad", orig_grad)
     eng = ge.GradEngine(model, check=False, factor_dtype=a.precision)
 

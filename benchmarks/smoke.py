@@ -21,7 +21,9 @@ LIMIT_S = 300
 
 
 def scripts() -> list[Path]:
-    return sorted(p for p in HERE.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_"))
+    return sorted(
+        p for p in HERE.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_")
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -32,15 +34,28 @@ def main(argv: list[str]) -> int:
         return 2
     failed = []
     with tempfile.TemporaryDirectory(prefix="winnow-bench-smoke-") as tmp:
-        env = dict(os.environ, OUT="", PREFECT_HOME=str(Path(tmp) / "prefect"), HF_HOME=str(Path(tmp) / "hf"),
-                   PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+        env = dict(
+            os.environ,
+            OUT="",
+            PREFECT_HOME=str(Path(tmp) / "prefect"),
+            HF_HOME=str(Path(tmp) / "hf"),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            HF_HUB_OFFLINE="1",
+            CUDA_VISIBLE_DEVICES="",
+        )
         for p in chosen:
             out = Path(tmp) / p.stem
             out.mkdir()
             t = time.time()
             try:
-                r = subprocess.run([sys.executable, str(p), "--smoke", "--out", str(out)], env=env, cwd=HERE.parent,
-                                   capture_output=True, text=True, timeout=LIMIT_S)
+                r = subprocess.run(
+                    [sys.executable, str(p), "--smoke", "--out", str(out)],
+                    env=env,
+                    cwd=HERE.parent,
+                    capture_output=True,
+                    text=True,
+                    timeout=LIMIT_S,
+                )
                 ok, tail = r.returncode == 0, (r.stdout + r.stderr)[-3000:]
             except subprocess.TimeoutExpired:
                 ok, tail = False, f"(no end within {LIMIT_S} s)"

@@ -43,43 +43,84 @@ def _compile(out: Path, args: list[str], upgrade: bool, seed: Path | None) -> No
     """uv pip compile into ``out``; ``seed`` (the current lock) gives uv the versions to keep."""
     if seed is not None and seed.exists() and not upgrade:
         shutil.copyfile(seed, out)
-    cmd = ["uv", "pip", "compile", "pyproject.toml", "--quiet", "--generate-hashes", "--no-header",
-           "--python-platform", "x86_64-manylinux_2_28", "-o", str(out), *args]
+    cmd = [
+        "uv",
+        "pip",
+        "compile",
+        "pyproject.toml",
+        "--quiet",
+        "--generate-hashes",
+        "--no-header",
+        "--python-platform",
+        "x86_64-manylinux_2_28",
+        "-o",
+        str(out),
+        *args,
+    ]
     if upgrade:
         cmd.append("--upgrade")
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
 def _header(text: str, what: str) -> str:
-    return (f"# {what}\n# Written by `make lock` (requirements/lock.py); do not edit by hand.\n" + text)
+    return f"# {what}\n# Written by `make lock` (requirements/lock.py); do not edit by hand.\n" + text
 
 
 def cpu_lock(out: Path, upgrade: bool) -> None:
     extras = [a for e in CPU_EXTRAS for a in ("--extra", e)]
-    _compile(out, ["--python-version", "3.11", "--find-links", LOCAL_WHEELS,
-                   "-c", str(REQ / "cpu-platform.txt"), *extras], upgrade, REQ / "cpu.lock.txt")
-    out.write_text(_header(_strip_header(out.read_text()),
-                           "CPU machines and CI: CPython 3.11, x86_64 Linux, torch from /opt/wheels"))
+    _compile(
+        out,
+        [
+            "--python-version",
+            "3.11",
+            "--find-links",
+            LOCAL_WHEELS,
+            "-c",
+            str(REQ / "cpu-platform.txt"),
+            *extras,
+        ],
+        upgrade,
+        REQ / "cpu.lock.txt",
+    )
+    out.write_text(
+        _header(
+            _strip_header(out.read_text()),
+            "CPU machines and CI: CPython 3.11, x86_64 Linux, torch from /opt/wheels",
+        )
+    )
 
 
 def gpu_lock(out: Path, cpu: Path, upgrade: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cons = Path(tmp) / "constraints.txt"
-        pins = [ln.split(" ")[0] for ln in cpu.read_text().splitlines()
-                if "==" in ln and not ln.startswith(("#", " ")) and not ln.startswith(GPU_PROVIDED + GPU_UNPINNED)]
+        pins = [
+            ln.split(" ")[0]
+            for ln in cpu.read_text().splitlines()
+            if "==" in ln and not ln.startswith(("#", " ")) and not ln.startswith(GPU_PROVIDED + GPU_UNPINNED)
+        ]
         cons.write_text("\n".join([*pins, GPU_TORCH]) + "\n")
         extras = [a for e in GPU_EXTRAS for a in ("--extra", e)]
         # the torch-provided packages are named after a first pass (uv needs exact names)
         probe = Path(tmp) / "probe.txt"
         _compile(probe, ["--python-version", "3.12", "-c", str(cons), *extras], True, None)
-        provided = sorted({ln.split("==")[0] for ln in probe.read_text().splitlines()
-                           if "==" in ln and ln.startswith(GPU_PROVIDED)})
+        provided = sorted(
+            {
+                ln.split("==")[0]
+                for ln in probe.read_text().splitlines()
+                if "==" in ln and ln.startswith(GPU_PROVIDED)
+            }
+        )
         skip = [a for p in provided for a in ("--no-emit-package", p)]
-        _compile(out, ["--python-version", "3.12", "-c", str(cons), *extras, *skip], upgrade,
-                 REQ / "gpu.lock.txt")
-    out.write_text(_header(_strip_header(out.read_text()),
-                           f"The GPU machine: CPython 3.12, x86_64 Linux, its own {GPU_TORCH} + CUDA 13 "
-                           f"(left out: {', '.join(provided)})"))
+        _compile(
+            out, ["--python-version", "3.12", "-c", str(cons), *extras, *skip], upgrade, REQ / "gpu.lock.txt"
+        )
+    out.write_text(
+        _header(
+            _strip_header(out.read_text()),
+            f"The GPU machine: CPython 3.12, x86_64 Linux, its own {GPU_TORCH} + CUDA 13 "
+            f"(left out: {', '.join(provided)})",
+        )
+    )
 
 
 def _strip_header(text: str) -> str:
@@ -101,8 +142,9 @@ def _pins(text: str) -> dict[str, str]:
 def diff(lock: Path, freeze: Path) -> int:
     """Print the packages whose version in ``freeze`` (uv pip freeze) differs from ``lock``."""
     old, new = _pins(lock.read_text()), _pins(freeze.read_text())
-    changed = [(n, old.get(n, "-"), new.get(n, "-")) for n in sorted(set(old) | set(new))
-               if old.get(n) != new.get(n)]
+    changed = [
+        (n, old.get(n, "-"), new.get(n, "-")) for n in sorted(set(old) | set(new)) if old.get(n) != new.get(n)
+    ]
     for n, a, b in changed:
         print(f"  {n:32s} {a:>16s} -> {b}")
     if not changed:
@@ -124,19 +166,26 @@ def main() -> int:
         cpu, gpu = Path(tmp) / "cpu.lock.txt", Path(tmp) / "gpu.lock.txt"
         cpu_lock(cpu, a.upgrade)
         gpu_lock(gpu, cpu, a.upgrade)
-        stale = [p.name for p in (cpu, gpu) if not (REQ / p.name).exists() or not filecmp.cmp(p, REQ / p.name,
-                                                                                             shallow=False)]
+        stale = [
+            p.name
+            for p in (cpu, gpu)
+            if not (REQ / p.name).exists() or not filecmp.cmp(p, REQ / p.name, shallow=False)
+        ]
         if a.check:
             if stale:
-                print(f"requirements/: {', '.join(stale)} out of date with pyproject.toml; run make lock",
-                      file=sys.stderr)
+                print(
+                    f"requirements/: {', '.join(stale)} out of date with pyproject.toml; run make lock",
+                    file=sys.stderr,
+                )
                 return 1
             print("requirements/: locks up to date")
             return 0
         for p in (cpu, gpu):
             shutil.copyfile(p, REQ / p.name)
-        print(f"requirements/: wrote {', '.join(p.name for p in (cpu, gpu))}"
-              + (f" ({', '.join(stale)} changed)" if stale else " (unchanged)"))
+        print(
+            f"requirements/: wrote {', '.join(p.name for p in (cpu, gpu))}"
+            + (f" ({', '.join(stale)} changed)" if stale else " (unchanged)")
+        )
     return 0
 
 

@@ -46,16 +46,34 @@ def tiny_recipe(corpus: Path, run_dir: Path, **over) -> dict:
     """A recipe small enough to train, score and emit in seconds on two CPU cores."""
     r = {
         "name": "t",
-        "data": {"source": f"{corpus}/*.jsonl", "id_column": "id", "text_column": "text",
-                 "domain_column": "domain"},
-        "model": {"task": "causal_lm",
-                  "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64},
-                  "tokenizer": {"train": {"vocab_size": 400}}, "max_length": 48},
-        "train": {"steps": 16, "batch_size": 8, "lr": 2e-3, "warmup_steps": 2, "seeds": [0, 1],
-                  "checkpoints": [8, 16]},
+        "data": {
+            "source": f"{corpus}/*.jsonl",
+            "id_column": "id",
+            "text_column": "text",
+            "domain_column": "domain",
+        },
+        "model": {
+            "task": "causal_lm",
+            "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64},
+            "tokenizer": {"train": {"vocab_size": 400}},
+            "max_length": 48,
+        },
+        "train": {
+            "steps": 16,
+            "batch_size": 8,
+            "lr": 2e-3,
+            "warmup_steps": 2,
+            "seeds": [0, 1],
+            "checkpoints": [8, 16],
+        },
         "scoring": {"scorers": [{"name": "el2n"}], "batch_size": 16},
-        "select": {"score": "el2n", "fraction": 0.5, "keep": "highest", "stratify": "domain",
-                   "weights": {"method": "softmax", "temperature": 2.0}},
+        "select": {
+            "score": "el2n",
+            "fraction": 0.5,
+            "keep": "highest",
+            "stratify": "domain",
+            "weights": {"method": "softmax", "temperature": 2.0},
+        },
         "output": {"dir": str(run_dir), "shard_max_rows": 30},
         "runner": {"kind": "thread", "max_workers": 2},
     }

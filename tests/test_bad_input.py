@@ -49,8 +49,14 @@ def test_label_outside_the_models_classes(tmp_path, corpus, capsys):
     rows = [dict(r, label=i % 2) for i, r in enumerate(_texts(corpus))]
     rows[7]["label"] = 5
     _jsonl(tmp_path / "d" / "cls.jsonl", rows)
-    r = tiny_recipe(corpus, tmp_path / "run", data__source=str(tmp_path / "d" / "*.jsonl"),
-                    data__label_column="label", model__task="sequence_classification", model__num_labels=2)
+    r = tiny_recipe(
+        corpus,
+        tmp_path / "run",
+        data__source=str(tmp_path / "d" / "*.jsonl"),
+        data__label_column="label",
+        model__task="sequence_classification",
+        model__num_labels=2,
+    )
     msg = _run(tmp_path, r, capsys)
     assert "cls.jsonl row 7" in msg and "label 5" in msg and "outside the model's classes 0..1" in msg
 

@@ -198,13 +198,16 @@ def test_quality_picks_high_q_earlier():
     assert tuned.picks[0] == int(np.argmax(rel))
     assert rel[tuned.picks.numpy()].mean() > rel[plain.picks.numpy()].mean() + 0.5
     # position of each item in the selection order moves earlier with higher theta
-    order = {theta: greedy_map(X, 80, kernel="vmf", quality=quality_from_relevance(rel, theta)).picks.tolist()
-             for theta in (0.0, 0.8)}
+    order = {
+        theta: greedy_map(X, 80, kernel="vmf", quality=quality_from_relevance(rel, theta)).picks.tolist()
+        for theta in (0.0, 0.8)
+    }
     top = np.argsort(-rel)[:10]
     assert np.mean([order[0.8].index(i) for i in top]) < np.mean([order[0.0].index(i) for i in top])
     theta = 0.6
-    np.testing.assert_allclose(quality_from_relevance(rel, theta).numpy(),
-                               np.exp(theta * rel / (2 * (1 - theta))))
+    np.testing.assert_allclose(
+        quality_from_relevance(rel, theta).numpy(), np.exp(theta * rel / (2 * (1 - theta)))
+    )
 
 
 def test_fp32_matches_fp64():
@@ -286,8 +289,12 @@ def test_log_det_distance(docs):
     ldd_rand = log_det_distance(X, np.random.default_rng(2).choice(len(X), k, replace=False), seeds=3)
     assert ldd_greedy > -2.0
     assert ldd_dups < ldd_rand < ldd_greedy
-    refs = [greedy_map(X, k, kernel="cosine", dtype=torch.float64,
-                       start=[int(np.random.default_rng(s).integers(len(X)))]).logdet for s in range(3)]
+    refs = [
+        greedy_map(
+            X, k, kernel="cosine", dtype=torch.float64, start=[int(np.random.default_rng(s).integers(len(X)))]
+        ).logdet
+        for s in range(3)
+    ]
     assert ldd_greedy == pytest.approx(log_det(X, greedy) - np.mean(refs), abs=1e-9)
 
 
@@ -345,8 +352,9 @@ def test_isotropic_log_det_distance_orders_sets_by_diversity():
     g = torch.Generator().manual_seed(3)
     spread = torch.nn.functional.normalize(torch.randn(60, 16, generator=g, dtype=torch.float64), dim=1)
     base = spread[:6]
-    clumped = torch.nn.functional.normalize(base.repeat(10, 1) + 0.05 * torch.randn(60, 16, generator=g,
-                                                                                     dtype=torch.float64), dim=1)
+    clumped = torch.nn.functional.normalize(
+        base.repeat(10, 1) + 0.05 * torch.randn(60, 16, generator=g, dtype=torch.float64), dim=1
+    )
     X = torch.cat([spread, clumped])
     kw = {"kernel": "vmf", "kappa": 2.0, "size": 30, "seeds": 3}
     d_spread = isotropic_log_det_distance(X, range(60), **kw)
@@ -363,11 +371,14 @@ def test_isotropic_distance_is_finite_with_exact_duplicates_and_json_stays_stric
     from winnow.pipeline.atomic import write_json
     from winnow.selectors.dpp import isotropic_log_det_distance
 
-    X = torch.nn.functional.normalize(torch.randn(10, 8, generator=torch.Generator().manual_seed(0),
-                                                  dtype=torch.float64), dim=1)
+    X = torch.nn.functional.normalize(
+        torch.randn(10, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64), dim=1
+    )
     X = torch.cat([X, X])  # every row twice
     d = isotropic_log_det_distance(X, range(20), size=20, kernel="vmf", kappa=2.0)
     assert math.isfinite(d) and d > isotropic_log_det_distance(X, range(10), size=10, kernel="vmf", kappa=2.0)
     write_json(tmp_path / "m.json", {"a": float("-inf"), "b": [float("nan"), 1.0]})
-    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == \
-        {"a": None, "b": [None, 1.0]}
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == {
+        "a": None,
+        "b": [None, 1.0],
+    }

@@ -80,7 +80,7 @@ def test_merge_is_by_gain_and_keeps_each_clusters_greedy_prefix():
         rows = np.flatnonzero(lab == c)
         own = greedy_map(X[rows], 25, kernel="vmf", kappa=10.0, dtype=torch.float64)
         mine = [i for i in p.picks.tolist() if lab[i] == c]
-        assert mine == rows[own.picks.numpy()[:len(mine)]].tolist()
+        assert mine == rows[own.picks.numpy()[: len(mine)]].tolist()
 
 
 def test_gives_up_cross_cluster_interactions():
@@ -107,8 +107,10 @@ def test_well_separated_blobs_cover_every_cluster_and_match_global_logdet():
     assert p.stopped == "k" and p.picks.numel() == k
     assert set(truth[p.picks.numpy()]) == set(range(5))
     pt = partitioned_greedy_map(X, k, truth, **kw)  # the blobs themselves as clusters
-    print(f"blobs: log det global {gl:.4f}, partitioned on k-means labels {p.logdet:.4f} "
-          f"(gap {gl - p.logdet:.3f}), on the true blobs {pt.logdet:.4f} (gap {gl - pt.logdet:.1e})")
+    print(
+        f"blobs: log det global {gl:.4f}, partitioned on k-means labels {p.logdet:.4f} "
+        f"(gap {gl - p.logdet:.3f}), on the true blobs {pt.logdet:.4f} (gap {gl - pt.logdet:.1e})"
+    )
     assert gl >= p.logdet > gl - 0.3  # observed gap 0.14 nats over 20 picks
     assert abs(gl - pt.logdet) < 0.01  # observed 1e-3: cross-blob kernel entries are ~exp(-10)
 
@@ -127,9 +129,11 @@ def test_real_tfidf_paragraphs_keep_most_of_global_greedys_log_det():
     rng = np.random.default_rng(0)
     rand = float(np.mean([log_det(X, rng.choice(len(X), k, replace=False), **kw) for _ in range(3)]))
     closed = (p.logdet - rand) / (gl - rand)  # share of global greedy's gain over random subsets kept
-    print(f"pydoc TF-IDF N={len(X)} d={X.shape[1]} k={k} 8 clusters: log det global {gl:.2f}, "
-          f"partitioned {p.logdet:.2f} (ratio {p.logdet / gl:.3f}), random {rand:.2f}; "
-          f"partitioned keeps {closed:.1%} of global's gain over random")
+    print(
+        f"pydoc TF-IDF N={len(X)} d={X.shape[1]} k={k} 8 clusters: log det global {gl:.2f}, "
+        f"partitioned {p.logdet:.2f} (ratio {p.logdet / gl:.3f}), random {rand:.2f}; "
+        f"partitioned keeps {closed:.1%} of global's gain over random"
+    )
     assert gl >= p.logdet > rand
     assert p.logdet >= 1.05 * gl  # log dets are negative here; observed ratio 1.034 (-20.39 vs -19.71)
     assert closed >= 0.7  # observed 75%
@@ -181,8 +185,12 @@ def test_recipe_and_dpp_select_with_clusters(tmp_path, corpus):
     (tmp_path / "embeddings").mkdir()
     np.save(tmp_path / "embeddings" / "embeddings.npy", X.astype(np.float16))
     pl.DataFrame({"id": ids}).write_parquet(tmp_path / "embeddings" / "ids.parquet")
-    r = tiny_recipe(corpus, tmp_path, scoring__embeddings={"column": "vec"}, select={"method": "dpp", "count": 12,
-                                              "dpp": {"kernel": "vmf", "clusters": 4, "device": "cpu"}})
+    r = tiny_recipe(
+        corpus,
+        tmp_path,
+        scoring__embeddings={"column": "vec"},
+        select={"method": "dpp", "count": 12, "dpp": {"kernel": "vmf", "clusters": 4, "device": "cpu"}},
+    )
     kept, info = dpp_select(Recipe.model_validate(r), tmp_path, pl.DataFrame({"id": ids}))
     assert kept.sum() == 12 and set(truth[kept]) == set(range(4))
     assert info["clusters"] == 4 and info["picks"] == 12 and info["stopped"] == "k"

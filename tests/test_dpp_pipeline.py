@@ -26,7 +26,9 @@ def _corpus_with_near_duplicates(corpus, out):
             words = r["text"].split(" ")
             for j in rng.sample(range(len(words)), min(3, len(words))):
                 words[j] = rng.choice(["alpha", "beta", "gamma", "delta"])
-            dups.append({"id": f"dup-{i}-{c}", "text": " ".join(words), "domain": r["domain"], "dup_of": r["id"]})
+            dups.append(
+                {"id": f"dup-{i}-{c}", "text": " ".join(words), "domain": r["domain"], "dup_of": r["id"]}
+            )
     all_rows = [dict(r, dup_of=r["id"]) for r in base] + dups
     out.mkdir()
     (out / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in all_rows))
@@ -58,16 +60,22 @@ def test_dpp_selection_avoids_near_duplicates_and_covers_domains(tmp_path, corpu
         assert len(kept) == k
         doms = {r_["id"]: r_["domain"] for r_ in rows}
         man = json.loads((tmp_path / "run" / "manifest.json").read_text())
-        results[method] = {"dups": _dup_pairs(kept, rows), "domains": len({doms[i] for i in kept}),
-                           "div": man["diversity"]["diversity_selection"],
-                           "div_in": man["diversity"]["diversity_input"]}
+        results[method] = {
+            "dups": _dup_pairs(kept, rows),
+            "domains": len({doms[i] for i in kept}),
+            "div": man["diversity"]["diversity_selection"],
+            "div_in": man["diversity"]["diversity_input"],
+        }
         if method == "dpp":
             man = json.loads((tmp_path / "run" / "manifest.json").read_text())
             div = man["diversity"]
             assert div["picks"] == k and div["logdet"] is not None
             # random subsets of rows with exact duplicates (in embedding space) are singular: -inf
-            assert div["logdet"] > div["random_logdet_mean"] if not div["random_subsets_singular"] else \
-                div["random_logdet_mean"] is None
+            assert (
+                div["logdet"] > div["random_logdet_mean"]
+                if not div["random_subsets_singular"]
+                else div["random_logdet_mean"] is None
+            )
             assert "<h3>Diversity</h3>" in (tmp_path / "run" / "report.html").read_text()
             ranked = sel.filter(pl.col("kept")).sort("dpp_rank")
             assert ranked["dpp_rank"].to_list() == list(range(k))
@@ -75,9 +83,13 @@ def test_dpp_selection_avoids_near_duplicates_and_covers_domains(tmp_path, corpu
             assert np.all(np.diff(gains) <= 1e-6)  # greedy gains never increase
             assert gains.sum() == pytest.approx(div["logdet"], rel=1e-4)
     print("near-duplicate pairs among 50 kept:", {m: v["dups"] for m, v in results.items()})
-    print("log-det distance per item (smaller = more diverse):",
-          {"input": round(results["dpp"]["div_in"], 4), **{m: round(v["div"], 4) for m, v in results.items()}})
-    assert results["dpp"]["div"] < results["random"]["div"] and results["dpp"]["div"] < results["dpp"]["div_in"]
+    print(
+        "log-det distance per item (smaller = more diverse):",
+        {"input": round(results["dpp"]["div_in"], 4), **{m: round(v["div"], 4) for m, v in results.items()}},
+    )
+    assert (
+        results["dpp"]["div"] < results["random"]["div"] and results["dpp"]["div"] < results["dpp"]["div_in"]
+    )
     assert results["dpp"]["dups"] == 0
     assert results["random"]["dups"] >= 1 or results["score"]["dups"] >= 1
     assert results["dpp"]["domains"] == 3

@@ -116,7 +116,7 @@ def ref_el2n_stable(logits_row: torch.Tensor, label: int) -> float:
     """float64 reference that also resolves scores far below 1e-16 (1 - p_y as a sum of the others)."""
     z = logits_row.double()
     q = torch.exp(z - torch.logsumexp(z, dim=0))
-    others = torch.cat([q[:label], q[label + 1:]])
+    others = torch.cat([q[:label], q[label + 1 :]])
     return float(torch.sqrt((others**2).sum() + others.sum() ** 2))
 
 
@@ -129,9 +129,11 @@ def test_token_el2n_extreme_confidence(vocab_chunk):
     targets = torch.randint(0, v, (n,), generator=g)
     gaps = [0.0, 2.0, 5.0, 20.0, 45.0, 60.0, 80.0]
     for i, gap in enumerate(gaps):  # the target beats the best other class by `gap`
-        others_max = torch.cat([logits[i, : targets[i]], logits[i, targets[i] + 1:]]).max()
+        others_max = torch.cat([logits[i, : targets[i]], logits[i, targets[i] + 1 :]]).max()
         logits[i, targets[i]] = others_max + gap
-    expected = torch.tensor([ref_el2n_stable(logits[i], int(targets[i])) for i in range(n)], dtype=torch.float64)
+    expected = torch.tensor(
+        [ref_el2n_stable(logits[i], int(targets[i])) for i in range(n)], dtype=torch.float64
+    )
     assert expected.min() < 1e-34
     got = causal_lm_token_el2n(logits, torch.eye(v), None, targets, vocab_chunk=vocab_chunk, token_chunk=8)
     assert got.dtype == torch.float32
@@ -146,8 +148,15 @@ def test_token_el2n_single_class():
 def test_token_el2n_mask_shape_and_nan():
     hidden, weight, bias, targets, logits = _token_problem(n=12, bias=False)
     mask = torch.tensor([True, False] * 6)
-    got = causal_lm_token_el2n(hidden.view(3, 4, -1), weight, None, targets.view(3, 4), mask.view(3, 4),
-                               vocab_chunk=10, token_chunk=3)
+    got = causal_lm_token_el2n(
+        hidden.view(3, 4, -1),
+        weight,
+        None,
+        targets.view(3, 4),
+        mask.view(3, 4),
+        vocab_chunk=10,
+        token_chunk=3,
+    )
     assert got.shape == (3, 4)
     flat = got.reshape(-1)
     assert torch.isnan(flat[~mask]).all()
@@ -217,7 +226,13 @@ def test_reduce_token_scores(reduction):
 
 def _gpt2():
     cfg = transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=32, bos_token_id=0, eos_token_id=0,
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=V,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
         initializer_range=0.3,
     )
     return transformers.GPT2LMHeadModel(cfg).eval()
@@ -225,26 +240,53 @@ def _gpt2():
 
 def _llama():
     cfg = transformers.LlamaConfig(
-        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=V, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, initializer_range=0.3,
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=V,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        initializer_range=0.3,
     )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def _gemma2():
     cfg = transformers.Gemma2Config(
-        num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=16, vocab_size=V, max_position_embeddings=32, final_logit_softcapping=2.0, pad_token_id=0,
-        bos_token_id=0, eos_token_id=1, initializer_range=0.3,
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=V,
+        max_position_embeddings=32,
+        final_logit_softcapping=2.0,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=1,
+        initializer_range=0.3,
     )
     return transformers.Gemma2ForCausalLM(cfg).eval()
 
 
 def _cohere():
     cfg = transformers.CohereConfig(
-        num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=V, max_position_embeddings=32, logit_scale=3.0, pad_token_id=0, bos_token_id=0,
-        eos_token_id=1, initializer_range=0.3,
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=V,
+        max_position_embeddings=32,
+        logit_scale=3.0,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=1,
+        initializer_range=0.3,
     )
     return transformers.CohereForCausalLM(cfg).eval()
 
@@ -265,7 +307,7 @@ def _pad(seqs, side):
         if side == "right":
             ids[i, : len(s)], am[i, : len(s)] = s, 1
         else:
-            ids[i, t - len(s):], am[i, t - len(s):] = s, 1
+            ids[i, t - len(s) :], am[i, t - len(s) :] = s, 1
     return ids, am
 
 
@@ -280,7 +322,9 @@ def _single_reference(model, seqs, reduction):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("build", [_gpt2, _llama, _gemma2, _cohere], ids=["gpt2", "llama", "gemma2", "cohere"])
+@pytest.mark.parametrize(
+    "build", [_gpt2, _llama, _gemma2, _cohere], ids=["gpt2", "llama", "gemma2", "cohere"]
+)
 def test_causal_lm_padding_matches_unpadded_reference(build):
     torch.manual_seed(0)
     model = build()
@@ -294,11 +338,16 @@ def test_causal_lm_padding_matches_unpadded_reference(build):
         assert got.shape == (len(seqs),)
         assert_close(got, expected, rtol=2e-5, atol=2e-6)
     # each example alone through the scorer too
-    alone = torch.cat([
-        scorer.score_batch(model, {"input_ids": s[None], "attention_mask": torch.ones(1, len(s), dtype=torch.long)},
-                           "causal_lm")["el2n"]
-        for s in seqs
-    ])
+    alone = torch.cat(
+        [
+            scorer.score_batch(
+                model,
+                {"input_ids": s[None], "attention_mask": torch.ones(1, len(s), dtype=torch.long)},
+                "causal_lm",
+            )["el2n"]
+            for s in seqs
+        ]
+    )
     assert_close(alone, expected, rtol=2e-5, atol=2e-6)
 
 
@@ -343,8 +392,17 @@ def test_causal_lm_bf16_model():
 
 def test_causal_lm_refuses_logits_scaling():
     cfg = transformers.GraniteConfig(
-        num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=V, max_position_embeddings=32, logits_scaling=2.0, pad_token_id=0, bos_token_id=0, eos_token_id=1,
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=V,
+        max_position_embeddings=32,
+        logits_scaling=2.0,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=1,
     )
     model = transformers.GraniteForCausalLM(cfg)
     ids = torch.randint(0, V, (1, 5))
@@ -355,8 +413,14 @@ def test_causal_lm_refuses_logits_scaling():
 def test_sequence_classification_bert():
     torch.manual_seed(4)
     cfg = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=V,
-        max_position_embeddings=32, num_labels=5, initializer_range=0.3,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=V,
+        max_position_embeddings=32,
+        num_labels=5,
+        initializer_range=0.3,
     )
     model = transformers.BertForSequenceClassification(cfg).eval()
     ids, am = _pad(_sequences(seed=5), "right")
@@ -380,7 +444,9 @@ def test_image_classification_resnet():
     with torch.no_grad():
         logits = model(pixel_values=pixels).logits
     expected = torch.tensor([ref_el2n(logits[i], int(labels[i])) for i in range(3)])
-    got = get_scorer("el2n").score_batch(model, {"pixel_values": pixels, "labels": labels}, "image_classification")
+    got = get_scorer("el2n").score_batch(
+        model, {"pixel_values": pixels, "labels": labels}, "image_classification"
+    )
     assert_close(got["el2n"], expected)
 
 
@@ -412,7 +478,10 @@ def test_unknown_scorer():
         ({"token_chunk": "8"}, r"'token_chunk' must be an int > 0, got '8'"),
         ({"token_chunk": 2.5}, r"'token_chunk' must be an int > 0"),
         ({"compile": 1}, r"'compile' must be a bool"),
-        ({"foo": 1}, r"unknown parameter 'foo'; valid parameters: compile, reduction, token_chunk, vocab_chunk"),
+        (
+            {"foo": 1},
+            r"unknown parameter 'foo'; valid parameters: compile, reduction, token_chunk, vocab_chunk",
+        ),
     ],
 )
 def test_bad_params(params, pattern):
@@ -427,7 +496,9 @@ def test_bad_task_and_missing_labels():
     with pytest.raises(ValueError, match="does not support task 'regression'"):
         EL2N().score_batch(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, "regression")
     with pytest.raises(ValueError, match="needs 'labels'"):
-        EL2N().score_batch(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, "sequence_classification")
+        EL2N().score_batch(
+            model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, "sequence_classification"
+        )
 
 
 def test_register_rejects_duplicates():

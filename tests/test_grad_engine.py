@@ -157,7 +157,9 @@ def check_all(case: str, eng: GradEngine, out: dict, ref: dict[str, torch.Tensor
     assert _note(f"{case}: group Gram", err) <= RTOL
     tflat = torch.cat([target[n].double().flatten() for n in names])
     dot = S @ tflat
-    assert _note(f"{case}: group . target", float((out["group_dot"].double() - dot).norm() / dot.norm())) <= RTOL
+    assert (
+        _note(f"{case}: group . target", float((out["group_dot"].double() - dot).norm() / dot.norm())) <= RTOL
+    )
     assert float(out["group_gram"][C - 1].abs().max()) == 0.0  # the empty group
 
 
@@ -171,8 +173,16 @@ def random_target(eng: GradEngine, seed: int) -> dict[str, torch.Tensor]:
 
 
 def gpt2(seed: int = 0):
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=V,
-                                  bos_token_id=0, eos_token_id=0, pad_token_id=PAD)
+    cfg = transformers.GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        n_positions=32,
+        vocab_size=V,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=PAD,
+    )
     torch.manual_seed(seed)
     return jiggle(transformers.GPT2LMHeadModel(cfg), seed)
 
@@ -180,23 +190,41 @@ def gpt2(seed: int = 0):
 def wide_gpt2(seed: int = 0):
     """A 1-layer GPT-2 with a tied 4100-word head: at least 4096 wide and not a multiple of 64, so the
     engine's aligned (zero-padded) output layer applies."""
-    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=16, vocab_size=4100,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=8, n_positions=16, vocab_size=4100, bos_token_id=0, eos_token_id=0
+    )
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(cfg)
 
 
 def llama(seed: int = 0):
-    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=24,
-                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=V,
-                                   max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=PAD)
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=16,
+        intermediate_size=24,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=V,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=PAD,
+    )
     torch.manual_seed(seed)
     return jiggle(transformers.LlamaForCausalLM(cfg), seed)
 
 
 def bert(seed: int = 0):
-    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=24, num_attention_heads=2,
-                                  vocab_size=V, max_position_embeddings=32, num_labels=3, pad_token_id=0)
+    cfg = transformers.BertConfig(
+        num_hidden_layers=2,
+        hidden_size=16,
+        intermediate_size=24,
+        num_attention_heads=2,
+        vocab_size=V,
+        max_position_embeddings=32,
+        num_labels=3,
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
     return jiggle(transformers.BertForSequenceClassification(cfg), seed)
 
@@ -252,8 +280,14 @@ def test_causal_lm_exact(causal_cases, arch, side, method):
     batch = text_batch(examples, side)
     with GradEngine(model, "all", proj_dim=K, proj_seed=3, sqnorm_method=method) as eng:
         target = random_target(eng, 5)
-        out = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), per_param=True, project=True,
-                          groups=GROUPS, num_groups=C, target=target)
+        out = eng.compute(
+            lambda: per_example_loss(model, batch, "causal_lm"),
+            per_param=True,
+            project=True,
+            groups=GROUPS,
+            num_groups=C,
+            target=target,
+        )
     assert out["sqnorm"].dtype == torch.float32 and out["proj"].shape == (len(examples), K)
     assert out["sqnorm"][2] == 0  # the single-token example
     check_all(f"{arch} {method}", eng, out, ref, GROUPS, C, target)
@@ -266,8 +300,9 @@ def test_padding_contributes_nothing(causal_cases, arch):
     for side in ("right", "left"):
         batch = text_batch(examples, side)
         noisy = dict(batch)
-        noisy["input_ids"] = torch.where(batch["attention_mask"] == 1, batch["input_ids"],
-                                         torch.randint(0, V, batch["input_ids"].shape))
+        noisy["input_ids"] = torch.where(
+            batch["attention_mask"] == 1, batch["input_ids"], torch.randint(0, V, batch["input_ids"].shape)
+        )
         with GradEngine(model, proj_dim=K) as eng:
             a = eng.compute(lambda b=batch: per_example_loss(model, b, "causal_lm"), project=True)
             b = eng.compute(lambda b=noisy: per_example_loss(model, b, "causal_lm"), project=True)
@@ -275,7 +310,9 @@ def test_padding_contributes_nothing(causal_cases, arch):
 
             def grab(b=batch, records=records):
                 losses = per_example_loss(model, b, "causal_lm")
-                records.update(eng._records)  # the calls recorded in this forward (grads arrive in the backward)
+                records.update(
+                    eng._records
+                )  # the calls recorded in this forward (grads arrive in the backward)
                 return losses
 
             eng.compute(grab)
@@ -318,8 +355,14 @@ def test_bert_sequence_classification_exact():
     for method in ("auto", "gram", "direct"):
         with GradEngine(model, "all", proj_dim=K, proj_kind="gaussian", sqnorm_method=method) as eng:
             target = random_target(eng, 6)
-            out = eng.compute(lambda: per_example_loss(model, batch, "sequence_classification"), per_param=True,
-                              project=True, groups=GROUPS, num_groups=C, target=target)
+            out = eng.compute(
+                lambda: per_example_loss(model, batch, "sequence_classification"),
+                per_param=True,
+                project=True,
+                groups=GROUPS,
+                num_groups=C,
+                target=target,
+            )
         check_all(f"bert {method}", eng, out, ref, GROUPS, C, target)
 
 
@@ -342,8 +385,14 @@ def test_cnn_on_digits_exact():
     for method in ("auto", "gram", "direct"):
         with GradEngine(model, "all", proj_dim=K, sqnorm_method=method) as eng:
             target = random_target(eng, 7)
-            out = eng.compute(lambda: per_example_loss(model, batch, "image_classification"), per_param=True,
-                              project=True, groups=groups, num_groups=4, target=target)
+            out = eng.compute(
+                lambda: per_example_loss(model, batch, "image_classification"),
+                per_param=True,
+                project=True,
+                groups=groups,
+                num_groups=4,
+                target=target,
+            )
         check_all(f"cnn digits {method}", eng, out, ref, groups, 4, target)
 
 
@@ -355,7 +404,9 @@ def test_parameter_subsets(causal_cases):
     model, examples, ref = causal_cases["gpt2"]
     batch = text_batch(examples, "left")
     last = list(select_parameters(model, "last_layer"))
-    assert last == ["transformer.wte.weight"] + [n for n in ref if n.startswith(("transformer.h.1.", "transformer.ln_f"))]
+    assert last == ["transformer.wte.weight"] + [
+        n for n in ref if n.startswith(("transformer.h.1.", "transformer.ln_f"))
+    ]
     subsets = {
         "last_layer": "last_layer",
         "globs": ["transformer.h.0.attn.*", "transformer.ln_f", "*.mlp.c_fc.bias"],
@@ -363,22 +414,42 @@ def test_parameter_subsets(causal_cases):
     whole = flat(ref, list(ref)).square().sum(1)  # each example's whole squared norm: the floor's scale
     for label, sel in subsets.items():
         with GradEngine(model, sel, proj_dim=K) as eng:
-            out = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), per_param=True, project=True)
+            out = eng.compute(
+                lambda: per_example_loss(model, batch, "causal_lm"), per_param=True, project=True
+            )
         names = eng.param_names
         if label == "globs":
-            assert names == [n for n in ref if n.startswith(("transformer.h.0.attn.", "transformer.ln_f."))
-                             or n.endswith("mlp.c_fc.bias")]
+            assert names == [
+                n
+                for n in ref
+                if n.startswith(("transformer.h.0.attn.", "transformer.ln_f.")) or n.endswith("mlp.c_fc.bias")
+            ]
         for n in names:
-            assert _note(f"subset {label}: per-parameter sqnorm",
-                         rel_floored(out["param_sqnorm"][n], ref[n].flatten(1).square().sum(1), whole)) <= RTOL
+            assert (
+                _note(
+                    f"subset {label}: per-parameter sqnorm",
+                    rel_floored(out["param_sqnorm"][n], ref[n].flatten(1).square().sum(1), whole),
+                )
+                <= RTOL
+            )
         G = flat(ref, names)
-        assert _note(f"subset {label}: projection", rel_rows(out["proj"], G @ eng.projection_matrix().t())) <= RTOL
+        assert (
+            _note(f"subset {label}: projection", rel_rows(out["proj"], G @ eng.projection_matrix().t()))
+            <= RTOL
+        )
     # a parameter's projection does not depend on what else is selected
-    with GradEngine(model, ["transformer.ln_f.bias"], proj_dim=K) as a, GradEngine(model, "all", proj_dim=K) as b:
+    with (
+        GradEngine(model, ["transformer.ln_f.bias"], proj_dim=K) as a,
+        GradEngine(model, "all", proj_dim=K) as b,
+    ):
         pa, pb = a.projection_matrix(), b.projection_matrix()
-        start = sum(p.numel() for n, p in b.params.items() if n != "transformer.ln_f.bias" and
-                    b.param_names.index(n) < b.param_names.index("transformer.ln_f.bias"))
-        assert torch.equal(pa, pb[:, start:start + pa.shape[1]])
+        start = sum(
+            p.numel()
+            for n, p in b.params.items()
+            if n != "transformer.ln_f.bias"
+            and b.param_names.index(n) < b.param_names.index("transformer.ln_f.bias")
+        )
+        assert torch.equal(pa, pb[:, start : start + pa.shape[1]])
 
 
 def test_frozen_parameters_are_skipped(causal_cases):
@@ -427,18 +498,44 @@ def test_lora_selection_exact():
     x = torch.randint(0, V, (5, 6), generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 2, 1, 0])
     names = list(select_parameters(model, "lora"))
-    assert names == ["blocks.0.lora_A.weight", "blocks.0.lora_B.weight", "blocks.1.lora_A.weight",
-                     "blocks.1.lora_B.weight"]
+    assert names == [
+        "blocks.0.lora_A.weight",
+        "blocks.0.lora_B.weight",
+        "blocks.1.lora_A.weight",
+        "blocks.1.lora_B.weight",
+    ]
     assert list(select_parameters(model, "last_layer")) == [
-        "blocks.1.lora_A.weight", "blocks.1.lora_B.weight", "head.weight", "head.bias"]
-    ref = reference_grads(copy.deepcopy(model).double(), names, list(zip(x, y, strict=True)),
-                          lambda m, ex: F.cross_entropy(m(ex[0][None]), ex[1].view(1)))
+        "blocks.1.lora_A.weight",
+        "blocks.1.lora_B.weight",
+        "head.weight",
+        "head.bias",
+    ]
+    ref = reference_grads(
+        copy.deepcopy(model).double(),
+        names,
+        list(zip(x, y, strict=True)),
+        lambda m, ex: F.cross_entropy(m(ex[0][None]), ex[1].view(1)),
+    )
     with GradEngine(model, "lora", proj_dim=K) as eng:
-        out = eng.compute(lambda: F.cross_entropy(model(x), y, reduction="none"), per_param=True, project=True)
+        out = eng.compute(
+            lambda: F.cross_entropy(model(x), y, reduction="none"), per_param=True, project=True
+        )
     for n in names:
-        assert _note("lora: per-parameter sqnorm", rel_floored(out["param_sqnorm"][n], ref[n].flatten(1).square().sum(1),
-                                                               flat(ref, names).square().sum(1))) <= RTOL
-    assert _note("lora: projection", rel_rows(out["proj"], flat(ref, names) @ eng.projection_matrix().t())) <= RTOL
+        assert (
+            _note(
+                "lora: per-parameter sqnorm",
+                rel_floored(
+                    out["param_sqnorm"][n],
+                    ref[n].flatten(1).square().sum(1),
+                    flat(ref, names).square().sum(1),
+                ),
+            )
+            <= RTOL
+        )
+    assert (
+        _note("lora: projection", rel_rows(out["proj"], flat(ref, names) @ eng.projection_matrix().t()))
+        <= RTOL
+    )
 
 
 class OnePlusNorm(nn.Module):
@@ -478,14 +575,32 @@ def test_norm_rules_exact():
     x[0, 2] = 0  # padding_idx inside a sequence
     y = torch.tensor([0, 1, 2, 1, 0])
     names = list(select_parameters(model, "all"))
-    ref = reference_grads(copy.deepcopy(model).double(), names, list(zip(x, y, strict=True)),
-                          lambda m, ex: F.cross_entropy(m(ex[0][None]), ex[1].view(1)))
+    ref = reference_grads(
+        copy.deepcopy(model).double(),
+        names,
+        list(zip(x, y, strict=True)),
+        lambda m, ex: F.cross_entropy(m(ex[0][None]), ex[1].view(1)),
+    )
     with GradEngine(model, proj_dim=K) as eng:
-        out = eng.compute(lambda: F.cross_entropy(model(x), y, reduction="none"), per_param=True, project=True)
+        out = eng.compute(
+            lambda: F.cross_entropy(model(x), y, reduction="none"), per_param=True, project=True
+        )
     for n in names:
-        assert _note("norms: per-parameter sqnorm", rel_floored(out["param_sqnorm"][n], ref[n].flatten(1).square().sum(1),
-                                                               flat(ref, names).square().sum(1))) <= RTOL
-    assert _note("norms: projection", rel_rows(out["proj"], flat(ref, names) @ eng.projection_matrix().t())) <= RTOL
+        assert (
+            _note(
+                "norms: per-parameter sqnorm",
+                rel_floored(
+                    out["param_sqnorm"][n],
+                    ref[n].flatten(1).square().sum(1),
+                    flat(ref, names).square().sum(1),
+                ),
+            )
+            <= RTOL
+        )
+    assert (
+        _note("norms: projection", rel_rows(out["proj"], flat(ref, names) @ eng.projection_matrix().t()))
+        <= RTOL
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,8 +667,9 @@ class Checkpointed(nn.Module):
         self.head = nn.Linear(8, 3)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.lin(t)), self.emb(input_ids),
-                                              use_reentrant=False)
+        h = torch.utils.checkpoint.checkpoint(
+            lambda t: torch.tanh(self.lin(t)), self.emb(input_ids), use_reentrant=False
+        )
         return self.head(h.mean(1))
 
 
@@ -564,8 +680,12 @@ def test_non_reentrant_checkpointing_is_exact():
     x = torch.randint(0, V, (4, 5), generator=torch.Generator().manual_seed(2))
     y = torch.tensor([0, 1, 2, 0])
     names = list(select_parameters(model, "all"))
-    ref = reference_grads(copy.deepcopy(model).double(), names, list(zip(x, y, strict=True)),
-                          lambda m, ex: F.cross_entropy(m(ex[0][None]), ex[1].view(1)))
+    ref = reference_grads(
+        copy.deepcopy(model).double(),
+        names,
+        list(zip(x, y, strict=True)),
+        lambda m, ex: F.cross_entropy(m(ex[0][None]), ex[1].view(1)),
+    )
     with GradEngine(model) as eng:
         out = eng.compute(lambda: F.cross_entropy(model(x), y, reduction="none"))
     assert _note("checkpointed: total sqnorm", rel(out["sqnorm"], flat(ref, names).square().sum(1))) <= RTOL
@@ -599,12 +719,18 @@ def test_bad_calls():
 
 def test_projection_is_reproducible_across_processes():
     mine = projection_factors("transformer.h.0.attn.c_attn.weight", (16, 48), 64, seed=7)
-    code = ("import torch; from winnow.scorers.grad_engine import projection_factors as f; "
-            "a, b = f('transformer.h.0.attn.c_attn.weight', (16, 48), 64, seed=7); "
-            "print(float((a * torch.arange(a.numel()).view_as(a)).sum()), float((b * b.cumsum(1)).sum()))")
-    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert [float(v) for v in got] == [float((mine[0] * torch.arange(mine[0].numel()).view_as(mine[0])).sum()),
-                                       float((mine[1] * mine[1].cumsum(1)).sum())]
+    code = (
+        "import torch; from winnow.scorers.grad_engine import projection_factors as f; "
+        "a, b = f('transformer.h.0.attn.c_attn.weight', (16, 48), 64, seed=7); "
+        "print(float((a * torch.arange(a.numel()).view_as(a)).sum()), float((b * b.cumsum(1)).sum()))"
+    )
+    got = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert [float(v) for v in got] == [
+        float((mine[0] * torch.arange(mine[0].numel()).view_as(mine[0])).sum()),
+        float((mine[1] * mine[1].cumsum(1)).sum()),
+    ]
     other = projection_factors("transformer.h.0.attn.c_attn.weight", (16, 48), 64, seed=8)
     assert not torch.equal(mine[0], other[0])
 
@@ -679,8 +805,18 @@ def test_output_only_backward_equals_the_checked_one():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_layer=2, n_embd=32, n_head=4, n_positions=32,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=97,
+            n_layer=2,
+            n_embd=32,
+            n_head=4,
+            n_positions=32,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    ).eval()
     ids = torch.randint(0, 97, (4, 12))
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0
@@ -689,8 +825,13 @@ def test_output_only_backward_equals_the_checked_one():
     outs = []
     for check in (True, False):
         with GradEngine(model, proj_dim=64, check=check) as eng:
-            outs.append(eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), project=True,
-                                    groups=torch.tensor([0, 1, 0, 1])))
+            outs.append(
+                eng.compute(
+                    lambda: per_example_loss(model, batch, "causal_lm"),
+                    project=True,
+                    groups=torch.tensor([0, 1, 0, 1]),
+                )
+            )
     for key in ("sqnorm", "proj", "group_gram"):
         torch.testing.assert_close(outs[0][key], outs[1][key], rtol=1e-5, atol=1e-7)
 
@@ -702,17 +843,28 @@ def test_vit_embeddings_token_parameters_are_exact():
 
     x, y = load_digits(return_X_y=True)
     torch.manual_seed(0)
-    model = ViTForImageClassification(ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=16,
-                                                num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                                num_labels=10)).eval()
+    model = ViTForImageClassification(
+        ViTConfig(
+            image_size=8,
+            patch_size=2,
+            num_channels=1,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=10,
+        )
+    ).eval()
     px = torch.tensor(x[:5], dtype=torch.float32).reshape(5, 1, 8, 8) / 16
     batch = {"pixel_values": px, "labels": torch.tensor(y[:5])}
     with GradEngine(model, check=True) as eng:
         got = eng.compute(lambda: per_example_loss(model, batch, "image_classification"), per_param=True)
     params = dict(model.named_parameters())
     for b in range(5):
-        one = {k: v[b:b + 1] for k, v in batch.items()}
-        grads = torch.autograd.grad(per_example_loss(model, one, "image_classification").sum(), list(params.values()))
+        one = {k: v[b : b + 1] for k, v in batch.items()}
+        grads = torch.autograd.grad(
+            per_example_loss(model, one, "image_classification").sum(), list(params.values())
+        )
         for (name, _), gr in zip(params.items(), grads, strict=True):
             want = gr.double().pow(2).sum()
             torch.testing.assert_close(got["param_sqnorm"][name][b].double(), want, rtol=1e-4, atol=1e-12)
@@ -723,14 +875,26 @@ def test_factor_dtype_input_keeps_bf16_factors_and_stays_close():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_layer=2, n_embd=64, n_head=4, n_positions=32,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=97,
+            n_layer=2,
+            n_embd=64,
+            n_head=4,
+            n_positions=32,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    ).eval()
     ids = torch.randint(0, 97, (4, 16))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     outs = {}
     for fd in ("fp32", "input"):
-        with GradEngine(model, check=False, factor_dtype=fd) as eng, \
-                torch.autocast("cpu", dtype=torch.bfloat16):
+        with (
+            GradEngine(model, check=False, factor_dtype=fd) as eng,
+            torch.autocast("cpu", dtype=torch.bfloat16),
+        ):
             outs[fd] = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"))["sqnorm"]
     assert outs["input"].dtype == torch.float32
     torch.testing.assert_close(outs["input"], outs["fp32"], rtol=2e-2, atol=0)
@@ -756,8 +920,12 @@ def test_token_nll_equals_cross_entropy_with_its_gradient():
     xb = x.detach().bfloat16().requires_grad_()  # low precision logits: fp32 math, gradient in bf16
     out = token_nll(xb, y)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, F.cross_entropy(xb[:, :-1].float().reshape(-1, 11), y.reshape(-1),
-                                                    reduction="none").view(5, 5), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        out,
+        F.cross_entropy(xb[:, :-1].float().reshape(-1, 11), y.reshape(-1), reduction="none").view(5, 5),
+        rtol=1e-6,
+        atol=1e-6,
+    )
     (gb,) = torch.autograd.grad(out.sum(), xb)
     assert gb.dtype == torch.bfloat16 and bool((gb[:, -1] == 0).all())
     with pytest.raises(ValueError, match="targets must have shape"):
@@ -859,10 +1027,16 @@ def test_callers_autocast_does_not_reach_the_rules():
     batch = text_batch(seqs([7, 5, 3, 6], seed=4), "right")
     with GradEngine(model, proj_dim=16, check=False) as eng:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), project=True,
-                              groups=torch.tensor([0, 1, 0, 1]))
-        ref = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), project=True,
-                          groups=torch.tensor([0, 1, 0, 1]))
+            out = eng.compute(
+                lambda: per_example_loss(model, batch, "causal_lm"),
+                project=True,
+                groups=torch.tensor([0, 1, 0, 1]),
+            )
+        ref = eng.compute(
+            lambda: per_example_loss(model, batch, "causal_lm"),
+            project=True,
+            groups=torch.tensor([0, 1, 0, 1]),
+        )
     assert out["proj"].dtype == torch.float32
     for key in ("sqnorm", "proj", "group_gram"):
         assert rel_rows(out[key].reshape(len(out[key]), -1), ref[key].reshape(len(ref[key]), -1)) < 0.1, key
@@ -886,8 +1060,12 @@ def test_grad_coeffs_give_the_weighted_batch_gradient(arch):
 
     model.zero_grad(set_to_none=True)
     with GradEngine(model, check=False) as eng:
-        eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), sqnorm=False, groups=groups,
-                    grad_coeffs=coeffs)
+        eng.compute(
+            lambda: per_example_loss(model, batch, "causal_lm"),
+            sqnorm=False,
+            groups=groups,
+            grad_coeffs=coeffs,
+        )
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     c = seen["w"][groups]
@@ -897,7 +1075,9 @@ def test_grad_coeffs_give_the_weighted_batch_gradient(arch):
         assert float((got[n] - p.grad).abs().max()) <= 1e-6 * float(p.grad.abs().max()) + 1e-15, n
     with pytest.raises(ValueError, match="grad_coeffs must return"):
         with GradEngine(model) as eng:
-            eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), grad_coeffs=lambda out: torch.ones(2))
+            eng.compute(
+                lambda: per_example_loss(model, batch, "causal_lm"), grad_coeffs=lambda out: torch.ones(2)
+            )
 
 
 def test_fast_paths_give_the_same_losses_and_gradients_and_restore():
@@ -924,8 +1104,10 @@ def test_fast_paths_give_the_same_losses_and_gradients_and_restore():
         torch.testing.assert_close(outs[1][1][n], outs[0][1][n], rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("order,wide", [("sorted", False), ("shuffled", False), ("sorted", True),
-                                        ("equal", False), ("equal", True)])
+@pytest.mark.parametrize(
+    "order,wide",
+    [("sorted", False), ("shuffled", False), ("sorted", True), ("equal", False), ("equal", True)],
+)
 def test_group_coeffs_give_the_group_weighted_gradient(order, wide, monkeypatch):
     """compute(group_coeffs=f) adds sum_c a_c S_c to .grad from the kept group sums, with a chosen from this
     step's Gram: equal (float64) to autograd's gradient of sum_b a_{group(b)} loss_b, and its Gram equals
@@ -934,14 +1116,18 @@ def test_group_coeffs_give_the_group_weighted_gradient(order, wide, monkeypatch)
     model = wide_gpt2(3).double().eval() if wide else gpt2().double()
     examples = seqs([9, 4, 7, 2, 6, 5, 8], seed=9)
     batch = text_batch(examples, "right")
-    groups = torch.tensor({"sorted": [0, 0, 1, 1, 1, 3, 3], "shuffled": [1, 0, 3, 1, 0, 3, 1],
-                           "equal": [0, 0, 0, 1, 1, 1, 2]}[order])
+    groups = torch.tensor(
+        {"sorted": [0, 0, 1, 1, 1, 3, 3], "shuffled": [1, 0, 3, 1, 0, 3, 1], "equal": [0, 0, 0, 1, 1, 1, 2]}[
+            order
+        ]
+    )
     C = 4  # group 2 is empty ("equal": every group present with as many examples: one batched product)
     if order == "equal":
         examples, groups, C = examples[:6], torch.tensor([0, 0, 1, 1, 2, 2]), 3
         batch = text_batch(examples, "right")
     seen = {}
     from winnow.scorers import grad_engine as ge
+
     dims, mm = [], ge._mm_acc
     monkeypatch.setattr(ge, "_mm_acc", lambda a, b, acc: dims.append(a.dim()) or mm(a, b, acc))
 
@@ -953,10 +1139,16 @@ def test_group_coeffs_give_the_group_weighted_gradient(order, wide, monkeypatch)
 
     model.zero_grad(set_to_none=True)
     with GradEngine(model, check=False, align=True) as eng:
-        out = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), sqnorm=False, groups=groups,
-                          num_groups=C, group_coeffs=coeffs)
-        ref_gram = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), sqnorm=False,
-                               groups=groups, num_groups=C)["group_gram"].double()
+        out = eng.compute(
+            lambda: per_example_loss(model, batch, "causal_lm"),
+            sqnorm=False,
+            groups=groups,
+            num_groups=C,
+            group_coeffs=coeffs,
+        )
+        ref_gram = eng.compute(
+            lambda: per_example_loss(model, batch, "causal_lm"), sqnorm=False, groups=groups, num_groups=C
+        )["group_gram"].double()
     torch.testing.assert_close(seen["gram"], ref_gram, rtol=1e-10, atol=1e-14)
     assert set(dims) == ({3} if order == "equal" else {2})  # batched products exactly when groups are equal
     torch.testing.assert_close(out["group_coeffs"].double(), seen["a"], rtol=1e-6, atol=0)
@@ -967,10 +1159,15 @@ def test_group_coeffs_give_the_group_weighted_gradient(order, wide, monkeypatch)
         assert float((got[n] - p.grad).abs().max()) <= 1e-9 * float(p.grad.abs().max()) + 1e-15, n
     with GradEngine(model) as eng:
         with pytest.raises(ValueError, match="group_coeffs must return"):
-            eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), groups=groups,
-                        group_coeffs=lambda out: torch.ones(7))
+            eng.compute(
+                lambda: per_example_loss(model, batch, "causal_lm"),
+                groups=groups,
+                group_coeffs=lambda out: torch.ones(7),
+            )
         with pytest.raises(ValueError, match="needs groups"):
-            eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), group_coeffs=lambda out: torch.ones(2))
+            eng.compute(
+                lambda: per_example_loss(model, batch, "causal_lm"), group_coeffs=lambda out: torch.ones(2)
+            )
 
 
 def test_group_sums_in_bf16_factors_stay_close_to_fp32():
@@ -983,10 +1180,20 @@ def test_group_sums_in_bf16_factors_stay_close_to_fp32():
     res = {}
     for fd in ("fp32", "input"):
         model.zero_grad(set_to_none=True)
-        with GradEngine(model, check=False, factor_dtype=fd) as eng, torch.autocast("cpu", dtype=torch.bfloat16):
-            out = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), sqnorm=False, groups=groups,
-                              group_coeffs=lambda out: torch.tensor([0.5, 0.3, 0.2]))
-        res[fd] = (out["group_gram"].double(), torch.cat([p.grad.flatten() for p in model.parameters()]).double())
+        with (
+            GradEngine(model, check=False, factor_dtype=fd) as eng,
+            torch.autocast("cpu", dtype=torch.bfloat16),
+        ):
+            out = eng.compute(
+                lambda: per_example_loss(model, batch, "causal_lm"),
+                sqnorm=False,
+                groups=groups,
+                group_coeffs=lambda out: torch.tensor([0.5, 0.3, 0.2]),
+            )
+        res[fd] = (
+            out["group_gram"].double(),
+            torch.cat([p.grad.flatten() for p in model.parameters()]).double(),
+        )
     g32, g16 = res["fp32"][0], res["input"][0]
     assert float((g16 - g32).norm() / g32.norm()) < 0.02
     d32, d16 = res["fp32"][1], res["input"][1]

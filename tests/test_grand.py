@@ -13,7 +13,7 @@ def _reference_norms(model, batch, task, names=None):
     params = [p for n, p in model.named_parameters() if p.requires_grad and (names is None or n in names)]
     out = []
     for b in range(batch["input_ids"].shape[0] if "input_ids" in batch else batch["pixel_values"].shape[0]):
-        one = {k: v[b:b + 1] for k, v in batch.items()}
+        one = {k: v[b : b + 1] for k, v in batch.items()}
         if "attention_mask" in one:  # strip this example's padding
             keep = one["attention_mask"][0].bool()
             one = {k: (v[:, keep] if k in ("input_ids", "attention_mask") else v) for k, v in one.items()}
@@ -49,13 +49,23 @@ def test_grand_on_a_subset_of_parameters_for_classification():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(1)
-    model = BertForSequenceClassification(BertConfig(vocab_size=90, hidden_size=32, num_hidden_layers=2,
-                                                     num_attention_heads=2, intermediate_size=64,
-                                                     num_labels=3, max_position_embeddings=32)).eval()
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=90,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=3,
+            max_position_embeddings=32,
+        )
+    ).eval()
     ids = torch.randint(0, 90, (4, 10))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 2, 1, 2])}
     got = get_scorer("grand", parameters="classifier").score_batch(model, batch, "sequence_classification")
-    ref = _reference_norms(model, batch, "sequence_classification", names={"classifier.weight", "classifier.bias"})
+    ref = _reference_norms(
+        model, batch, "sequence_classification", names={"classifier.weight", "classifier.bias"}
+    )
     torch.testing.assert_close(got["grand"].double(), ref, rtol=1e-4, atol=0)
 
 

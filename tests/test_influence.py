@@ -25,14 +25,19 @@ def _dense_scale(eng: GradEngine, pre: dict) -> torch.Tensor:
     parts = []
     for name in eng.param_names:
         d = pre[name]
-        parts.append(torch.outer(d[0], d[1]).flatten()[: eng.params[name].numel()] if isinstance(d, tuple)
-                     else d.double())
+        parts.append(
+            torch.outer(d[0], d[1]).flatten()[: eng.params[name].numel()]
+            if isinstance(d, tuple)
+            else d.double()
+        )
     return torch.cat(parts)
 
 
 def _fake_adam_state(eng: GradEngine, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(p.shape, generator=g, dtype=torch.float64) ** 2 * 1e-4 for n, p in eng.params.items()}
+    return {
+        n: torch.rand(p.shape, generator=g, dtype=torch.float64) ** 2 * 1e-4 for n, p in eng.params.items()
+    }
 
 
 def test_preconditioned_projection_equals_projecting_the_scaled_gradient():
@@ -44,8 +49,15 @@ def test_preconditioned_projection_equals_projecting_the_scaled_gradient():
     G = flat(reference_grads(model, names, examples, causal_loss_alone), names)
     batch = text_batch(examples, "right")
     with GradEngine(model, proj_dim=64, proj_seed=7) as eng:
-        pre = adam_preconditioner(eng.views, eng.kinds, {n: p.numel() for n, p in eng.params.items()},
-                                  _fake_adam_state(eng, 1), step=50, beta2=0.999, eps=1e-8)
+        pre = adam_preconditioner(
+            eng.views,
+            eng.kinds,
+            {n: p.numel() for n, p in eng.params.items()},
+            _fake_adam_state(eng, 1),
+            step=50,
+            beta2=0.999,
+            eps=1e-8,
+        )
         out = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), project=True, precondition=pre)
         plain = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), project=True)
     P = eng.projection_matrix()
@@ -66,9 +78,16 @@ def test_adam_preconditioner_formulas():
     V = torch.outer(a, b) * 1e-3  # rank one
     vec = torch.rand(4, dtype=torch.float64) * 1e-3
     step, beta2, eps = 20, 0.99, 1e-6
-    pre = adam_preconditioner({"W": (5, 3), "b": (2, 2)}, {"W": "outer", "b": "dense"}, {"W": 15, "b": 4},
-                              {"W": V, "b": vec}, step, beta2, eps)
-    corr = 1 - beta2 ** step
+    pre = adam_preconditioner(
+        {"W": (5, 3), "b": (2, 2)},
+        {"W": "outer", "b": "dense"},
+        {"W": 15, "b": 4},
+        {"W": V, "b": vec},
+        step,
+        beta2,
+        eps,
+    )
+    corr = 1 - beta2**step
     torch.testing.assert_close(pre["b"], 1 / ((vec / corr).sqrt() + eps))
     vhat = V / corr
     R, C, S = vhat.sum(1), vhat.sum(0), vhat.sum()
@@ -132,15 +151,16 @@ def _real_text_batch(n: int, length: int) -> list[torch.Tensor]:
 
     text = " ".join(topics[k] for k in sorted(topics))
     data = torch.tensor(list(text.encode("utf-8")[: n * length * 3]), dtype=torch.long)
-    return [data[i * 3 * length: i * 3 * length + length] for i in range(n)]
+    return [data[i * 3 * length : i * 3 * length + length] for i in range(n)]
 
 
 def test_projection_inner_products_have_the_jl_error(capsys):
     """On a transformers GPT-2 (byte vocabulary, real text), projected inner products of per-example
     gradients match the exact ones within the JL error at that dimension, and the error shrinks as
     1/sqrt(k): 16x the dimension, ~4x smaller."""
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=256,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=256, bos_token_id=0, eos_token_id=0
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).double().eval()
     examples = _real_text_batch(12, 48)
@@ -159,9 +179,11 @@ def test_projection_inner_products_have_the_jl_error(capsys):
         rms[k] = float(torch.cat(errs).square().mean().sqrt())
     ratio = rms[64] / rms[1024]
     with capsys.disabled():
-        print(f"\n[JL] relative inner-product error (rms over pairs, 4 seeds): k=64 {rms[64]:.4f} "
-              f"(dense Gaussian JL: {math.sqrt(2 / 64):.4f} at most), k=1024 {rms[1024]:.4f} "
-              f"({math.sqrt(2 / 1024):.4f}); ratio {ratio:.2f} (1/sqrt(k) predicts 4)")
+        print(
+            f"\n[JL] relative inner-product error (rms over pairs, 4 seeds): k=64 {rms[64]:.4f} "
+            f"(dense Gaussian JL: {math.sqrt(2 / 64):.4f} at most), k=1024 {rms[1024]:.4f} "
+            f"({math.sqrt(2 / 1024):.4f}); ratio {ratio:.2f} (1/sqrt(k) predicts 4)"
+        )
     for k in rms:
         assert rms[k] < 2.0 * math.sqrt(2 / k)  # (1 + cos^2)/k <= 2/k for a dense map; Kronecker costs more
     assert 2.5 < ratio < 6.5

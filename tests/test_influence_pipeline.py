@@ -25,13 +25,23 @@ def infl_run(tmp_path_factory):
     from winnow.pipeline.demo import build_demo_corpus
 
     root = tmp_path_factory.mktemp("infl")
-    counts = build_demo_corpus(root / "data", per_domain=90, rows_per_file=45, domains=["code", "prose", "licenses"],
-                               hold_out=(TARGET_DOMAIN, 24), hold_out_dir=root / "target")
+    counts = build_demo_corpus(
+        root / "data",
+        per_domain=90,
+        rows_per_file=45,
+        domains=["code", "prose", "licenses"],
+        hold_out=(TARGET_DOMAIN, 24),
+        hold_out_dir=root / "target",
+    )
     r = tiny_recipe(root / "data", root / "run")
     r["model"]["config"].update(n_layer=2, n_head=4, n_embd=64)  # 1 layer x 32 wide reached only 0.58
     r["train"].update(steps=60, seeds=[0], checkpoints=[20, 40, 60])
-    r["scoring"]["influence"] = {"target": str(root / "target" / "*.jsonl"), "proj_dim": 2048, "neighbours": 5,
-                                 "batch_size": 16}
+    r["scoring"]["influence"] = {
+        "target": str(root / "target" / "*.jsonl"),
+        "proj_dim": 2048,
+        "neighbours": 5,
+        "batch_size": 16,
+    }
     r["select"] = {"method": "score", "score": "influence", "fraction": 0.05, "keep": "highest"}
     recipe = write_recipe(root / "infl.yaml", r)
     assert main(["run", str(recipe)]) == 0
@@ -48,20 +58,24 @@ def test_top_influence_is_the_target_domain(infl_run, capsys):
     root, _, _ = infl_run
     run = root / "run"
     rows = pl.read_parquet(run / "scores" / "rows.parquet")
-    df = rows.join(pl.read_parquet(run / "scores" / "influence.parquet"), on="id") \
-        .join(pl.read_parquet(run / "scores" / "el2n.parquet").select("id", "el2n"), on="id")
+    df = rows.join(pl.read_parquet(run / "scores" / "influence.parquet"), on="id").join(
+        pl.read_parquet(run / "scores" / "el2n.parquet").select("id", "el2n"), on="id"
+    )
     assert df.height == rows.height and df["influence"].is_finite().all()
     base = float((df["domain"] == TARGET_DOMAIN).mean())
     p = {c: _precision(df, c) for c in ("influence", "gradsim_target", "el2n", "self_influence")}
     rng = np.random.default_rng(0)
     n = max(1, round(0.05 * df.height))
     doms = df["domain"].to_numpy()
-    rand = float(np.mean([(doms[rng.choice(len(doms), n, replace=False)] == TARGET_DOMAIN).mean()
-                          for _ in range(200)]))
+    rand = float(
+        np.mean([(doms[rng.choice(len(doms), n, replace=False)] == TARGET_DOMAIN).mean() for _ in range(200)])
+    )
     with capsys.disabled():
-        print(f"\n[influence] target {TARGET_DOMAIN!r}, {df.height} rows, top {n}: precision influence "
-              f"{p['influence']:.2f}, gradsim_target {p['gradsim_target']:.2f}, el2n {p['el2n']:.2f}, "
-              f"self_influence {p['self_influence']:.2f}, random {rand:.2f} (domain share {base:.2f})")
+        print(
+            f"\n[influence] target {TARGET_DOMAIN!r}, {df.height} rows, top {n}: precision influence "
+            f"{p['influence']:.2f}, gradsim_target {p['gradsim_target']:.2f}, el2n {p['el2n']:.2f}, "
+            f"self_influence {p['self_influence']:.2f}, random {rand:.2f} (domain share {base:.2f})"
+        )
     assert p["influence"] >= 0.8
     assert p["influence"] > rand + 0.3 and p["influence"] > p["el2n"] + 0.3
     # the selection is the top 5% by influence

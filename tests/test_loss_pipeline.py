@@ -19,8 +19,13 @@ def test_loss_scores_and_linupper_weights_end_to_end(tmp_path, corpus):
     r = tiny_recipe(corpus, tmp_path / "run")
     r["train"].update(steps=8, seeds=[0], checkpoints=[8])
     r["scoring"]["scorers"] = [{"name": "el2n"}, {"name": "loss", "params": {"percentile": 75}}, "grand"]
-    r["select"] = {"score": "el2n", "fraction": 0.6, "keep": "lowest", "stratify": "domain",
-                   "weights": {"method": "linupper", "score": "loss", "temperature": 0.5, "per_stratum": True}}
+    r["select"] = {
+        "score": "el2n",
+        "fraction": 0.6,
+        "keep": "lowest",
+        "stratify": "domain",
+        "weights": {"method": "linupper", "score": "loss", "temperature": 0.5, "per_stratum": True},
+    }
     r["output"]["score_columns"] = ["loss", "el2n"]
     assert main(["run", str(write_recipe(tmp_path / "r.yaml", r))]) == 0
     run = tmp_path / "run"
@@ -32,8 +37,13 @@ def test_loss_scores_and_linupper_weights_end_to_end(tmp_path, corpus):
     rows = pl.read_parquet(run / "scores" / "rows.parquet")
     sel = pl.read_parquet(run / "selection.parquet")
     df = rows.join(loss, on="id").join(sel, on="id")
-    want = loss_to_weight(df["loss"].to_numpy(), df["kept"].to_numpy(), strategy="linupper", temperature=0.5,
-                          strata=np.array(df["domain"].to_list(), dtype=object))
+    want = loss_to_weight(
+        df["loss"].to_numpy(),
+        df["kept"].to_numpy(),
+        strategy="linupper",
+        temperature=0.5,
+        strata=np.array(df["domain"].to_list(), dtype=object),
+    )
     np.testing.assert_allclose(df["weight"].to_numpy(), want, rtol=1e-12)
     for dom in df["domain"].unique():  # per stratum: mean weight 1 inside every domain
         k = df.filter((pl.col("domain") == dom) & pl.col("kept"))

@@ -45,8 +45,13 @@ def ref_stats(vals: list[float], percentile: float = 90.0) -> dict[str, float]:
     """mean, max, population std, linear-interpolated percentile and count, by python loops."""
     n = len(vals)
     if n == 0:
-        return {"loss": math.nan, "loss_max": math.nan, "loss_std": math.nan, "loss_pctl": math.nan,
-                "n_scored": 0.0}
+        return {
+            "loss": math.nan,
+            "loss_max": math.nan,
+            "loss_std": math.nan,
+            "loss_pctl": math.nan,
+            "n_scored": 0.0,
+        }
     mean = sum(vals) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / n)
     srt = sorted(vals)
@@ -57,8 +62,9 @@ def ref_stats(vals: list[float], percentile: float = 90.0) -> dict[str, float]:
     return {"loss": mean, "loss_max": max(vals), "loss_std": std, "loss_pctl": pct, "n_scored": float(n)}
 
 
-def ref_causal(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               percentile: float = 90.0) -> dict[str, torch.Tensor]:
+def ref_causal(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, percentile: float = 90.0
+) -> dict[str, torch.Tensor]:
     """Per-example statistics from full logits (B, T, V): float64 softmax per position, python loops.
 
     Every token NLL is also checked against ``F.cross_entropy(reduction="none")``.
@@ -97,7 +103,9 @@ def test_nll_from_logits_matches_cross_entropy():
     labels = torch.randint(0, 6, (9,), generator=g)
     expected = F.cross_entropy(logits.double(), labels, reduction="none")
     assert_close(nll_from_logits(logits, labels), expected)
-    assert_close(nll_from_logits(logits, labels), torch.tensor([ref_nll(logits[i], int(labels[i])) for i in range(9)]))
+    assert_close(
+        nll_from_logits(logits, labels), torch.tensor([ref_nll(logits[i], int(labels[i])) for i in range(9)])
+    )
     lb = logits.bfloat16()  # upcast before the log-softmax
     assert_close(nll_from_logits(lb, labels), F.cross_entropy(lb.double(), labels, reduction="none"))
     labels[2] = -100
@@ -139,9 +147,12 @@ def test_token_nll_extreme_confidence():
         hidden = torch.zeros(4, v)
         hidden[torch.arange(4), y] = gap
         got = causal_lm_token_nll(hidden, weight, bias, y, vocab_chunk=7)
-        z = (hidden.double() + bias.double())
+        z = hidden.double() + bias.double()
         expected = torch.tensor(
-            [math.log1p(float(torch.exp(z[i][torch.arange(v) != t] - z[i, t]).sum())) for i, t in enumerate(y)]
+            [
+                math.log1p(float(torch.exp(z[i][torch.arange(v) != t] - z[i, t]).sum()))
+                for i, t in enumerate(y)
+            ]
         )
         assert (expected > 0).all() and (expected < 1e-10).all()
         zf = z.float()
@@ -169,7 +180,9 @@ def test_token_nll_scale_softcap_bf16_and_bad_targets():
     z = F.linear(hidden, weight, b).double() * 3.0
     z = 2.0 * torch.tanh(z / 2.0)
     expected = torch.tensor([ref_nll(z[i], int(y[i])) for i in range(len(y))])
-    assert_close(causal_lm_token_nll(hidden, weight, b, y, vocab_chunk=6, logit_scale=3.0, softcap=2.0), expected)
+    assert_close(
+        causal_lm_token_nll(hidden, weight, b, y, vocab_chunk=6, logit_scale=3.0, softcap=2.0), expected
+    )
     hb, wb, bb = hidden.bfloat16(), weight.bfloat16(), b.bfloat16()
     zb = F.linear(hb, wb, bb).float()  # logits in the model's dtype, the rest in fp32
     expected_b = torch.tensor([ref_nll(zb[i], int(y[i])) for i in range(len(y))])
@@ -223,7 +236,13 @@ def test_token_loss_stats_matches_numpy(percentile):
 
 def _gpt2():
     cfg = transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=32, bos_token_id=0, eos_token_id=0,
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=V,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
         initializer_range=0.3,
     )
     return transformers.GPT2LMHeadModel(cfg).eval()
@@ -231,8 +250,16 @@ def _gpt2():
 
 def _llama():
     cfg = transformers.LlamaConfig(
-        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=V, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, initializer_range=0.3,
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=V,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        initializer_range=0.3,
     )
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -253,7 +280,7 @@ def _pad(seqs, side):
         if side == "right":
             ids[i, : len(s)], am[i, : len(s)] = s, 1
         else:
-            ids[i, t - len(s):], am[i, t - len(s):] = s, 1
+            ids[i, t - len(s) :], am[i, t - len(s) :] = s, 1
     return ids, am
 
 
@@ -290,8 +317,9 @@ def test_causal_lm_matches_padded_model_logits_and_model_loss():
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=am)
     expected = ref_causal(out.logits, ids, am)
-    got = get_scorer("loss", vocab_chunk=32).score_batch(model, {"input_ids": ids, "attention_mask": am},
-                                                         "causal_lm")
+    got = get_scorer("loss", vocab_chunk=32).score_batch(
+        model, {"input_ids": ids, "attention_mask": am}, "causal_lm"
+    )
     assert_stats(got, expected)
     # the model's own mean loss over the batch is the token-weighted mean of the per-example losses
     labels = ids.masked_fill(am == 0, -100)
@@ -318,8 +346,17 @@ def test_causal_lm_no_mask_and_training_flag_restored():
 
 def test_causal_lm_refuses_logits_scaling():
     cfg = transformers.GraniteConfig(
-        num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=V, max_position_embeddings=32, logits_scaling=2.0, pad_token_id=0, bos_token_id=0, eos_token_id=1,
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=V,
+        max_position_embeddings=32,
+        logits_scaling=2.0,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=1,
     )
     model = transformers.GraniteForCausalLM(cfg)
     with pytest.raises(ValueError, match=r"^loss: GraniteForCausalLM has config.logits_scaling=2.0"):
@@ -329,8 +366,14 @@ def test_causal_lm_refuses_logits_scaling():
 def test_sequence_classification_bert():
     torch.manual_seed(4)
     cfg = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=V,
-        max_position_embeddings=32, num_labels=5, initializer_range=0.3,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=V,
+        max_position_embeddings=32,
+        num_labels=5,
+        initializer_range=0.3,
     )
     model = transformers.BertForSequenceClassification(cfg).eval()
     ids, am = _pad(_sequences(seed=5), "right")
@@ -339,25 +382,35 @@ def test_sequence_classification_bert():
         logits = model(input_ids=ids, attention_mask=am).logits
     ce = F.cross_entropy(logits.double(), labels, reduction="none", ignore_index=-100)
     ce[labels < 0] = math.nan
-    loop = torch.tensor([ref_nll(logits[i], int(labels[i])) if labels[i] >= 0 else math.nan for i in range(5)])
+    loop = torch.tensor(
+        [ref_nll(logits[i], int(labels[i])) if labels[i] >= 0 else math.nan for i in range(5)]
+    )
     torch.testing.assert_close(ce, loop.double(), equal_nan=True)
     batch = {"input_ids": ids, "attention_mask": am, "labels": labels}
     got = get_scorer("loss").score_batch(model, batch, "sequence_classification")
-    expected = {"loss": ce, "loss_max": ce, "loss_std": ce * 0, "loss_pctl": ce,
-                "n_scored": torch.tensor([1.0, 1, 1, 1, 0])}
+    expected = {
+        "loss": ce,
+        "loss_max": ce,
+        "loss_std": ce * 0,
+        "loss_pctl": ce,
+        "n_scored": torch.tensor([1.0, 1, 1, 1, 0]),
+    }
     assert_stats(got, expected)
 
 
 def test_image_classification_resnet():
     torch.manual_seed(5)
-    cfg = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                    num_labels=4)
+    cfg = transformers.ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=4
+    )
     model = transformers.ResNetForImageClassification(cfg).eval()
     pixels = torch.randn(3, 3, 32, 32)
     labels = torch.tensor([3, 0, 1])
     with torch.no_grad():
         logits = model(pixel_values=pixels).logits
-    got = get_scorer("loss").score_batch(model, {"pixel_values": pixels, "labels": labels}, "image_classification")
+    got = get_scorer("loss").score_batch(
+        model, {"pixel_values": pixels, "labels": labels}, "image_classification"
+    )
     assert_close(got["loss"], F.cross_entropy(logits.double(), labels, reduction="none"))
 
 
@@ -379,15 +432,21 @@ def test_registry_and_params():
 @pytest.mark.parametrize(
     ("params", "pattern"),
     [
-        ({"percentile": 101}, r"scorer 'loss': parameter 'percentile' must be a float >= 0 and <= 100, got 101"),
+        (
+            {"percentile": 101},
+            r"scorer 'loss': parameter 'percentile' must be a float >= 0 and <= 100, got 101",
+        ),
         ({"percentile": -1.0}, r"'percentile' must be a float >= 0 and <= 100"),
         ({"percentile": "90"}, r"'percentile' must be a float"),
         ({"percentile": True}, r"'percentile' must be a float"),
         ({"vocab_chunk": 0}, r"'vocab_chunk' must be an int > 0, got 0"),
         ({"token_chunk": 2.5}, r"'token_chunk' must be an int > 0"),
         ({"compile": 1}, r"'compile' must be a bool"),
-        ({"reduction": "mean"}, r"unknown parameter 'reduction'; valid parameters: compile, percentile, "
-                                r"token_chunk, vocab_chunk"),
+        (
+            {"reduction": "mean"},
+            r"unknown parameter 'reduction'; valid parameters: compile, percentile, "
+            r"token_chunk, vocab_chunk",
+        ),
     ],
 )
 def test_bad_params(params, pattern):
@@ -400,7 +459,9 @@ def test_bad_task_and_missing_labels():
     with pytest.raises(ValueError, match="does not support task 'regression'"):
         LossScorer().score_batch(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, "regression")
     with pytest.raises(ValueError, match="loss: task 'sequence_classification' needs 'labels'"):
-        LossScorer().score_batch(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, "sequence_classification")
+        LossScorer().score_batch(
+            model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, "sequence_classification"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +495,9 @@ def test_weights_match_reference(strategy, r, delta):
     w = loss_to_weight(losses, kept, strategy=strategy, temperature=r, delta=delta)
     assert w.dtype == np.float64 and w.shape == (40,)
     assert np.all(w[~kept] == 0.0)
-    np.testing.assert_allclose(w[kept], ref_weights(list(losses[kept]), strategy, r, delta), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        w[kept], ref_weights(list(losses[kept]), strategy, r, delta), rtol=1e-10, atol=1e-12
+    )
     assert math.isclose(w[kept].mean(), 1.0, rel_tol=1e-12)
 
 
@@ -508,8 +571,9 @@ def test_strata_kept_and_degenerate_sets():
     assert loss_to_weight(np.zeros(0)).shape == (0,)
     # a range below the authors' 1e-6 floor gives (nearly) uniform weights, as their code does
     tiny = 3.0 + np.array([0.0, 1e-9, 2e-9])
-    np.testing.assert_allclose(loss_to_weight(tiny, strategy="linupper"), ref_weights(list(tiny), "linupper"),
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        loss_to_weight(tiny, strategy="linupper"), ref_weights(list(tiny), "linupper"), rtol=1e-9
+    )
     np.testing.assert_allclose(loss_to_weight(tiny, strategy="linupper"), 1.0, atol=1e-2)
 
 
@@ -533,7 +597,10 @@ def test_range_quantile_resists_an_outlier():
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"strategy": "linear"}, r"strategy must be one of 'linupper', 'quadratic', 'extremes', got 'linear'"),
+        (
+            {"strategy": "linear"},
+            r"strategy must be one of 'linupper', 'quadratic', 'extremes', got 'linear'",
+        ),
         ({"strategy": "uniform"}, r"strategy must be one of"),
         ({"temperature": 0}, r"temperature \(the paper's r\) must be a finite number > 0, got 0"),
         ({"temperature": -1.0}, r"temperature"),

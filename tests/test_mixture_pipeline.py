@@ -30,15 +30,22 @@ def mix_corpus(tmp_path_factory):
     tok = load_tokenizer(root / "tok")
     # random tokens: each row decodes 48 token ids drawn uniformly from the vocabulary (irreducible loss)
     rng = random.Random(0)
-    noise = [{"id": f"noise-{i:04d}", "domain": "noise",
-              "text": tok.decode([rng.randrange(3, len(tok)) for _ in range(48)])} for i in range(80)]
+    noise = [
+        {
+            "id": f"noise-{i:04d}",
+            "domain": "noise",
+            "text": tok.decode([rng.randrange(3, len(tok)) for _ in range(48)]),
+        }
+        for i in range(80)
+    ]
     (root / "data" / "noise-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in noise))
     # the held-out target: the last 30 prose rows become their own domain
     prose = [json.loads(line) for line in open(root / "data" / "prose-00000.jsonl")]
     keep, held = prose[:-30], prose[-30:]
     (root / "data" / "prose-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
     (root / "data" / "target-00000.jsonl").write_text(
-        "".join(json.dumps(dict(r, domain="prose-target")) + "\n" for r in held))
+        "".join(json.dumps(dict(r, domain="prose-target")) + "\n" for r in held)
+    )
     return root
 
 
@@ -50,8 +57,9 @@ def _run(root, name: str, mixture: dict, exclude_target: bool = False, width: in
     r["select"] = {"method": "all"}
     r["mixture"] = {"steps": 60, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, **mixture}
     if exclude_target:
-        r["data"]["source"] = ",".join(str(p) for p in sorted((root / "data").glob("*.jsonl"))
-                                       if not p.name.startswith("target"))
+        r["data"]["source"] = ",".join(
+            str(p) for p in sorted((root / "data").glob("*.jsonl")) if not p.name.startswith("target")
+        )
     assert main(["run", str(write_recipe(root / f"{name}.yaml", r))]) == 0
     return json.loads((root / f"run-{name}" / "mixture.json").read_text())
 
@@ -62,13 +70,21 @@ def test_doremi_drives_random_characters_down(mix_corpus, capsys):
     # domains, whose excess then falls to the level of the noise domain's and the weights wander (noise
     # 0.076 average measured); with 1 x 32 and 60 steps it was raised (0.31-0.41). Measured with 400
     # reference steps: noise 0.038 (seed 0) and 0.032 (seed 1) against a quarter of uniform, 0.0625.
-    mix = _run(mix_corpus, "doremi", {"method": "doremi", "steps": 200, "reference_steps": 400},
-               exclude_target=True, width=64)
+    mix = _run(
+        mix_corpus,
+        "doremi",
+        {"method": "doremi", "steps": 200, "reference_steps": 400},
+        exclude_target=True,
+        width=64,
+    )
     w = mix["weights"]
     k = len(w)
     with capsys.disabled():
-        print("\n[doremi] average weights: " + ", ".join(f"{d} {v:.3f}" for d, v in w.items())
-              + f"; uniform {1 / k:.3f}, a quarter of it {0.25 / k:.3f}")
+        print(
+            "\n[doremi] average weights: "
+            + ", ".join(f"{d} {v:.3f}" for d, v in w.items())
+            + f"; uniform {1 / k:.3f}, a quarter of it {0.25 / k:.3f}"
+        )
     assert set(w) == {"code", "prose", "licenses", "noise"}
     assert abs(sum(w.values()) - 1) < 1e-9
     assert w["noise"] == min(w.values()) and w["noise"] < 0.25 / k
@@ -92,7 +108,10 @@ def test_target_domain_is_raised(mix_corpus, method, capsys):
     mix = _run(mix_corpus, method, {"method": method, "target_domains": ["prose-target"], **extra})
     w = mix["weights"]
     with capsys.disabled():
-        print(f"\n[{method}] weights (target: held-out prose): " + ", ".join(f"{d} {v:.3f}" for d, v in w.items()))
+        print(
+            f"\n[{method}] weights (target: held-out prose): "
+            + ", ".join(f"{d} {v:.3f}" for d, v in w.items())
+        )
     assert "prose-target" not in w
     assert all(w["prose"] > w[d] for d in w if d != "prose")
     sel = pl.read_parquet(mix_corpus / f"run-{method}" / "selection.parquet")
@@ -104,7 +123,7 @@ def test_target_domain_is_raised(mix_corpus, method, capsys):
 def test_static_mixture_and_bad_target(mix_corpus, tmp_path, capsys):
     mix = _run(mix_corpus, "temp", {"method": "temperature", "temperature": 2.0})
     tok = mix["domain_tokens"]
-    z = sum(v ** 0.5 for v in tok.values())
+    z = sum(v**0.5 for v in tok.values())
     for d, v in mix["weights"].items():
         assert abs(v - tok[d] ** 0.5 / z) < 1e-9
     r = tiny_recipe(mix_corpus / "data", tmp_path / "bad")

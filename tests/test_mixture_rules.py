@@ -30,9 +30,13 @@ def _real_batches(n_steps: int, per_domain: int = 2, length: int = 24, seed: int
     from pydoc_data.topics import topics
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [(stdlib / "json" / "decoder.py").read_text(), " ".join(topics[k] for k in sorted(topics)[:40]),
-             (stdlib / "LICENSE.txt").read_text() if (stdlib / "LICENSE.txt").exists() else
-             (stdlib / "this.py").read_text() * 20]
+    texts = [
+        (stdlib / "json" / "decoder.py").read_text(),
+        " ".join(topics[k] for k in sorted(topics)[:40]),
+        (stdlib / "LICENSE.txt").read_text()
+        if (stdlib / "LICENSE.txt").exists()
+        else (stdlib / "this.py").read_text() * 20,
+    ]
     g = torch.Generator().manual_seed(seed)
     data = [torch.tensor(list(t.encode("utf-8")[:20000]), dtype=torch.long) for t in texts]
     out = []
@@ -43,7 +47,7 @@ def _real_batches(n_steps: int, per_domain: int = 2, length: int = 24, seed: int
                 s = int(torch.randint(0, len(data[d]) - length, (1,), generator=g))
                 n = int(torch.randint(length // 2, length + 1, (1,), generator=g))
                 row = torch.zeros(length, dtype=torch.long)
-                row[:n] = data[d][s:s + n]
+                row[:n] = data[d][s : s + n]
                 m = torch.zeros(length, dtype=torch.long)
                 m[:n] = 1
                 ids.append(row)
@@ -55,8 +59,9 @@ def _real_batches(n_steps: int, per_domain: int = 2, length: int = 24, seed: int
 
 def _model(seed: int):
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=256,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=256, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg).double().eval()
 
 
@@ -67,7 +72,9 @@ def _token_losses(model, ids, mask):
 
 
 def test_static_weights():
-    torch.testing.assert_close(static_weights([1, 3], "uniform"), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(
+        static_weights([1, 3], "uniform"), torch.tensor([0.5, 0.5], dtype=torch.float64)
+    )
     torch.testing.assert_close(static_weights([1, 3]), torch.tensor([0.25, 0.75], dtype=torch.float64))
     t = static_weights([100, 10000], "temperature", temperature=2.0)  # sqrt of sizes: 10 : 100
     torch.testing.assert_close(t, torch.tensor([10 / 110, 100 / 110], dtype=torch.float64))
@@ -113,7 +120,9 @@ def test_doremi_rule_equals_a_plain_loop():
         ref_alpha = [(1 - 1e-3) * u / z + 1e-3 / K for u in un]
         ref_history.append(ref_alpha)
         torch.testing.assert_close(lam, torch.tensor(lam_ref, dtype=torch.float64), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(alpha, torch.tensor(ref_alpha, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            alpha, torch.tensor(ref_alpha, dtype=torch.float64), rtol=1e-12, atol=1e-12
+        )
     # the proxy objective's token weights: sum_i alpha_i * mean loss of domain i
     ids, mask, dom = batches[0]
     with torch.no_grad():
@@ -143,8 +152,12 @@ def test_doge_rule_and_engine_group_gram_equal_the_backward_per_domain_way():
     tok_per_dom = torch.zeros(K, dtype=torch.float64).index_add_(0, dom, ntok)
     scale = ntok / tok_per_dom[dom]  # example b's mean-token loss times its share of its domain's tokens
     with GradEngine(model) as eng:
-        out = eng.compute(lambda: per_example_loss(model, batch, "causal_lm") * scale, sqnorm=False,
-                          groups=dom, num_groups=K)
+        out = eng.compute(
+            lambda: per_example_loss(model, batch, "causal_lm") * scale,
+            sqnorm=False,
+            groups=dom,
+            num_groups=K,
+        )
     torch.testing.assert_close(out["group_gram"].double(), G_ref, rtol=1e-6, atol=1e-10)
     # the update, universal target, against a plain reference
     alpha = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
@@ -162,7 +175,9 @@ def test_doge_rule_and_engine_group_gram_equal_the_backward_per_domain_way():
     dots = torch.tensor([float(grads[i] @ grads[0]) for i in range(K)])
     new2, s2 = doge_update(alpha, G_ref, lr, target_dots=dots, w_max=1e9)
     ref2 = [lr * float(dots[i]) / (avg + 1e-6) for i in range(K)]
-    torch.testing.assert_close(s2, torch.tensor([min(max(v, 0.0), lr * 1e9) for v in ref2], dtype=torch.float64))
+    torch.testing.assert_close(
+        s2, torch.tensor([min(max(v, 0.0), lr * 1e9) for v in ref2], dtype=torch.float64)
+    )
 
 
 def test_dga_rule_equals_a_plain_loop():

@@ -101,7 +101,10 @@ def make_run(
             "run": "demo",
             "created": "2026-01-02T03:04:05+00:00",
             "recipe_fingerprint": "r-123",
-            "input": {"fingerprint": "i-456", "shards": [{"path": "data/a.jsonl", "sha256": "f" * 64, "rows": n}]},
+            "input": {
+                "fingerprint": "i-456",
+                "shards": [{"path": "data/a.jsonl", "sha256": "f" * 64, "rows": n}],
+            },
             "model": {"fingerprint": "m-abc123"},
             "scorers": ["el2n"],
             "selector": {"name": "prune", "score": "el2n", "keep_fraction": keep_fraction},
@@ -111,10 +114,18 @@ def make_run(
             "interleave": {"names": ["web", "code", "books"], "probabilities": [0.5, 0.3, 0.2]},
             "mosaic_streams": [{"name": "web", "proportion": 0.5}],
             "shards": [
-                {"path": "shards/data-00000-of-00002.parquet", "rows": n_kept // 2, "bytes": 1234,
-                 "sha256": "a1b2c3d4e5f6" + "0" * 52},
-                {"path": "shards/data-00001-of-00002.parquet", "rows": n_kept - n_kept // 2, "bytes": 999,
-                 "sha256": "ffeeddccbbaa" + "1" * 52},
+                {
+                    "path": "shards/data-00000-of-00002.parquet",
+                    "rows": n_kept // 2,
+                    "bytes": 1234,
+                    "sha256": "a1b2c3d4e5f6" + "0" * 52,
+                },
+                {
+                    "path": "shards/data-00001-of-00002.parquet",
+                    "rows": n_kept - n_kept // 2,
+                    "bytes": 999,
+                    "sha256": "ffeeddccbbaa" + "1" * 52,
+                },
             ],
             "columns": ["text", "weight"],
             "weight_column": "weight",
@@ -139,7 +150,7 @@ def _check_page(page: str) -> None:
     for src in srcs:
         prefix = "data:image/png;base64,"
         assert src.startswith(prefix)
-        assert base64.b64decode(src[len(prefix):], validate=True).startswith(PNG_MAGIC)
+        assert base64.b64decode(src[len(prefix) :], validate=True).startswith(PNG_MAGIC)
 
 
 def test_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
@@ -170,8 +181,12 @@ def test_summarize_counts_match_the_data(tmp_path: Path) -> None:
     s = summarize(run)
     sel = pl.read_parquet(run / "selection.parquet")
     rows = pl.read_parquet(run / "scores" / "rows.parquet")
-    assert s["counts"] == {"input_rows": 90, "kept_rows": sel["kept"].sum(), "pruned_rows": 90 - sel["kept"].sum(),
-                           "kept_fraction": sel["kept"].sum() / 90}
+    assert s["counts"] == {
+        "input_rows": 90,
+        "kept_rows": sel["kept"].sum(),
+        "pruned_rows": 90 - sel["kept"].sum(),
+        "kept_fraction": sel["kept"].sum() / 90,
+    }
     joined = sel.join(rows, on="id")
     for col, key in (("domain", "domains"), ("label", "labels")):
         want = {
@@ -268,17 +283,27 @@ def test_print_summary(tmp_path: Path) -> None:
 # versions: out= and previous=
 
 
-def make_previous(run: Path, dest: Path, drop: int = 5, flip_every: int | None = 3, gone_kept: int = 2) -> Path:
+def make_previous(
+    run: Path, dest: Path, drop: int = 5, flip_every: int | None = 3, gone_kept: int = 2
+) -> Path:
     """A previous version of `run`: its selection with the first `drop` ids missing (new rows now), every
     `flip_every`-th row's kept flag flipped, and `gone_kept` + 1 ids that this run lacks (gone rows,
     all but one kept); its manifest as a copy of the run's."""
     dest.mkdir(parents=True)
     sel = pl.read_parquet(run / "selection.parquet").slice(drop)
     if flip_every:
-        sel = sel.with_columns(kept=pl.when(pl.int_range(pl.len()) % flip_every == 0)
-                               .then(~pl.col("kept")).otherwise(pl.col("kept")))
-    gone = pl.DataFrame({"id": [f"gone-{i}" for i in range(gone_kept + 1)],
-                         "kept": [True] * gone_kept + [False], "weight": [1.0] * gone_kept + [0.0]})
+        sel = sel.with_columns(
+            kept=pl.when(pl.int_range(pl.len()) % flip_every == 0)
+            .then(~pl.col("kept"))
+            .otherwise(pl.col("kept"))
+        )
+    gone = pl.DataFrame(
+        {
+            "id": [f"gone-{i}" for i in range(gone_kept + 1)],
+            "kept": [True] * gone_kept + [False],
+            "weight": [1.0] * gone_kept + [0.0],
+        }
+    )
     pl.concat([sel, gone]).write_parquet(dest / "selection.parquet")
     if (run / "manifest.json").is_file():
         (dest / "manifest.json").write_bytes((run / "manifest.json").read_bytes())
@@ -312,8 +337,12 @@ def test_previous_version_changes(tmp_path: Path) -> None:
     left_pruned = j.filter((pl.col("kept") == False) & kept_was.fill_null(False)).height  # noqa: E712
     left_gone = j.filter(pl.col("kept").is_null() & kept_was).height
     assert entered_pruned and entered_new and left_pruned and left_gone == 2
-    for n, what in ((entered_pruned + entered_new, "entered the selection"),
-                    (left_pruned + left_gone, "left the selection"), (5, "new rows"), (3, "gone rows")):
+    for n, what in (
+        (entered_pruned + entered_new, "entered the selection"),
+        (left_pruned + left_gone, "left the selection"),
+        (5, "new rows"),
+        (3, "gone rows"),
+    ):
         assert f"<b>{n:,}</b><span>{what}" in page, what
     assert f"<td>entered: new rows, kept now</td><td>{entered_new}</td>" in page
     assert f"<td>left: kept before, pruned now</td><td>{left_pruned}</td>" in page
@@ -355,11 +384,14 @@ def test_previous_version_missing_files(tmp_path: Path) -> None:
     # a previous manifest with per-domain counts is used for the shares before (gone rows included)
     man_prev = make_previous(run, tmp_path / "v0004", drop=0, flip_every=None, gone_kept=0)
     sel = pl.read_parquet(man_prev / "selection.parquet").join(
-        pl.read_parquet(run / "scores" / "rows.parquet"), on="id", how="left")
+        pl.read_parquet(run / "scores" / "rows.parquet"), on="id", how="left"
+    )
     m = json.loads((man_prev / "manifest.json").read_text())
-    m["domains"] = {d: {"input_rows": n, "kept_rows": k, "weight_sum": float(k), "proportion": 0.0}
-                    for d, n, k in sel.group_by("domain").agg(n=pl.len(), k=pl.col("kept").sum()).iter_rows()
-                    if d is not None}
+    m["domains"] = {
+        d: {"input_rows": n, "kept_rows": k, "weight_sum": float(k), "proportion": 0.0}
+        for d, n, k in sel.group_by("domain").agg(n=pl.len(), k=pl.col("kept").sum()).iter_rows()
+        if d is not None
+    }
     (man_prev / "manifest.json").write_text(json.dumps(m))
     page = write_report(run, previous=man_prev).read_text(encoding="utf-8")
     assert "counted from v0004/manifest.json" in page
@@ -373,8 +405,11 @@ def test_previous_version_missing_files(tmp_path: Path) -> None:
 def _figure_problems(fig) -> list[str]:
     """What a rendered figure lacks: a title per Axes with content (or a suptitle), x and y labels, tick
     labels on image axes (heatmaps), a label on colorbars."""
-    suptitle = fig.get_suptitle() if hasattr(fig, "get_suptitle") else (fig._suptitle.get_text()
-                                                                       if fig._suptitle else "")
+    suptitle = (
+        fig.get_suptitle()
+        if hasattr(fig, "get_suptitle")
+        else (fig._suptitle.get_text() if fig._suptitle else "")
+    )
     problems = []
     for i, ax in enumerate(fig.axes):
         if not ax.get_visible():
@@ -424,17 +459,38 @@ def test_every_plot_has_title_and_axis_labels(tmp_path: Path, monkeypatch: pytes
 
     run = make_run(tmp_path)
     # an influence and a mixture section, so that their plots are drawn too
-    pl.DataFrame({
-        "target_id": ["t0"] * 3 + ["t1"] * 3, "target_preview": ["target text"] * 6, "subtask": ["a"] * 3 + ["b"] * 3,
-        "rank": [1, 2, 3] * 2, "id": [f"row-{i:04d}" for i in range(6)], "domain": ["web", "code", "books"] * 2,
-        "influence": [0.9, 0.5, 0.1] * 2, "preview": ["neighbour text"] * 6,
-    }).write_parquet((run / "influence").mkdir() or run / "influence" / "neighbours.parquet")
+    pl.DataFrame(
+        {
+            "target_id": ["t0"] * 3 + ["t1"] * 3,
+            "target_preview": ["target text"] * 6,
+            "subtask": ["a"] * 3 + ["b"] * 3,
+            "rank": [1, 2, 3] * 2,
+            "id": [f"row-{i:04d}" for i in range(6)],
+            "domain": ["web", "code", "books"] * 2,
+            "influence": [0.9, 0.5, 0.1] * 2,
+            "preview": ["neighbour text"] * 6,
+        }
+    ).write_parquet((run / "influence").mkdir() or run / "influence" / "neighbours.parquet")
     steps = list(range(0, 50, 10))
-    pl.DataFrame({"step": steps, "web": [0.5, 0.45, 0.4, 0.4, 0.38], "code": [0.3, 0.35, 0.4, 0.4, 0.42],
-                  "books": [0.2] * 5, "entropy": [1.03, 1.04, 1.05, 1.05, 1.05]}
-                 ).write_parquet(run / "mixture_trajectory.parquet")
-    (run / "mixture.json").write_text(json.dumps({"method": "doremi", "output": "average", "steps": 50,
-                                                  "weights": {"web": 0.4, "code": 0.4, "books": 0.2}}))
+    pl.DataFrame(
+        {
+            "step": steps,
+            "web": [0.5, 0.45, 0.4, 0.4, 0.38],
+            "code": [0.3, 0.35, 0.4, 0.4, 0.42],
+            "books": [0.2] * 5,
+            "entropy": [1.03, 1.04, 1.05, 1.05, 1.05],
+        }
+    ).write_parquet(run / "mixture_trajectory.parquet")
+    (run / "mixture.json").write_text(
+        json.dumps(
+            {
+                "method": "doremi",
+                "output": "average",
+                "steps": 50,
+                "weights": {"web": 0.4, "code": 0.4, "books": 0.2},
+            }
+        )
+    )
     prev = make_previous(run, tmp_path / "v0001")
 
     seen: dict[str, list[str]] = {}

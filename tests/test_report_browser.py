@@ -47,13 +47,17 @@ ID_PAYLOAD = "<img src=y onerror=\"document.body.setAttribute('data-pwned','5')\
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """The Chromium binary; installed with apt-get (Debian's `chromium`) when missing and we are root."""
-    found = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
+    found = shutil.which("chromium") or (
+        "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
+    )
     if found:
         return found
     apt = shutil.which("apt-get")
     if os.name != "posix" or os.geteuid() != 0 or apt is None:
-        pytest.skip("chromium not found and cannot be installed here (needs root and apt-get: "
-                    "`apt-get update && apt-get install -y chromium`)")
+        pytest.skip(
+            "chromium not found and cannot be installed here (needs root and apt-get: "
+            "`apt-get update && apt-get install -y chromium`)"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in ([apt, "update"], [apt, "install", "-y", "chromium"]):
         try:
@@ -71,10 +75,23 @@ def chromium() -> str:
 def _chromium(binary: str, page: Path, tmp: Path, mode: str) -> subprocess.CompletedProcess:
     """Run headless Chromium on `page` with a fresh profile; mode is --screenshot=PNG or --dump-dom."""
     profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp)
-    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
-           f"--window-size={WINDOW[0]},{WINDOW[1]}", mode, page.resolve().as_uri()]
+    cmd = [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        mode,
+        page.resolve().as_uri(),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, f"chromium exited with {r.returncode}:\n{r.stderr[-3000:]}"
     return r
@@ -86,8 +103,13 @@ def _console(r: subprocess.CompletedProcess) -> list[str]:
 
 
 def _external_refs(page: str) -> list[str]:
-    pats = (r"\bsrc\s*=\s*[\"']?\s*(?:https?:)?//", r"<link\b[^>]*\bhref\s*=\s*[\"']?\s*(?:https?:)?//",
-            r"\bhref\s*=\s*[\"']?\s*https?:", r"url\(\s*[\"']?\s*(?:https?:)?//", r"@import")
+    pats = (
+        r"\bsrc\s*=\s*[\"']?\s*(?:https?:)?//",
+        r"<link\b[^>]*\bhref\s*=\s*[\"']?\s*(?:https?:)?//",
+        r"\bhref\s*=\s*[\"']?\s*https?:",
+        r"url\(\s*[\"']?\s*(?:https?:)?//",
+        r"@import",
+    )
     return [m.group(0) for p in pats for m in re.finditer(p, page, re.I)]
 
 
@@ -98,7 +120,7 @@ def _check_screenshot(png: Path) -> None:
     try:
         from PIL import Image
     except ImportError:  # no Pillow: the size and the magic bytes above are the check
-        assert len(set(data[len(data) // 4:])) > 200
+        assert len(set(data[len(data) // 4 :])) > 200
         return
     with Image.open(png) as im:
         assert im.size == WINDOW
@@ -135,18 +157,30 @@ def two_versions(chromium, prefect_harness, corpus, tmp_path_factory) -> tuple[P
     v1.mkdir(parents=True)
     sel = pl.read_parquet(run_dir / "selection.parquet")
     dropped = sel["id"].gather_every(sel.height // 8).head(8)
-    retired = pl.DataFrame({"id": [f"retired-{i}" for i in range(3)], "kept": [True] * 3, "weight": [1.0] * 3})
+    retired = pl.DataFrame(
+        {"id": [f"retired-{i}" for i in range(3)], "kept": [True] * 3, "weight": [1.0] * 3}
+    )
     sel = pl.concat([sel.filter(~pl.col("id").is_in(dropped.implode())), retired])
     sel.write_parquet(v1 / "selection.parquet")
     doms = pl.read_parquet(run_dir / "scores" / "rows.parquet", columns=["id", "domain"])
-    per = (sel.join(doms, on="id", how="left").with_columns(pl.col("domain").fill_null("retired"))
-           .group_by("domain").agg(n=pl.len(), k=pl.col("kept").sum(), w=pl.col("weight").sum()).sort("domain"))
+    per = (
+        sel.join(doms, on="id", how="left")
+        .with_columns(pl.col("domain").fill_null("retired"))
+        .group_by("domain")
+        .agg(n=pl.len(), k=pl.col("kept").sum(), w=pl.col("weight").sum())
+        .sort("domain")
+    )
     man = json.loads((run_dir / "manifest.json").read_text())
     tot_w = float(per["w"].sum())
-    man["domains"] = {d: {"input_rows": n, "kept_rows": k, "weight_sum": w, "proportion": w / tot_w}
-                      for d, n, k, w in per.iter_rows()}
-    man["counts"] = {"input_rows": sel.height, "kept_rows": int(sel["kept"].sum()),
-                     "pruned_rows": sel.height - int(sel["kept"].sum())}
+    man["domains"] = {
+        d: {"input_rows": n, "kept_rows": k, "weight_sum": w, "proportion": w / tot_w}
+        for d, n, k, w in per.iter_rows()
+    }
+    man["counts"] = {
+        "input_rows": sel.height,
+        "kept_rows": int(sel["kept"].sum()),
+        "pruned_rows": sel.height - int(sel["kept"].sum()),
+    }
     (v1 / "manifest.json").write_text(json.dumps(man))
     _run(tiny_recipe(corpus, run_dir, select__fraction=0.45, select__stratify=None), tmp / "v2.yaml")
     return run_dir, v1
@@ -163,15 +197,26 @@ def payload_run(chromium, prefect_harness, corpus, tmp_path_factory) -> Path:
         text = r["text"]
         if i < len(TEXT_PAYLOADS) * 3:
             text = f"{TEXT_PAYLOADS[i % len(TEXT_PAYLOADS)]} {text}"
-        rows.append({"id": ID_PAYLOAD if i == 4 else f"r{i:03d}", "text": text,
-                     "domain": ("code", "prose", DOMAIN_PAYLOAD)[i % 3],
-                     "label": ("plain", LABEL_PAYLOAD)[i % 2]})
+        rows.append(
+            {
+                "id": ID_PAYLOAD if i == 4 else f"r{i:03d}",
+                "text": text,
+                "domain": ("code", "prose", DOMAIN_PAYLOAD)[i % 3],
+                "label": ("plain", LABEL_PAYLOAD)[i % 2],
+            }
+        )
     data = tmp / "data" / "rows.jsonl"
     data.parent.mkdir()
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # a classification task: causal_lm does not map string labels through data.label_names
-    recipe = tiny_recipe(corpus, tmp / "run", data__source=str(data), data__label_column="label",
-                         data__label_names=["plain", LABEL_PAYLOAD], model__task="sequence_classification")
+    recipe = tiny_recipe(
+        corpus,
+        tmp / "run",
+        data__source=str(data),
+        data__label_column="label",
+        data__label_names=["plain", LABEL_PAYLOAD],
+        model__task="sequence_classification",
+    )
     return _run(recipe, tmp / "recipe.yaml")
 
 
@@ -212,8 +257,11 @@ def test_payloads_never_run(chromium, payload_run, tmp_path) -> None:
     # control: the same browser run does execute an unescaped payload and report its console, so the
     # checks below can fail
     control = tmp_path / "control.html"
-    control.write_text("<!DOCTYPE html><html><body><p>control</p>" + TEXT_PAYLOADS[0]
-                       + "<script>console.log('control-console')</script></body></html>")
+    control.write_text(
+        "<!DOCTYPE html><html><body><p>control</p>"
+        + TEXT_PAYLOADS[0]
+        + "<script>console.log('control-console')</script></body></html>"
+    )
     r = _chromium(chromium, control, tmp_path, "--dump-dom")
     assert PWNED_TAG.search(r.stdout) and any("control-console" in ln for ln in _console(r))
 
@@ -227,7 +275,9 @@ def test_payloads_never_run(chromium, payload_run, tmp_path) -> None:
     page = out.read_text(encoding="utf-8")
 
     # the source: no markup from the data, the payloads escaped
-    assert not re.search(r"<script|<svg|<img\b(?![^>]*src=\"data:image/png;base64,)|<b>bold|<textarea", page, re.I)
+    assert not re.search(
+        r"<script|<svg|<img\b(?![^>]*src=\"data:image/png;base64,)|<b>bold|<textarea", page, re.I
+    )
     for payload in (*TEXT_PAYLOADS, DOMAIN_PAYLOAD, LABEL_PAYLOAD, ID_PAYLOAD):
         assert html.escape(payload, quote=True) in page, payload
     assert "&lt;script&gt;" in page

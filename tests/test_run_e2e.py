@@ -136,7 +136,9 @@ def test_changing_the_selector_reuses_training_and_scores(first_run):
     first_sel = pl.read_parquet(run_dir / "selection.parquet")
     summary = run_recipe(load_recipe(recipe, ["select.fraction=0.25", "select.weights.method=uniform"]))
     states = {s["step"]: s["state"] for s in summary["steps"]}
-    assert all(v == "Cached" for k, v in states.items() if k.startswith(("train", "score", "tokenizer"))), states
+    assert all(v == "Cached" for k, v in states.items() if k.startswith(("train", "score", "tokenizer"))), (
+        states
+    )
     assert states["select"] == "Completed" and states["emit shards"] == "Completed"
     man = _manifest(run_dir)
     assert man["selector"]["fraction"] == 0.25
@@ -152,8 +154,15 @@ def test_changing_the_selector_reuses_training_and_scores(first_run):
 
 
 def _cli(args: list[str], env: dict, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "winnow", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "winnow", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def test_killed_run_resumes_to_the_same_outputs(corpus, tmp_path, first_run):

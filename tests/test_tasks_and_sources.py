@@ -41,19 +41,43 @@ def test_image_classification_on_digits_flags_flipped_labels(tmp_path):
     flipped = np.zeros(n, dtype=bool)
     flipped[rng.choice(n, n // 10, replace=False)] = True
     y[flipped] = (y[flipped] + rng.integers(1, 10, flipped.sum())) % 10
-    pl.DataFrame({"id": [f"d{i}" for i in range(n)], "pixels": x.astype(np.float32).tolist(),
-                  "label": y.tolist()}).write_parquet(tmp_path / "digits.parquet")
+    pl.DataFrame(
+        {"id": [f"d{i}" for i in range(n)], "pixels": x.astype(np.float32).tolist(), "label": y.tolist()}
+    ).write_parquet(tmp_path / "digits.parquet")
     recipe = {
         "name": "digits",
-        "data": {"source": str(tmp_path / "digits.parquet"), "id_column": "id", "image_column": "pixels",
-                 "label_column": "label", "image_shape": [1, 8, 8], "pixel_scale": 1 / 16},
-        "model": {"task": "image_classification", "num_labels": 10,
-                  "config": {"model_type": "vit", "image_size": 8, "patch_size": 2, "num_channels": 1,
-                             "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-                             "intermediate_size": 96, "hidden_dropout_prob": 0.0,
-                             "attention_probs_dropout_prob": 0.0}},
-        "train": {"steps": 150, "batch_size": 32, "lr": 3e-3, "warmup_steps": 10, "seeds": [0, 1],
-                  "checkpoints": [100, 150]},
+        "data": {
+            "source": str(tmp_path / "digits.parquet"),
+            "id_column": "id",
+            "image_column": "pixels",
+            "label_column": "label",
+            "image_shape": [1, 8, 8],
+            "pixel_scale": 1 / 16,
+        },
+        "model": {
+            "task": "image_classification",
+            "num_labels": 10,
+            "config": {
+                "model_type": "vit",
+                "image_size": 8,
+                "patch_size": 2,
+                "num_channels": 1,
+                "hidden_size": 48,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "intermediate_size": 96,
+                "hidden_dropout_prob": 0.0,
+                "attention_probs_dropout_prob": 0.0,
+            },
+        },
+        "train": {
+            "steps": 150,
+            "batch_size": 32,
+            "lr": 3e-3,
+            "warmup_steps": 10,
+            "seeds": [0, 1],
+            "checkpoints": [100, 150],
+        },
         "scoring": {"scorers": ["el2n", "grand"]},
         "select": {"score": "el2n", "fraction": 0.8, "keep": "lowest", "stratify": "label"},
         "output": {"dir": str(tmp_path / "run")},
@@ -82,13 +106,27 @@ def test_sequence_classification_on_real_text_with_string_labels(tmp_path, corpu
     rows = [{"text": r["text"], "kind": "code" if r["domain"] == "code" else "text"} for r in _rows(corpus)]
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = tiny_recipe(corpus, tmp_path / "run", data__source=str(tmp_path / "d" / "a.jsonl"), data__id_column=None,
-                    data__domain_column=None, data__label_column="kind", data__label_names=["code", "text"],
-                    model__task="sequence_classification",
-                    model__config={"model_type": "bert", "num_hidden_layers": 1, "hidden_size": 32,
-                                   "num_attention_heads": 2, "intermediate_size": 64,
-                                   "max_position_embeddings": 64},
-                    select__stratify="label", select__keep="band", select__offset=0.05)
+    r = tiny_recipe(
+        corpus,
+        tmp_path / "run",
+        data__source=str(tmp_path / "d" / "a.jsonl"),
+        data__id_column=None,
+        data__domain_column=None,
+        data__label_column="kind",
+        data__label_names=["code", "text"],
+        model__task="sequence_classification",
+        model__config={
+            "model_type": "bert",
+            "num_hidden_layers": 1,
+            "hidden_size": 32,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 64,
+        },
+        select__stratify="label",
+        select__keep="band",
+        select__offset=0.05,
+    )
     assert main(["run", str(write_recipe(tmp_path / "r.yaml", r))]) == 0
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert set(man["labels"]) == {"code", "text"}
@@ -177,12 +215,28 @@ def test_pretokenized_input_ids_without_a_tokenizer(tmp_path, corpus):
     bpe.train_from_iterator(texts, vocab_size=300, show_progress=False)
     ids = [bpe.encode(t).ids[:40] for t in texts]
     pl.DataFrame({"input_ids": ids}).write_parquet(tmp_path / "tok.parquet")
-    r = tiny_recipe(corpus, tmp_path / "run", data__source=str(tmp_path / "tok.parquet"), data__id_column=None,
-                    data__text_column=None, data__input_ids_column="input_ids", data__domain_column=None,
-                    select__stratify=None)
-    r["model"] = {"task": "causal_lm", "max_length": 48,
-                  "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64,
-                             "vocab_size": 300}}
+    r = tiny_recipe(
+        corpus,
+        tmp_path / "run",
+        data__source=str(tmp_path / "tok.parquet"),
+        data__id_column=None,
+        data__text_column=None,
+        data__input_ids_column="input_ids",
+        data__domain_column=None,
+        select__stratify=None,
+    )
+    r["model"] = {
+        "task": "causal_lm",
+        "max_length": 48,
+        "config": {
+            "model_type": "gpt2",
+            "n_layer": 1,
+            "n_head": 2,
+            "n_embd": 32,
+            "n_positions": 64,
+            "vocab_size": 300,
+        },
+    }
     r["train"].update(steps=4, seeds=[0], checkpoints=[4])
     assert main(["run", str(write_recipe(tmp_path / "r.yaml", r))]) == 0
     sel = pl.read_parquet(tmp_path / "run" / "selection.parquet")
@@ -199,7 +253,9 @@ def test_one_source_per_domain(tmp_path, corpus, capsys):
     import datasets
 
     rows = _rows(corpus)
-    by = {d: [{"id": r["id"], "text": r["text"]} for r in rows if r["domain"] == d] for d in ("code", "prose")}
+    by = {
+        d: [{"id": r["id"], "text": r["text"]} for r in rows if r["domain"] == d] for d in ("code", "prose")
+    }
     (tmp_path / "code").mkdir()
     pl.DataFrame(by["code"]).write_parquet(tmp_path / "code" / "a.parquet")
     datasets.Dataset.from_list(by["prose"]).save_to_disk(str(tmp_path / "prose"), num_shards=2)
@@ -208,8 +264,12 @@ def test_one_source_per_domain(tmp_path, corpus, capsys):
     assert data.domain_column == "domain"
     shards = list_shards(data)
     assert [(s.index, s.domain) for s in shards] == [(0, "python"), (1, "english"), (2, "english")]
-    got = [(d, t) for s in shards for b in iter_raw_batches(data, s) for d, t in zip(b["domain"], b["text"],
-                                                                                   strict=True)]
+    got = [
+        (d, t)
+        for s in shards
+        for b in iter_raw_batches(data, s)
+        for d, t in zip(b["domain"], b["text"], strict=True)
+    ]
     assert got == [("python", r["text"]) for r in by["code"]] + [("english", r["text"]) for r in by["prose"]]
 
     r = tiny_recipe(corpus, tmp_path / "run")
@@ -223,12 +283,17 @@ def test_one_source_per_domain(tmp_path, corpus, capsys):
     mix = json.loads((tmp_path / "run" / "mixture.json").read_text())
     assert set(mix["weights"]) == {"python", "english"}
     scored = pl.read_parquet(tmp_path / "run" / "scores" / "rows.parquet")
-    assert scored.group_by("domain").len().sort("domain").rows() == [("english", len(by["prose"])),
-                                                                     ("python", len(by["code"]))]
+    assert scored.group_by("domain").len().sort("domain").rows() == [
+        ("english", len(by["prose"])),
+        ("python", len(by["code"])),
+    ]
     # a rerun of the dumped config validates as is (domain_column written out with the mapping)
     assert main(["run", str(tmp_path / "run" / "config.yaml")]) == 0
 
-    r["data"]["source"] = {"python": str(tmp_path / "code" / "*.parquet"), "klingon": str(tmp_path / "none*.jsonl")}
+    r["data"]["source"] = {
+        "python": str(tmp_path / "code" / "*.parquet"),
+        "klingon": str(tmp_path / "none*.jsonl"),
+    }
     r["output"]["dir"] = str(tmp_path / "bad")
     assert main(["run", str(write_recipe(tmp_path / "bad.yaml", r))]) == 2
     assert "data.source.klingon: no file matches" in capsys.readouterr().err

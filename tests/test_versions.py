@@ -96,7 +96,9 @@ def test_incremental_rescoring_writes_versions(tmp_path, corpus, model_folder, c
         assert (run / v / "selection.parquet").exists() and (run / v / "report.html").exists()
     assert json.loads((run / "v0001" / "manifest.json").read_text())["counts"]["input_rows"] == 60
     html = (run / "v0002" / "report.html").read_text()
-    assert "Changes since v0001" in html and "Changes since" not in (run / "v0001" / "report.html").read_text()
+    assert (
+        "Changes since v0001" in html and "Changes since" not in (run / "v0001" / "report.html").read_text()
+    )
 
     # a changed scorer is a new cache fingerprint: every row is scored again
     r = _recipe(tmp_path, corpus, model_folder, data, run)
@@ -120,8 +122,13 @@ def _free_port() -> int:
 
 def _env(home: Path, api: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PREFECT_LOGGING_LEVEL="INFO")
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PREFECT_LOGGING_LEVEL="INFO",
+    )
     if api:
         env["PREFECT_API_URL"] = api
     return env
@@ -171,9 +178,12 @@ def test_serve_runs_on_schedule_against_a_real_prefect_server(tmp_path, corpus, 
     logs = tmp_path / "logs"
     logs.mkdir()
     try:
-        server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=dict(_env(home, None), PREFECT_UI_ENABLED="false"), stdout=open(logs / "server.log", "w"),
-                                  stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=dict(_env(home, None), PREFECT_UI_ENABLED="false"),
+            stdout=open(logs / "server.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
 
         def healthy() -> bool:
             try:
@@ -184,14 +194,24 @@ def test_serve_runs_on_schedule_against_a_real_prefect_server(tmp_path, corpus, 
         t0 = time.time()
         _wait(healthy, 120, "the Prefect server", [server])
         print(f"server healthy after {time.time() - t0:.1f} s")
-        serve = subprocess.Popen([winnow, "serve", str(rec), "--interval", "5", "--name", "test"],
-                                 env=dict(_env(home, api), PREFECT_RUNNER_POLL_FREQUENCY="2"), cwd=tmp_path, stdout=open(logs / "serve.log", "w"),
-                                 stderr=subprocess.STDOUT)
-        _wait(lambda: (run / "v0001" / "version.json").exists(), 240, "the first scheduled run", [server, serve])
+        serve = subprocess.Popen(
+            [winnow, "serve", str(rec), "--interval", "5", "--name", "test"],
+            env=dict(_env(home, api), PREFECT_RUNNER_POLL_FREQUENCY="2"),
+            cwd=tmp_path,
+            stdout=open(logs / "serve.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+        _wait(
+            lambda: (run / "v0001" / "version.json").exists(), 240, "the first scheduled run", [server, serve]
+        )
         print(f"v0001 after {time.time() - t0:.1f} s")
         _write_rows(data / "rows.jsonl", rows[:50] + rows[50:62])
-        _wait(lambda: (run / "v0002" / "version.json").exists(), 240, "a scheduled run on the new rows",
-              [server, serve])
+        _wait(
+            lambda: (run / "v0002" / "version.json").exists(),
+            240,
+            "a scheduled run on the new rows",
+            [server, serve],
+        )
         print(f"v0002 after {time.time() - t0:.1f} s")
         v1 = json.loads((run / "v0001" / "version.json").read_text())
         v2 = json.loads((run / "v0002" / "version.json").read_text())
@@ -200,8 +220,14 @@ def test_serve_runs_on_schedule_against_a_real_prefect_server(tmp_path, corpus, 
         assert v1["flow_run_id"] and v2["flow_run_id"] and v1["flow_run_id"] != v2["flow_run_id"]
 
         def completed() -> list[dict]:
-            r = httpx.post(api + "/flow_runs/filter", timeout=10, json={
-                "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}, "flows": {"name": {"any_": ["winnow-rescore"]}}})
+            r = httpx.post(
+                api + "/flow_runs/filter",
+                timeout=10,
+                json={
+                    "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+                    "flows": {"name": {"any_": ["winnow-rescore"]}},
+                },
+            )
             r.raise_for_status()
             return r.json()
 
@@ -209,7 +235,9 @@ def test_serve_runs_on_schedule_against_a_real_prefect_server(tmp_path, corpus, 
             return [f for f in completed() if f.get("deployment_id")]
 
         # the run that wrote v0002 finishes (artifacts, final state) just after writing it
-        _wait(lambda: len(scheduled()) >= 2, 120, "two completed scheduled runs on the server", [server, serve])
+        _wait(
+            lambda: len(scheduled()) >= 2, 120, "two completed scheduled runs on the server", [server, serve]
+        )
         ids = {f["id"] for f in scheduled()}
         assert {v1["flow_run_id"], v2["flow_run_id"]} <= ids
     finally:

@@ -23,14 +23,22 @@ from winnow.errors import WinnowError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="winnow", description="Data selection and reweighting for training data.")
+    p = argparse.ArgumentParser(
+        prog="winnow", description="Data selection and reweighting for training data."
+    )
     p.add_argument("--version", action="version", version=f"winnow {winnow.__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run a recipe: train proxies, score, select, emit shards and report")
     r.add_argument("recipe", type=Path)
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set select.fraction=0.5 (repeatable)")
+    r.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set select.fraction=0.5 (repeatable)",
+    )
 
     v = sub.add_parser("validate", help="validate a recipe and print it with defaults filled in")
     v.add_argument("recipe", type=Path)
@@ -42,8 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="print a run's summary")
     ins.add_argument("run", type=Path)
 
-    sv = sub.add_parser("serve", help="serve RECIPE as a scheduled Prefect deployment (rescoring; needs a "
-                                      "Prefect server at PREFECT_API_URL: make server)")
+    sv = sub.add_parser(
+        "serve",
+        help="serve RECIPE as a scheduled Prefect deployment (rescoring; needs a "
+        "Prefect server at PREFECT_API_URL: make server)",
+    )
     sv.add_argument("recipe", type=Path)
     sv.add_argument("--cron", default=None, help='a cron schedule, e.g. "0 3 * * *" (03:00 every day, UTC)')
     sv.add_argument("--interval", type=float, default=None, help="run every this many seconds")
@@ -57,10 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("out", type=Path)
     d.add_argument("--per-domain", type=int, default=500, help="rows per domain (default 500)")
     d.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    d.add_argument("--kind", choices=["text", "digits"], default="text",
-                   help="text: the multi-domain corpus; digits: scikit-learn's digits with 10%% labels flipped")
-    d.add_argument("--hold-out", metavar="DOMAIN:N", default=None,
-                   help="text: move the last N rows of DOMAIN to OUT-target/target.jsonl (an influence target)")
+    d.add_argument(
+        "--kind",
+        choices=["text", "digits"],
+        default="text",
+        help="text: the multi-domain corpus; digits: scikit-learn's digits with 10%% labels flipped",
+    )
+    d.add_argument(
+        "--hold-out",
+        metavar="DOMAIN:N",
+        default=None,
+        help="text: move the last N rows of DOMAIN to OUT-target/target.jsonl (an influence target)",
+    )
     return p
 
 
@@ -75,11 +94,17 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = run_recipe(recipe)
     con = Console(stderr=False)
-    con.print(f"winnow run {recipe.name}: {summary['rows']} rows, {summary['kept']} kept, "
-              f"{summary['shards']} shard(s) in {summary['run_dir']}", markup=False, highlight=False)
+    con.print(
+        f"winnow run {recipe.name}: {summary['rows']} rows, {summary['kept']} kept, "
+        f"{summary['shards']} shard(s) in {summary['run_dir']}",
+        markup=False,
+        highlight=False,
+    )
     con.print(f"  {'step':<28} {'state':<24} {'done at':>8}", markup=False, highlight=False)
     for s in summary["steps"]:
-        con.print(f"  {s['step']:<28} {s['state']:<24} {s['finished_s']:>7.1f}s", markup=False, highlight=False)
+        con.print(
+            f"  {s['step']:<28} {s['state']:<24} {s['finished_s']:>7.1f}s", markup=False, highlight=False
+        )
     con.print(f"report: {summary['report']}", markup=False, highlight=False)
     return 0
 
@@ -102,12 +127,37 @@ def _runs(target: str) -> int:
         return 0
     con.print(f"{run_dir}: {len(versions)} version(s)", markup=False, highlight=False, soft_wrap=True)
     t = Table()
-    for col in ("version", "created (UTC)", "rows", "kept", "pruned", "scored", "from cache", "new rows",
-                "entered", "left"):
+    for col in (
+        "version",
+        "created (UTC)",
+        "rows",
+        "kept",
+        "pruned",
+        "scored",
+        "from cache",
+        "new rows",
+        "entered",
+        "left",
+    ):
         t.add_column(col, justify="left" if col in ("version", "created (UTC)") else "right")
     for v in versions:
-        t.add_row(v["name"], v["created_at"].replace("T", " ").rstrip("Z"), *(str(v.get(k, "")) for k in (
-            "rows", "kept", "pruned", "scored_rows", "reused_rows", "new_rows", "entered", "left")))
+        t.add_row(
+            v["name"],
+            v["created_at"].replace("T", " ").rstrip("Z"),
+            *(
+                str(v.get(k, ""))
+                for k in (
+                    "rows",
+                    "kept",
+                    "pruned",
+                    "scored_rows",
+                    "reused_rows",
+                    "new_rows",
+                    "entered",
+                    "left",
+                )
+            ),
+        )
     con.print(t)
     return 0
 
@@ -159,14 +209,22 @@ def main(argv: list[str] | None = None) -> int:
                 if not dom or not num.isdigit() or int(num) < 1:
                     raise WinnowError(f"--hold-out: expected DOMAIN:N with N >= 1, got {args.hold_out!r}")
                 hold = (dom, int(num))
-            counts = build_demo_corpus(args.out, per_domain=args.per_domain, hold_out=hold,
-                                       hold_out_dir=f"{args.out}-target" if hold else None)
+            counts = build_demo_corpus(
+                args.out,
+                per_domain=args.per_domain,
+                hold_out=hold,
+                hold_out_dir=f"{args.out}-target" if hold else None,
+            )
             kept = {k: v for k, v in counts.items() if not k.endswith("(held out)")}
-            print(f"wrote {sum(kept.values())} rows to {args.out}: "
-                  + ", ".join(f"{k} {v}" for k, v in kept.items()))
+            print(
+                f"wrote {sum(kept.values())} rows to {args.out}: "
+                + ", ".join(f"{k} {v}" for k, v in kept.items())
+            )
             if hold:
-                print(f"wrote {counts[f'{hold[0]} (held out)']} held-out {hold[0]} rows to "
-                      f"{args.out}-target/target.jsonl")
+                print(
+                    f"wrote {counts[f'{hold[0]} (held out)']} held-out {hold[0]} rows to "
+                    f"{args.out}-target/target.jsonl"
+                )
             return 0
     except WinnowError as e:
         print(f"winnow: error: {e}", file=sys.stderr)

@@ -44,19 +44,25 @@ def prepare_run_dir(recipe: Recipe) -> Path:
     marker = run_dir / "run.json"
     if run_dir.exists() and any(run_dir.iterdir()):
         if not marker.exists():
-            raise WinnowError(f"output.dir: {run_dir} is not empty and holds no winnow run (no run.json); "
-                              f"choose another output.dir")
+            raise WinnowError(
+                f"output.dir: {run_dir} is not empty and holds no winnow run (no run.json); "
+                f"choose another output.dir"
+            )
         import json
 
         try:
             old = json.loads(marker.read_text())
         except json.JSONDecodeError:
-            raise WinnowError(f"{marker}: unreadable; delete {run_dir} or choose another output.dir") from None
+            raise WinnowError(
+                f"{marker}: unreadable; delete {run_dir} or choose another output.dir"
+            ) from None
         diff = [k for k in ident if old.get(k) != ident[k]]
         if diff:
             k = diff[0]
-            raise WinnowError(f"output.dir: {run_dir} holds a different run ({k} {old.get(k)!r}, this recipe "
-                              f"has {ident[k]!r}); choose another output.dir or delete the folder")
+            raise WinnowError(
+                f"output.dir: {run_dir} holds a different run ({k} {old.get(k)!r}, this recipe "
+                f"has {ident[k]!r}); choose another output.dir or delete the folder"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_temporaries(run_dir)
     write_json(marker, dict(ident, winnow_version=winnow.__version__))
@@ -101,8 +107,9 @@ def _run_settings(run_dir: Path, api_url: str | None) -> dict[Any, Any]:
     return out
 
 
-TASK_OPTS: dict[str, Any] = dict(persist_result=True, retries=1, retry_delay_seconds=1,
-                                 retry_condition_fn=_no_retry_for_user_errors)
+TASK_OPTS: dict[str, Any] = dict(
+    persist_result=True, retries=1, retry_delay_seconds=1, retry_condition_fn=_no_retry_for_user_errors
+)
 
 
 # -- shared helpers for tasks (run in threads or on Ray workers) ----------------------------------
@@ -181,8 +188,16 @@ def _train_lock() -> threading.Lock:
 
 
 @task(name="train", **TASK_OPTS)
-def train_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], tok_dir: str | None, seed: int,
-               train_fp: str, threads: int | None, fp: str) -> list[dict[str, Any]]:
+def train_task(
+    recipe_d: dict[str, Any],
+    run_dir: str,
+    shards: list[dict],
+    tok_dir: str | None,
+    seed: int,
+    train_fp: str,
+    threads: int | None,
+    fp: str,
+) -> list[dict[str, Any]]:
     from winnow.pipeline.train import train_proxy
 
     recipe = _setup(recipe_d, threads)
@@ -197,15 +212,32 @@ def train_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], tok_d
         with _train_lock():
             if threads:
                 torch.set_num_threads(threads)
-            return train_proxy(recipe, Path(run_dir), [InputShard.from_dict(s) for s in shards], feat, seed,
-                               train_fp, tok, n, progress=cb)
+            return train_proxy(
+                recipe,
+                Path(run_dir),
+                [InputShard.from_dict(s) for s in shards],
+                feat,
+                seed,
+                train_fp,
+                tok,
+                n,
+                progress=cb,
+            )
     finally:
         bar.close()
 
 
 @task(name="score", **TASK_OPTS)
-def score_task(recipe_d: dict[str, Any], run_dir: str, shard: dict, ckpts: list[dict], tok_dir: str | None,
-               threads: int | None, fp: str, cache_fp: str | None = None) -> dict[str, Any]:
+def score_task(
+    recipe_d: dict[str, Any],
+    run_dir: str,
+    shard: dict,
+    ckpts: list[dict],
+    tok_dir: str | None,
+    threads: int | None,
+    fp: str,
+    cache_fp: str | None = None,
+) -> dict[str, Any]:
     from winnow.pipeline.scoring import score_shard
 
     recipe = _setup(recipe_d, threads)
@@ -219,8 +251,15 @@ def score_task(recipe_d: dict[str, Any], run_dir: str, shard: dict, ckpts: list[
 
 
 @task(name="embed", **TASK_OPTS)
-def embed_task(recipe_d: dict[str, Any], run_dir: str, shard: dict, tok_dir: str | None, threads: int | None,
-               ckpts: list[dict], fp: str) -> dict[str, Any]:
+def embed_task(
+    recipe_d: dict[str, Any],
+    run_dir: str,
+    shard: dict,
+    tok_dir: str | None,
+    threads: int | None,
+    ckpts: list[dict],
+    fp: str,
+) -> dict[str, Any]:
     from winnow.pipeline.embeddings import embed_shard
 
     recipe = _setup(recipe_d, threads)
@@ -236,8 +275,16 @@ def merge_embeddings_task(run_dir: str, parts: list[dict], fp: str) -> dict:
 
 
 @task(name="influence-features", **TASK_OPTS)
-def influence_features_task(recipe_d: dict[str, Any], run_dir: str, shard: dict, tok_dir: str | None,
-                            threads: int | None, ickpts: list[dict], role: str, fp: str) -> dict[str, Any]:
+def influence_features_task(
+    recipe_d: dict[str, Any],
+    run_dir: str,
+    shard: dict,
+    tok_dir: str | None,
+    threads: int | None,
+    ickpts: list[dict],
+    role: str,
+    fp: str,
+) -> dict[str, Any]:
     from winnow.pipeline.influence import features_shard, target_recipe
 
     recipe = _setup(recipe_d, threads)
@@ -251,16 +298,28 @@ def influence_features_task(recipe_d: dict[str, Any], run_dir: str, shard: dict,
 
 
 @task(name="merge-influence", **TASK_OPTS)
-def merge_influence_task(recipe_d: dict[str, Any], run_dir: str, parts: list[dict], target_parts: list[dict],
-                         ickpts: list[dict], fp: str) -> dict:
+def merge_influence_task(
+    recipe_d: dict[str, Any],
+    run_dir: str,
+    parts: list[dict],
+    target_parts: list[dict],
+    ickpts: list[dict],
+    fp: str,
+) -> dict:
     from winnow.pipeline.influence import merge_influence
 
     return merge_influence(_setup(recipe_d, None), Path(run_dir), parts, target_parts, ickpts, fp)
 
 
 @task(name="mixture", **TASK_OPTS)
-def mixture_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], tok_dir: str | None,
-                 threads: int | None, fp: str) -> dict[str, Any]:
+def mixture_task(
+    recipe_d: dict[str, Any],
+    run_dir: str,
+    shards: list[dict],
+    tok_dir: str | None,
+    threads: int | None,
+    fp: str,
+) -> dict[str, Any]:
     from winnow.pipeline.mixture import run_mixture
 
     recipe = _setup(recipe_d, threads)
@@ -276,8 +335,9 @@ def mixture_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], tok
         bar.update(1)
 
     try:
-        return run_mixture(recipe, Path(run_dir), [InputShard.from_dict(s) for s in shards], feat, tok, fp,
-                           progress=cb)
+        return run_mixture(
+            recipe, Path(run_dir), [InputShard.from_dict(s) for s in shards], feat, tok, fp, progress=cb
+        )
     finally:
         bar.close()
 
@@ -297,14 +357,26 @@ def select_task(recipe_d: dict[str, Any], run_dir: str, fp: str) -> dict:
 
 
 @task(name="emit", **TASK_OPTS)
-def emit_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], tok_dir: str | None,
-              fingerprints: dict[str, str], fp: str) -> dict:
+def emit_task(
+    recipe_d: dict[str, Any],
+    run_dir: str,
+    shards: list[dict],
+    tok_dir: str | None,
+    fingerprints: dict[str, str],
+    fp: str,
+) -> dict:
     from winnow.pipeline.shards import emit_shards
 
     recipe = _setup(recipe_d, None)
     feat, _, _ = _featurizer(recipe, tok_dir)
-    return emit_shards(recipe, Path(run_dir), [InputShard.from_dict(s) for s in shards], feat, fingerprints,
-                       step_fingerprint=fp)
+    return emit_shards(
+        recipe,
+        Path(run_dir),
+        [InputShard.from_dict(s) for s in shards],
+        feat,
+        fingerprints,
+        step_fingerprint=fp,
+    )
 
 
 @task(name="version", **TASK_OPTS)
@@ -314,8 +386,15 @@ def version_task(run_dir: str, emit_fp: str, input_fp: str, scored: int, reused:
     from winnow.pipeline.versions import write_version
 
     root = flow_run.root_flow_run_id or flow_run.id  # a scheduled run's own id (winnow-run is its subflow)
-    return write_version(Path(run_dir), emit_fp, input_fp, scored, reused, report_fingerprint=report_fp,
-                         flow_run_id=str(root) if root else None)
+    return write_version(
+        Path(run_dir),
+        emit_fp,
+        input_fp,
+        scored,
+        reused,
+        report_fingerprint=report_fp,
+        flow_run_id=str(root) if root else None,
+    )
 
 
 @task(name="report", **TASK_OPTS)
@@ -354,8 +433,11 @@ def _outputs_present(name: str, result: Any, run_dir: Path, fp: str) -> bool:
 
         p = run_dir / "mixture.json"
         try:
-            return p.exists() and _json.loads(p.read_text()).get("fingerprint") == fp and \
-                (run_dir / "mixture_trajectory.parquet").exists()
+            return (
+                p.exists()
+                and _json.loads(p.read_text()).get("fingerprint") == fp
+                and (run_dir / "mixture_trajectory.parquet").exists()
+            )
         except ValueError:
             return False
     if name == "influence-features":
@@ -423,15 +505,19 @@ def preflight(recipe: Recipe) -> list[InputShard]:
         from winnow.pipeline.influence import target_recipe, target_shards
 
         if not any(k > 0 for k in recipe.train.checkpoint_steps()):
-            raise WinnowError("scoring.influence needs a trained proxy checkpoint: train.steps > 0 and a "
-                              "train.checkpoints step above 0")
+            raise WinnowError(
+                "scoring.influence needs a trained proxy checkpoint: train.steps > 0 and a "
+                "train.checkpoints step above 0"
+            )
         tdata = target_recipe(recipe).data
         tfirst = target_shards(recipe)[0]
         for raw in iter_raw_batches(tdata, tfirst, batch_size=8):
             try:
                 check_columns(tdata, list(raw), tfirst.location)
             except WinnowError as e:
-                raise WinnowError(f"scoring.influence.target: {str(e).replace('data.domain_column', 'scoring.influence.subtask_column')}") from None
+                raise WinnowError(
+                    f"scoring.influence.target: {str(e).replace('data.domain_column', 'scoring.influence.subtask_column')}"
+                ) from None
             break
     return shards
 
@@ -456,10 +542,18 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
     tok_dir: str | None = None
     if recipe.model.task != "image_classification":
         if recipe.model.tokenizer.train is not None:
-            fp = fingerprint("tokenizer", recipe.model.tokenizer.model_dump(), recipe.model.task,
-                             recipe.model.max_length, input_fp)
-            tok_dir = steps.result(steps.submit(tokenizer_task, "tokenizer", recipe_d=recipe_d, run_dir=run_dir,
-                                                shards=shard_ds, fp=fp))
+            fp = fingerprint(
+                "tokenizer",
+                recipe.model.tokenizer.model_dump(),
+                recipe.model.task,
+                recipe.model.max_length,
+                input_fp,
+            )
+            tok_dir = steps.result(
+                steps.submit(
+                    tokenizer_task, "tokenizer", recipe_d=recipe_d, run_dir=run_dir, shards=shard_ds, fp=fp
+                )
+            )
         else:
             tok_dir = recipe.model.tokenizer.path or recipe.model.path
     tok_fp = tokenizer_fingerprint(tok_dir) if tok_dir else None
@@ -467,11 +561,21 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
 
     # proxy training, one task per seed
     train_fp = train_fingerprint(recipe, input_fp, tok_fp, model_fp)
-    handles = [steps.submit(train_task, f"train seed {s}", recipe_d=recipe_d, run_dir=run_dir, shards=shard_ds,
-                            tok_dir=tok_dir, seed=s, train_fp=train_fp,
-                            threads=recipe.runner.torch_threads or (os.cpu_count() or 1),
-                            fp=fingerprint(train_fp, s, recipe.train.checkpoint_steps()))
-               for s in recipe.train.seeds]
+    handles = [
+        steps.submit(
+            train_task,
+            f"train seed {s}",
+            recipe_d=recipe_d,
+            run_dir=run_dir,
+            shards=shard_ds,
+            tok_dir=tok_dir,
+            seed=s,
+            train_fp=train_fp,
+            threads=recipe.runner.torch_threads or (os.cpu_count() or 1),
+            fp=fingerprint(train_fp, s, recipe.train.checkpoint_steps()),
+        )
+        for s in recipe.train.seeds
+    ]
     ckpts = [c for h in handles for c in steps.result(h)]
 
     # scoring, one task per input shard; examples already scored by the same scorers, model and tokenizer
@@ -480,17 +584,38 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
     cache_fp = cache_fingerprint(recipe, ckpts, tok_fp)
     for s in shards:
         fp = score_fingerprint(recipe, s, ckpts, tok_fp)
-        handles.append(steps.submit(score_task, f"score {s.name}", recipe_d=recipe_d, run_dir=run_dir,
-                                    shard=s.to_dict(), ckpts=ckpts, tok_dir=tok_dir, threads=threads, fp=fp,
-                                    cache_fp=cache_fp))
+        handles.append(
+            steps.submit(
+                score_task,
+                f"score {s.name}",
+                recipe_d=recipe_d,
+                run_dir=run_dir,
+                shard=s.to_dict(),
+                ckpts=ckpts,
+                tok_dir=tok_dir,
+                threads=threads,
+                fp=fp,
+                cache_fp=cache_fp,
+            )
+        )
     emb_handles = []
     if recipe.scoring.embeddings is not None:
         from winnow.pipeline.embeddings import embed_fingerprint
 
         for s in shards:
-            emb_handles.append(steps.submit(embed_task, f"embed {s.name}", recipe_d=recipe_d, run_dir=run_dir,
-                                            shard=s.to_dict(), tok_dir=tok_dir, threads=threads, ckpts=ckpts,
-                                            fp=embed_fingerprint(recipe, s, ckpts)))
+            emb_handles.append(
+                steps.submit(
+                    embed_task,
+                    f"embed {s.name}",
+                    recipe_d=recipe_d,
+                    run_dir=run_dir,
+                    shard=s.to_dict(),
+                    tok_dir=tok_dir,
+                    threads=threads,
+                    ckpts=ckpts,
+                    fp=embed_fingerprint(recipe, s, ckpts),
+                )
+            )
     infl_handles, tgt_handles, ickpts = [], [], []
     if recipe.scoring.influence is not None:
         from winnow.pipeline.influence import features_fingerprint, influence_checkpoints, target_shards
@@ -498,9 +623,18 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
         ickpts = influence_checkpoints(recipe, ckpts)
         for role, shs in (("target", target_shards(recipe)), ("train", shards)):
             for s in shs:
-                h = steps.submit(influence_features_task, f"gradient features {role} {s.name}", recipe_d=recipe_d,
-                                 run_dir=run_dir, shard=s.to_dict(), tok_dir=tok_dir, threads=threads,
-                                 ickpts=ickpts, role=role, fp=features_fingerprint(recipe, s, ickpts, tok_fp, role))
+                h = steps.submit(
+                    influence_features_task,
+                    f"gradient features {role} {s.name}",
+                    recipe_d=recipe_d,
+                    run_dir=run_dir,
+                    shard=s.to_dict(),
+                    tok_dir=tok_dir,
+                    threads=threads,
+                    ickpts=ickpts,
+                    role=role,
+                    fp=features_fingerprint(recipe, s, ickpts, tok_fp, role),
+                )
                 (tgt_handles if role == "target" else infl_handles).append(h)
     parts = [steps.result(h) for h in handles]
     parts_fp = fingerprint([p["scores"] for p in parts])
@@ -508,56 +642,129 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
     if emb_handles:
         emb_parts = [steps.result(h) for h in emb_handles]
         emb_fp = fingerprint("merge-embeddings", [p["vectors"] for p in emb_parts])
-        steps.result(steps.submit(merge_embeddings_task, "merge embeddings", run_dir=run_dir, parts=emb_parts,
-                                  fp=emb_fp))
-    provenance = {"model_fingerprint": model_fp, "tokenizer_fingerprint": tok_fp, "train_fingerprint": train_fp,
-                  "checkpoints": ckpts, "seeds": recipe.train.seeds, "input_fingerprint": input_fp}
-    merged = steps.result(steps.submit(merge_task, "merge scores", recipe_d=recipe_d, run_dir=run_dir,
-                                       parts=parts, provenance=provenance, fp=fingerprint("merge", parts_fp)))
+        steps.result(
+            steps.submit(
+                merge_embeddings_task, "merge embeddings", run_dir=run_dir, parts=emb_parts, fp=emb_fp
+            )
+        )
+    provenance = {
+        "model_fingerprint": model_fp,
+        "tokenizer_fingerprint": tok_fp,
+        "train_fingerprint": train_fp,
+        "checkpoints": ckpts,
+        "seeds": recipe.train.seeds,
+        "input_fingerprint": input_fp,
+    }
+    merged = steps.result(
+        steps.submit(
+            merge_task,
+            "merge scores",
+            recipe_d=recipe_d,
+            run_dir=run_dir,
+            parts=parts,
+            provenance=provenance,
+            fp=fingerprint("merge", parts_fp),
+        )
+    )
     if merged["duplicate_rows"]:
         logger.warning(f"{merged['duplicate_rows']} rows are exact duplicates of others and share their id")
     infl_fp = None
     if infl_handles:
         tparts = [steps.result(h) for h in tgt_handles]
         iparts = [steps.result(h) for h in infl_handles]
-        infl_fp = fingerprint("merge-influence", [p["vectors"] for p in tparts], [p["vectors"] for p in iparts],
-                              recipe.scoring.influence.neighbours)
-        infl = steps.result(steps.submit(merge_influence_task, "merge influence", recipe_d=recipe_d, run_dir=run_dir,
-                                         parts=iparts, target_parts=tparts, ickpts=ickpts, fp=infl_fp))
-        logger.info(f"influence: {infl['rows']} rows against {infl['target_rows']} target examples "
-                    f"({len(infl['subtasks'])} subtask(s)); neighbours by faiss on {infl['faiss']}")
+        infl_fp = fingerprint(
+            "merge-influence",
+            [p["vectors"] for p in tparts],
+            [p["vectors"] for p in iparts],
+            recipe.scoring.influence.neighbours,
+        )
+        infl = steps.result(
+            steps.submit(
+                merge_influence_task,
+                "merge influence",
+                recipe_d=recipe_d,
+                run_dir=run_dir,
+                parts=iparts,
+                target_parts=tparts,
+                ickpts=ickpts,
+                fp=infl_fp,
+            )
+        )
+        logger.info(
+            f"influence: {infl['rows']} rows against {infl['target_rows']} target examples "
+            f"({len(infl['subtasks'])} subtask(s)); neighbours by faiss on {infl['faiss']}"
+        )
 
     mix_fp = None
     if recipe.mixture is not None:
         from winnow.pipeline.mixture import mixture_fingerprint
 
         mix_fp = mixture_fingerprint(recipe, input_fp, tok_fp)
-        mix = steps.result(steps.submit(mixture_task, f"mixture {recipe.mixture.method}", recipe_d=recipe_d,
-                                        run_dir=run_dir, shards=shard_ds, tok_dir=tok_dir,
-                                        threads=recipe.runner.torch_threads or (os.cpu_count() or 1), fp=mix_fp))
-        logger.info("mixture (" + recipe.mixture.method + "): "
-                    + ", ".join(f"{k} {v:.3f}" for k, v in mix["weights"].items()))
+        mix = steps.result(
+            steps.submit(
+                mixture_task,
+                f"mixture {recipe.mixture.method}",
+                recipe_d=recipe_d,
+                run_dir=run_dir,
+                shards=shard_ds,
+                tok_dir=tok_dir,
+                threads=recipe.runner.torch_threads or (os.cpu_count() or 1),
+                fp=mix_fp,
+            )
+        )
+        logger.info(
+            "mixture ("
+            + recipe.mixture.method
+            + "): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in mix["weights"].items())
+        )
 
     select_fp = fingerprint("select", parts_fp, emb_fp, infl_fp, mix_fp, recipe.select.model_dump())
-    selected = steps.result(steps.submit(select_task, "select", recipe_d=recipe_d, run_dir=run_dir, fp=select_fp))
+    selected = steps.result(
+        steps.submit(select_task, "select", recipe_d=recipe_d, run_dir=run_dir, fp=select_fp)
+    )
     recipe_fp = fingerprint("recipe", recipe.model_dump(exclude={"runner"}))
     fps = {"recipe": recipe_fp, "input": input_fp, "model": model_fp}
     emit_fp = fingerprint("emit", select_fp, recipe.output.model_dump(), fps)
-    emitted = steps.result(steps.submit(emit_task, "emit shards", recipe_d=recipe_d, run_dir=run_dir, shards=shard_ds,
-                                        tok_dir=tok_dir, fingerprints=fps, fp=emit_fp))
+    emitted = steps.result(
+        steps.submit(
+            emit_task,
+            "emit shards",
+            recipe_d=recipe_d,
+            run_dir=run_dir,
+            shards=shard_ds,
+            tok_dir=tok_dir,
+            fingerprints=fps,
+            fp=emit_fp,
+        )
+    )
     report_fp = fingerprint("report", emit_fp, winnow.__version__)
     report = steps.result(steps.submit(report_task, "report", run_dir=run_dir, fp=report_fp))
     scored = sum(p.get("scored", p["rows"]) for p in parts)
     reused = sum(p.get("reused", 0) for p in parts)
     logger.info(f"scored {scored} row(s), {reused} read back from the score cache")
     # a new version of the outputs when they changed (never cached: it compares with the versions on disk)
-    version = version_task.with_options(cache_policy=NO_CACHE, persist_result=False)(run_dir=run_dir, emit_fp=emit_fp, input_fp=input_fp,
-                                                                scored=scored, reused=reused, report_fp=report_fp)
-    steps.log.append({"step": "version", "state": f"{version['name']} ({'new' if version['new'] else 'unchanged'})",
-                      "finished_s": round(time.time() - steps.t0, 2)})
-    summary = {"run_dir": run_dir, "rows": merged["rows"], "kept": selected["kept"], "scored": scored,
-               "reused": reused, "shards": emitted["shards"], "report": report, "version": version,
-               "steps": steps.log}
+    version = version_task.with_options(cache_policy=NO_CACHE, persist_result=False)(
+        run_dir=run_dir, emit_fp=emit_fp, input_fp=input_fp, scored=scored, reused=reused, report_fp=report_fp
+    )
+    steps.log.append(
+        {
+            "step": "version",
+            "state": f"{version['name']} ({'new' if version['new'] else 'unchanged'})",
+            "finished_s": round(time.time() - steps.t0, 2),
+        }
+    )
+    summary = {
+        "run_dir": run_dir,
+        "rows": merged["rows"],
+        "kept": selected["kept"],
+        "scored": scored,
+        "reused": reused,
+        "shards": emitted["shards"],
+        "report": report,
+        "version": version,
+        "steps": steps.log,
+    }
     _artifact(recipe, rd, summary)
     return summary
 
@@ -566,42 +773,58 @@ def _artifact(recipe: Recipe, run_dir: Path, summary: dict[str, Any]) -> None:
     import json
 
     man = json.loads((run_dir / "manifest.json").read_text())
-    lines = [f"# winnow run `{recipe.name}`", "",
-             f"- rows: **{man['counts']['input_rows']}** in, **{man['counts']['kept_rows']}** kept, "
-             f"{man['counts']['pruned_rows']} pruned",
-             f"- selector: `{recipe.select.method}` by `{recipe.select.score}` "
-             f"({'fraction ' + str(recipe.select.fraction) if recipe.select.fraction else ''}"
-             f"{'count ' + str(recipe.select.count) if recipe.select.count is not None else ''}"
-             f"{'threshold ' + str(recipe.select.threshold) if recipe.select.threshold is not None else ''}, "
-             f"keep {recipe.select.keep})",
-             f"- shards: {len(man['shards'])} under `{run_dir / 'shards'}`",
-             f"- scored: {summary['scored']} row(s); {summary['reused']} read back from the score cache",
-             f"- report: [{summary['report']}](file://{Path(summary['report']).resolve()})"]
+    lines = [
+        f"# winnow run `{recipe.name}`",
+        "",
+        f"- rows: **{man['counts']['input_rows']}** in, **{man['counts']['kept_rows']}** kept, "
+        f"{man['counts']['pruned_rows']} pruned",
+        f"- selector: `{recipe.select.method}` by `{recipe.select.score}` "
+        f"({'fraction ' + str(recipe.select.fraction) if recipe.select.fraction else ''}"
+        f"{'count ' + str(recipe.select.count) if recipe.select.count is not None else ''}"
+        f"{'threshold ' + str(recipe.select.threshold) if recipe.select.threshold is not None else ''}, "
+        f"keep {recipe.select.keep})",
+        f"- shards: {len(man['shards'])} under `{run_dir / 'shards'}`",
+        f"- scored: {summary['scored']} row(s); {summary['reused']} read back from the score cache",
+        f"- report: [{summary['report']}](file://{Path(summary['report']).resolve()})",
+    ]
     version = summary.get("version")
     if version:
         vreport = Path(version["path"]) / "report.html"
         state = "new" if version.get("new") else "unchanged since"
-        lines.append(f"- version: **{version['name']}** ({state}; {version.get('entered', 0)} entered, "
-                     f"{version.get('left', 0)} left the selection): [{vreport}](file://{vreport.resolve()})")
+        lines.append(
+            f"- version: **{version['name']}** ({state}; {version.get('entered', 0)} entered, "
+            f"{version.get('left', 0)} left the selection): [{vreport}](file://{vreport.resolve()})"
+        )
     lines.append("")
     if man["domains"]:
         lines += ["| domain | input | kept | proportion |", "|---|---:|---:|---:|"]
-        lines += [f"| {k} | {v['input_rows']} | {v['kept_rows']} | {v['proportion']:.3f} |"
-                  for k, v in man["domains"].items()]
+        lines += [
+            f"| {k} | {v['input_rows']} | {v['kept_rows']} | {v['proportion']:.3f} |"
+            for k, v in man["domains"].items()
+        ]
     lines += ["", "| step | state | finished at (s after start) |", "|---|---|---:|"]
     lines += [f"| {s['step']} | {s['state']} | {s['finished_s']} |" for s in summary["steps"]]
     key = "winnow-" + "".join(c if c.isalnum() else "-" for c in recipe.name.lower())
     create_markdown_artifact("\n".join(lines), key=key[:100], description=f"winnow run {recipe.name}")
     if version:
-        create_link_artifact(f"file://{(Path(version['path']) / 'report.html').resolve()}",
-                             link_text=f"{recipe.name} {version['name']} report", key=(key + "-report")[:100],
-                             description=f"selection report of {recipe.name} {version['name']}")
+        create_link_artifact(
+            f"file://{(Path(version['path']) / 'report.html').resolve()}",
+            link_text=f"{recipe.name} {version['name']} report",
+            key=(key + "-report")[:100],
+            description=f"selection report of {recipe.name} {version['name']}",
+        )
     write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
     _ = json  # keep import local
 
 
-_FORWARDED_ENV = ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_LEVEL", "HF_HUB_OFFLINE",
-                  "HF_HOME", "TOKENIZERS_PARALLELISM")
+_FORWARDED_ENV = (
+    "PREFECT_HOME",
+    "PREFECT_SERVER_ANALYTICS_ENABLED",
+    "PREFECT_LOGGING_LEVEL",
+    "HF_HUB_OFFLINE",
+    "HF_HOME",
+    "TOKENIZERS_PARALLELISM",
+)
 
 
 def task_runner(recipe: Recipe, settings: dict[Any, Any] | None = None):
@@ -609,11 +832,17 @@ def task_runner(recipe: Recipe, settings: dict[Any, Any] | None = None):
         try:
             from prefect_ray import RayTaskRunner
         except ImportError:
-            raise WinnowError("runner.kind is 'ray' but prefect-ray is not installed: pip install 'winnow[ray]'") from None
+            raise WinnowError(
+                "runner.kind is 'ray' but prefect-ray is not installed: pip install 'winnow[ray]'"
+            ) from None
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
         env.update({s.name: str(v) for s, v in (settings or {}).items()})
-        init = {"num_cpus": recipe.runner.max_workers, "include_dashboard": False, "log_to_driver": True,
-                "runtime_env": {"env_vars": env}}
+        init = {
+            "num_cpus": recipe.runner.max_workers,
+            "include_dashboard": False,
+            "log_to_driver": True,
+            "runtime_env": {"env_vars": env},
+        }
         return RayTaskRunner(address=recipe.runner.ray_address, init_kwargs=init)
     from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -629,8 +858,10 @@ def _api_for_workers(recipe: Recipe) -> str | None:
     if url or recipe.runner.kind != "ray":
         return url or None
     if recipe.runner.ray_address:
-        raise WinnowError("runner.ray_address: a Ray cluster's workers need a Prefect server they can reach; "
-                          "start one (prefect server start) and set PREFECT_API_URL")
+        raise WinnowError(
+            "runner.ray_address: a Ray cluster's workers need a Prefect server they can reach; "
+            "start one (prefect server start) and set PREFECT_API_URL"
+        )
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
@@ -650,7 +881,13 @@ class _OneLineUserErrors(logging.Filter):
 
 def _quiet_user_errors() -> None:
     flt = _OneLineUserErrors()
-    for name in ("prefect", "prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
+    for name in (
+        "prefect",
+        "prefect.task_runs",
+        "prefect.flow_runs",
+        "prefect.task_engine",
+        "prefect.flow_engine",
+    ):
         lg = logging.getLogger(name)
         if not any(isinstance(f, _OneLineUserErrors) for f in lg.filters):
             lg.addFilter(flt)

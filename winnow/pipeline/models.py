@@ -22,8 +22,12 @@ from winnow.errors import WinnowError
 from winnow.pipeline.atomic import atomic_path, fingerprint, sha256_file
 from winnow.pipeline.recipe import Recipe
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 EOS, PAD, CLS = "<|endoftext|>", "<pad>", "<cls>"
 # transformers builds models under context managers that patch torch globally (meta-device init);
 # two threads building at once corrupt each other's models, so construction is serialised.
@@ -70,13 +74,19 @@ def train_tokenizer(texts: Iterable[str], recipe: Recipe, out_dir: Path) -> Path
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
-                                  special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     kwargs: dict[str, Any] = {"eos_token": EOS, "pad_token": PAD}
     if recipe.model.task == "sequence_classification":
-        tok.post_processor = processors.TemplateProcessing(single=f"{CLS} $A", special_tokens=[(CLS, tok.token_to_id(CLS))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{CLS} $A", special_tokens=[(CLS, tok.token_to_id(CLS))]
+        )
         kwargs["cls_token"] = CLS
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -94,8 +104,10 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise WinnowError(f"{path}: no usable tokenizer ({str(e).splitlines()[0][:200]}); "
-                          f"set model.tokenizer.path or model.tokenizer.train") from None
+        raise WinnowError(
+            f"{path}: no usable tokenizer ({str(e).splitlines()[0][:200]}); "
+            f"set model.tokenizer.path or model.tokenizer.train"
+        ) from None
     if tok.pad_token is None:
         if tok.eos_token is not None:
             tok.pad_token = tok.eos_token
@@ -125,8 +137,11 @@ def model_source_fingerprint(recipe: Recipe) -> str:
     m = recipe.model
     if m.path is not None:
         p = Path(m.path)
-        files = sorted(f for f in p.iterdir() if f.is_file() and (f.name in WEIGHT_FILES or f.suffix in
-                                                                    (".json", ".safetensors", ".bin")))
+        files = sorted(
+            f
+            for f in p.iterdir()
+            if f.is_file() and (f.name in WEIGHT_FILES or f.suffix in (".json", ".safetensors", ".bin"))
+        )
         return fingerprint("model-folder", [(f.name, f.stat().st_size, sha256_file(f)) for f in files])
     return fingerprint("model-config", m.config)
 
@@ -152,8 +167,10 @@ def class_names(recipe: Recipe) -> tuple[list[str] | None, int | None]:
     if n is None and m.config is not None and "num_labels" in m.config:
         n = int(m.config["num_labels"])
     if n is None:
-        raise WinnowError(f"model.num_labels: unknown number of classes for {m.task}; "
-                          f"set model.num_labels or data.label_names")
+        raise WinnowError(
+            f"model.num_labels: unknown number of classes for {m.task}; "
+            f"set model.num_labels or data.label_names"
+        )
     if names is not None and len(names) != n:
         raise WinnowError(f"data.label_names has {len(names)} names but the model has {n} classes")
     return names, n
@@ -175,7 +192,9 @@ def init_model(recipe: Recipe, seed: int, tokenizer: Any | None, num_labels: int
             with _BUILD_LOCK:
                 model = cls.from_pretrained(m.path, **kw)
         except Exception as e:
-            raise WinnowError(f"model.path: cannot load {m.path} as {m.task}: {str(e).splitlines()[0][:300]}") from None
+            raise WinnowError(
+                f"model.path: cannot load {m.path} as {m.task}: {str(e).splitlines()[0][:300]}"
+            ) from None
     else:
         conf = dict(m.config or {})
         mtype = conf.pop("model_type")
@@ -183,8 +202,11 @@ def init_model(recipe: Recipe, seed: int, tokenizer: Any | None, num_labels: int
             # a random init takes its vocabulary and special ids from the tokenizer it is trained with
             conf["vocab_size"] = len(tokenizer)
             eos = tokenizer.eos_token_id
-            ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": eos,
-                   "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos}
+            ids = {
+                "pad_token_id": tokenizer.pad_token_id,
+                "eos_token_id": eos,
+                "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
+            }
             for key, tid in ids.items():
                 if key not in (m.config or {}):
                     conf[key] = tid
@@ -199,12 +221,16 @@ def init_model(recipe: Recipe, seed: int, tokenizer: Any | None, num_labels: int
                 torch.manual_seed(seed)
                 model = cls.from_config(config)
         except Exception as e:
-            raise WinnowError(f"model.config: cannot build a {m.task} model of type {mtype!r}: "
-                              f"{str(e).splitlines()[0][:300]}") from None
+            raise WinnowError(
+                f"model.config: cannot build a {m.task} model of type {mtype!r}: "
+                f"{str(e).splitlines()[0][:300]}"
+            ) from None
     if tokenizer is not None:
         vocab = model.get_input_embeddings().num_embeddings
         if len(tokenizer) > vocab:
-            raise WinnowError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}")
+            raise WinnowError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}"
+            )
         if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -29,7 +29,8 @@ class DataConfig(Strict):
 
     source: str | dict[str, str] = Field(
         description="glob(s) of jsonl/json/parquet/csv files (comma-separated), a `save_to_disk` folder, or a "
-        "hub dataset id; or one source per domain, {domain: source}, whose rows get that domain")
+        "hub dataset id; or one source per domain, {domain: source}, whose rows get that domain"
+    )
     format: Literal["auto", "json", "parquet", "csv", "disk", "hub"] = "auto"
     split: str = "train"
     id_column: str | None = None
@@ -39,9 +40,11 @@ class DataConfig(Strict):
     label_column: str | None = None
     domain_column: str | None = None
     label_names: list[str] | None = Field(
-        default=None, description="names of the classes in index order, for string labels")
+        default=None, description="names of the classes in index order, for string labels"
+    )
     image_shape: list[int] | None = Field(
-        default=None, description="(C, H, W) to reshape flat pixel arrays into")
+        default=None, description="(C, H, W) to reshape flat pixel arrays into"
+    )
     pixel_scale: float = Field(default=1.0, description="pixels are multiplied by this")
     read_batch_size: int = Field(default=512, gt=0)
 
@@ -53,7 +56,9 @@ class DataConfig(Strict):
         if isinstance(v, dict) and isinstance(v.get("source"), dict):
             src = v["source"]
             if not src:
-                raise ValueError("data.source: an empty mapping; give {domain: source} with at least one domain")
+                raise ValueError(
+                    "data.source: an empty mapping; give {domain: source} with at least one domain"
+                )
             for name, where in src.items():
                 if not isinstance(name, str) or not name.strip():
                     raise ValueError(f"data.source: domain names must be non-empty strings, got {name!r}")
@@ -80,7 +85,8 @@ class ModelConfig(Strict):
     task: Task
     path: str | None = Field(default=None, description="local folder with config.json and weights")
     config: dict[str, Any] | None = Field(
-        default=None, description="a transformers config (with model_type) for a random init")
+        default=None, description="a transformers config (with model_type) for a random init"
+    )
     tokenizer: TokenizerConfig = TokenizerConfig()
     max_length: int = Field(default=256, gt=1)
     num_labels: int | None = Field(default=None, gt=0)
@@ -105,8 +111,7 @@ class TrainConfig(Strict):
     warmup_steps: int = Field(default=10, ge=0)
     grad_clip: float = Field(default=1.0, ge=0)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    checkpoints: list[int] | None = Field(
-        default=None, description="steps to save (default: the last step)")
+    checkpoints: list[int] | None = Field(default=None, description="steps to save (default: the last step)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
@@ -142,8 +147,10 @@ class EmbeddingsConfig(Strict):
 
     model: str | None = None
     column: str | None = None
-    gradient: bool = Field(default=False, description="projected per-example gradients of the last proxy "
-                                                      "checkpoint (the gradient engine)")
+    gradient: bool = Field(
+        default=False,
+        description="projected per-example gradients of the last proxy checkpoint (the gradient engine)",
+    )
     proj_dim: int = Field(default=1024, gt=0, description="gradient: dimensions of the projection")
     parameters: str = Field(default="all", description="gradient: all | last_layer | lora | names")
     proj_seed: int = 0
@@ -154,8 +161,10 @@ class EmbeddingsConfig(Strict):
     @model_validator(mode="after")
     def _one_source(self) -> EmbeddingsConfig:
         if sum([self.model is not None, self.column is not None, self.gradient]) != 1:
-            raise ValueError("give exactly one of scoring.embeddings.model (an encoder folder or 'minilm'), "
-                             "scoring.embeddings.column (a vector column) or scoring.embeddings.gradient: true")
+            raise ValueError(
+                "give exactly one of scoring.embeddings.model (an encoder folder or 'minilm'), "
+                "scoring.embeddings.column (a vector column) or scoring.embeddings.gradient: true"
+            )
         return self
 
 
@@ -163,15 +172,21 @@ class InfluenceConfig(Strict):
     """Influence (LESS / TracIn) and gradient similarity against a target set (pipeline/influence.py)."""
 
     target: str = Field(description="glob(s) of the target examples, read with data's format and columns")
-    subtask_column: str | None = Field(default=None, description="target column naming subtasks: a training "
-                                       "example's influence is the max over subtasks of its mean over each")
+    subtask_column: str | None = Field(
+        default=None,
+        description="target column naming subtasks: a training "
+        "example's influence is the max over subtasks of its mean over each",
+    )
     proj_dim: int = Field(default=8192, gt=0, description="dimensions of the projected gradient features")
     proj_seed: int = Field(default=0, description="seed of the projection (same features in every process)")
     parameters: str = Field(default="all", description="all | last_layer | lora | comma-separated names")
     precondition: Literal["adam", "none"] = Field(
-        default="adam", description="adam: scale by the checkpoint's Adam second moments (rank-one for matrices)")
+        default="adam",
+        description="adam: scale by the checkpoint's Adam second moments (rank-one for matrices)",
+    )
     checkpoints: Literal["all", "last"] = Field(
-        default="all", description="the first seed's checkpoints above step 0, or only its last")
+        default="all", description="the first seed's checkpoints above step 0, or only its last"
+    )
     neighbours: int = Field(default=10, ge=0, description="top training examples kept per target example")
     batch_size: int = Field(default=16, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -201,26 +216,39 @@ class WeightConfig(Strict):
     strategies of Sow et al. 2025 (winnow.selectors.loss_to_weight: linupper, quadratic, extremes)
     for a loss column, with `temperature` as their r."""
 
-    method: Literal["uniform", "normalized", "softmax", "clipped", "linupper", "quadratic", "extremes"] = "uniform"
+    method: Literal["uniform", "normalized", "softmax", "clipped", "linupper", "quadratic", "extremes"] = (
+        "uniform"
+    )
     score: str | None = Field(default=None, description="score column; default: select.score")
     temperature: float = Field(default=1.0, gt=0)
     clip_min: float | None = Field(default=None, ge=0)
     clip_max: float | None = Field(default=None, gt=0)
     invert: bool = False
-    delta: float = Field(default=1.0, gt=0, description="loss strategies: losses are normalised to [-delta, delta]")
-    range_quantile: float = Field(default=0.0, ge=0, lt=0.5,
-                                  description="loss strategies: normalise by these quantiles, not min/max")
-    per_stratum: bool = Field(default=False, description="loss strategies: normalise within each select.stratify group")
+    delta: float = Field(
+        default=1.0, gt=0, description="loss strategies: losses are normalised to [-delta, delta]"
+    )
+    range_quantile: float = Field(
+        default=0.0, ge=0, lt=0.5, description="loss strategies: normalise by these quantiles, not min/max"
+    )
+    per_stratum: bool = Field(
+        default=False, description="loss strategies: normalise within each select.stratify group"
+    )
 
     @model_validator(mode="after")
     def _options_fit_method(self) -> WeightConfig:
         if self.method in LOSS_WEIGHT_METHODS:
-            bad = [k for k in ("clip_min", "clip_max") if getattr(self, k) is not None] + (["invert"] if self.invert else [])
+            bad = [k for k in ("clip_min", "clip_max") if getattr(self, k) is not None] + (
+                ["invert"] if self.invert else []
+            )
             if bad:
-                raise ValueError(f"select.weights.{bad[0]} does not apply to the loss strategy {self.method!r}")
+                raise ValueError(
+                    f"select.weights.{bad[0]} does not apply to the loss strategy {self.method!r}"
+                )
         elif self.per_stratum or self.range_quantile or self.delta != 1.0:
-            raise ValueError("select.weights.delta, range_quantile and per_stratum apply only to the loss "
-                             f"strategies ({', '.join(LOSS_WEIGHT_METHODS)})")
+            raise ValueError(
+                "select.weights.delta, range_quantile and per_stratum apply only to the loss "
+                f"strategies ({', '.join(LOSS_WEIGHT_METHODS)})"
+            )
         return self
 
 
@@ -232,12 +260,18 @@ class DppConfig(Strict):
     sigma: float = Field(default=1.0, gt=0, description="rbf width")
     quality: str | None = Field(default=None, description="score column used as relevance (quality)")
     invert_quality: bool = Field(default=False, description="low scores are better (e.g. loss)")
-    theta: float = Field(default=0.5, ge=0, lt=1, description="quality-diversity trade-off (0: diversity only)")
+    theta: float = Field(
+        default=0.5, ge=0, lt=1, description="quality-diversity trade-off (0: diversity only)"
+    )
     eps: float | None = Field(default=None, gt=0, description="stop when the marginal gain falls below this")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    clusters: int | None = Field(default=None, gt=1, description="k-means clusters for partitioned greedy "
-                                 "(one cluster on the device at a time; ignores cross-cluster similarity); "
-                                 "None: global greedy")
+    clusters: int | None = Field(
+        default=None,
+        gt=1,
+        description="k-means clusters for partitioned greedy "
+        "(one cluster on the device at a time; ignores cross-cluster similarity); "
+        "None: global greedy",
+    )
     cluster_seed: int = Field(default=0, description="seed of the k-means sample and initialisation")
 
 
@@ -267,8 +301,10 @@ class SelectConfig(Strict):
         if self.method == "all":
             return self
         if len(given) != 1:
-            raise ValueError(f"give exactly one of select.fraction, select.count, select.threshold "
-                             f"(got {', '.join(given) or 'none'})")
+            raise ValueError(
+                f"give exactly one of select.fraction, select.count, select.threshold "
+                f"(got {', '.join(given) or 'none'})"
+            )
         if self.method in ("random", "dpp") and self.threshold is not None:
             raise ValueError(f"select.method {self.method} takes a fraction or a count, not a threshold")
         if self.method == "dpp" and self.stratify is not None:
@@ -282,8 +318,11 @@ class MixtureConfig(Strict):
 
     method: Literal["doremi", "doge", "dga", "uniform", "proportional", "temperature"]
     temperature: float = Field(default=2.0, gt=0, description="temperature: weights ∝ tokens^(1/temperature)")
-    target_domains: list[str] = Field(default_factory=list, description="doge/dga: domains used as the target "
-                                      "(held out of training); doge without them: the universal target")
+    target_domains: list[str] = Field(
+        default_factory=list,
+        description="doge/dga: domains used as the target "
+        "(held out of training); doge without them: the universal target",
+    )
     steps: int = Field(default=200, gt=0, description="proxy steps")
     batch_size: int = Field(default=16, gt=0)
     lr: float = Field(default=1e-3, gt=0)
@@ -293,20 +332,26 @@ class MixtureConfig(Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output: Literal["auto", "average", "final"] = Field(
-        default="auto", description="mixture.json weights: the average over steps (doremi, doge) or the final")
-    reference: Literal["proportional", "uniform"] = Field(default="proportional",
-                                                          description="doremi: the reference model's mixture")
+        default="auto", description="mixture.json weights: the average over steps (doremi, doge) or the final"
+    )
+    reference: Literal["proportional", "uniform"] = Field(
+        default="proportional", description="doremi: the reference model's mixture"
+    )
     reference_steps: int = Field(default=200, gt=0, description="doremi: reference model steps")
     eta: float = Field(default=1.0, gt=0, description="doremi: step size of the exponentiated update")
     clip: Literal["token", "domain"] = Field(
-        default="domain", description="doremi: clip the excess loss per token (paper, code) or per domain mean")
+        default="domain",
+        description="doremi: clip the excess loss per token (paper, code) or per domain mean",
+    )
     smoothing: float = Field(default=1e-3, ge=0, lt=1, description="doremi: mix with uniform")
     mu: float = Field(default=0.05, gt=0, description="doge: Bregman step parameter")
     w_min: float = Field(default=0.0, description="doge: score clip, lower (times the lr)")
     w_max: float = Field(default=5.0, description="doge: score clip, upper (times the lr)")
     smoothing_doge: float = Field(default=0.0, ge=0, lt=1, description="doge: mix with uniform")
     update_every: int = Field(default=10, gt=0, description="dga: steps between weight updates")
-    eta_dga: float | None = Field(default=None, gt=0, description="dga: step size (default 1 / mean |alignment|)")
+    eta_dga: float | None = Field(
+        default=None, gt=0, description="dga: step size (default 1 / mean |alignment|)"
+    )
     beta: float = Field(default=0.9, ge=0, lt=1, description="dga: EMA factor of the weights")
 
 
@@ -349,28 +394,39 @@ class Recipe(Strict):
         if self.model.tokenizer.train is not None and d.text_column is None:
             raise ValueError("model.tokenizer.train needs text: set data.text_column")
         if self.select.stratify == "domain" and d.domain_column is None:
-            raise ValueError("select.stratify is 'domain' but the data has no domains (set data.domain_column, or "
-                             "give data.source as {domain: source})")
+            raise ValueError(
+                "select.stratify is 'domain' but the data has no domains (set data.domain_column, or "
+                "give data.source as {domain: source})"
+            )
         if self.select.weights.per_stratum and self.select.stratify is None:
             raise ValueError("select.weights.per_stratum needs select.stratify")
         if self.select.stratify == "label" and d.label_column is None:
             raise ValueError("select.stratify is 'label' but data.label_column is not set")
         if self.mixture is not None and d.domain_column is None:
-            raise ValueError("mixture needs domains: data.domain_column, or one source per domain "
-                             "(data.source: {domain: source})")
+            raise ValueError(
+                "mixture needs domains: data.domain_column, or one source per domain "
+                "(data.source: {domain: source})"
+            )
         if self.select.method == "dpp" and self.scoring.embeddings is None:
-            raise ValueError("select.method dpp needs scoring.embeddings (model: minilm, a folder, or column)")
-        if self.scoring.embeddings is not None and self.scoring.embeddings.model is not None \
-                and d.text_column is None:
+            raise ValueError(
+                "select.method dpp needs scoring.embeddings (model: minilm, a folder, or column)"
+            )
+        if (
+            self.scoring.embeddings is not None
+            and self.scoring.embeddings.model is not None
+            and d.text_column is None
+        ):
             raise ValueError("scoring.embeddings.model embeds text: set data.text_column")
         score_names = self.score_columns()
-        for key, col in [("select.score", self.select.score if self.select.method == "score" else None),
-                         ("select.weights.score", self.select.weights.score),
-                         ("select.dpp.quality", self.select.dpp.quality if self.select.method == "dpp" else None)] + \
-                        [("output.score_columns", c) for c in self.output.score_columns]:
+        for key, col in [
+            ("select.score", self.select.score if self.select.method == "score" else None),
+            ("select.weights.score", self.select.weights.score),
+            ("select.dpp.quality", self.select.dpp.quality if self.select.method == "dpp" else None),
+        ] + [("output.score_columns", c) for c in self.output.score_columns]:
             if col is not None and col not in score_names:
-                raise ValueError(f"{key}: {col!r} is not a score this recipe computes "
-                                 f"({', '.join(score_names)})")
+                raise ValueError(
+                    f"{key}: {col!r} is not a score this recipe computes ({', '.join(score_names)})"
+                )
         return self
 
     def score_columns(self) -> list[str]:

@@ -61,7 +61,9 @@ KEPT_COLOR = "#1f77b4"
 PRUNED_COLOR = "#ff7f0e"
 
 _HORIZONTAL_BXP = (
-    {"orientation": "horizontal"} if "orientation" in inspect.signature(Axes.bxp).parameters else {"vert": False}
+    {"orientation": "horizontal"}
+    if "orientation" in inspect.signature(Axes.bxp).parameters
+    else {"vert": False}
 )
 
 
@@ -126,8 +128,10 @@ def _load(run_dir: str | Path) -> _Run:
     sel_cols = pq.read_schema(sel_path).names
     for need in ("id", "kept"):
         if need not in sel_cols:
-            raise WinnowError(f"{sel_path} has no `{need}` column (columns: {', '.join(sel_cols)}); "
-                              "rerun `winnow run RECIPE` to rewrite it")
+            raise WinnowError(
+                f"{sel_path} has no `{need}` column (columns: {', '.join(sel_cols)}); "
+                "rerun `winnow run RECIPE` to rewrite it"
+            )
     frame = pl.read_parquet(sel_path, columns=[c for c in ("id", "kept", "weight") if c in sel_cols])
     frame = frame.with_columns(pl.col("id").cast(pl.Utf8), pl.col("kept").cast(pl.Boolean).fill_null(False))
     if "weight" in frame.columns:
@@ -190,8 +194,12 @@ def _load(run_dir: str | Path) -> _Run:
             m = CHECKPOINT_COLUMN.match(col)
             if m:
                 ckpts.setdefault(m["base"], []).append(name)
-                columns[name] = {"file": path.name, "base": m["base"], "seed": int(m["seed"]),
-                                 "step": int(m["step"])}
+                columns[name] = {
+                    "file": path.name,
+                    "base": m["base"],
+                    "seed": int(m["seed"]),
+                    "step": int(m["step"]),
+                }
             else:
                 means.append(name)
                 columns[name] = {"file": path.name, "base": col, "seed": None, "step": None}
@@ -210,8 +218,7 @@ def _load(run_dir: str | Path) -> _Run:
     if not tables:
         notes.append(f"No score tables in {scores_dir}: score plots are left out.")
 
-    run = _Run(dir=root, frame=frame, tables=tables, columns=columns,
-               rows_path=rows_path, notes=notes)
+    run = _Run(dir=root, frame=frame, tables=tables, columns=columns, rows_path=rows_path, notes=notes)
     cfg_path = root / "config.yaml"
     if cfg_path.is_file():
         run.config_text = cfg_path.read_text(encoding="utf-8", errors="replace")
@@ -244,34 +251,50 @@ def _load_previous(previous: str | Path) -> _Previous:
     root = Path(previous)
     prev = _Previous(dir=root, name=root.resolve().name or str(root))
     if not root.is_dir():
-        prev.notes.append(f"The previous version's folder {root} does not exist: there is nothing to compare with.")
+        prev.notes.append(
+            f"The previous version's folder {root} does not exist: there is nothing to compare with."
+        )
         return prev
     sel_path = root / "selection.parquet"
     if not sel_path.is_file():
-        prev.notes.append(f"{sel_path} not found: the rows that entered or left the selection cannot be counted.")
+        prev.notes.append(
+            f"{sel_path} not found: the rows that entered or left the selection cannot be counted."
+        )
     else:
         try:
             cols = pq.read_schema(sel_path).names
             lacking = [c for c in ("id", "kept") if c not in cols]
             if lacking:
-                prev.notes.append(f"{sel_path} has no {' or '.join(f'`{c}`' for c in lacking)} column "
-                                  f"(columns: {', '.join(cols)}): the changes cannot be counted.")
+                prev.notes.append(
+                    f"{sel_path} has no {' or '.join(f'`{c}`' for c in lacking)} column "
+                    f"(columns: {', '.join(cols)}): the changes cannot be counted."
+                )
             else:
                 sel = pl.read_parquet(sel_path, columns=[c for c in ("id", "kept", "weight") if c in cols])
                 kept = pl.col("kept").cast(pl.Boolean).fill_null(False)
-                weight = pl.col("weight").cast(pl.Float64).fill_null(0.0) if "weight" in cols else kept.cast(pl.Float64)
+                weight = (
+                    pl.col("weight").cast(pl.Float64).fill_null(0.0)
+                    if "weight" in cols
+                    else kept.cast(pl.Float64)
+                )
                 prev.selection = (
-                    sel.select(pl.col("id").cast(pl.Utf8), kept.alias("kept_before"), weight.alias("weight_before"))
+                    sel.select(
+                        pl.col("id").cast(pl.Utf8), kept.alias("kept_before"), weight.alias("weight_before")
+                    )
                     .filter(pl.col("id").is_not_null())
                     .unique("id", keep="first", maintain_order=True)
                 )
         except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
-            prev.notes.append(f"{sel_path} could not be read ({exc.__class__.__name__}: {exc}): "
-                              "the changes cannot be counted.")
+            prev.notes.append(
+                f"{sel_path} could not be read ({exc.__class__.__name__}: {exc}): "
+                "the changes cannot be counted."
+            )
     man_path = root / "manifest.json"
     if not man_path.is_file():
-        prev.notes.append(f"{man_path} not found: the previous version's run details are left out, and its kept "
-                          "rows per domain and label are counted from its selection.parquet alone.")
+        prev.notes.append(
+            f"{man_path} not found: the previous version's run details are left out, and its kept "
+            "rows per domain and label are counted from its selection.parquet alone."
+        )
     else:
         man = _read_json(man_path, prev.notes)
         if man is not None and not isinstance(man, dict):
@@ -346,7 +369,9 @@ def _selector_summary(selector: Any) -> str:
     if isinstance(selector, dict):
         name = selector.get("name") or selector.get("type") or selector.get("kind")
         rest = ", ".join(
-            f"{k}={_compact(v)}" for k, v in selector.items() if k not in ("name", "type", "kind") and v is not None
+            f"{k}={_compact(v)}"
+            for k, v in selector.items()
+            if k not in ("name", "type", "kind") and v is not None
         )
         if name and rest:
             return f"{name} ({rest})"
@@ -437,8 +462,13 @@ def _spearman(frame: pl.DataFrame, cols: list[str]) -> dict:
     sampled = n_complete > AGREEMENT_SAMPLE
     if sampled:
         sub = sub.sample(n=AGREEMENT_SAMPLE, seed=0)
-    out: dict[str, Any] = {"columns": cols, "rows": sub.height, "complete_rows": n_complete,
-                           "sampled": sampled, "matrix": None}
+    out: dict[str, Any] = {
+        "columns": cols,
+        "rows": sub.height,
+        "complete_rows": n_complete,
+        "sampled": sampled,
+        "matrix": None,
+    }
     if sub.height < 3:
         return out
     ranks = sub.select([pl.col(c).rank("average").cast(pl.Float64) for c in cols]).to_numpy().T
@@ -452,8 +482,11 @@ def _spearman(frame: pl.DataFrame, cols: list[str]) -> dict:
 def _pair_means(agreement: dict, columns: dict[str, dict]) -> dict[str, float | None]:
     m = agreement.get("matrix")
     cols = agreement["columns"]
-    buckets: dict[str, list[float]] = {"between_seeds_same_step": [], "between_steps_same_seed": [],
-                                       "all_pairs": []}
+    buckets: dict[str, list[float]] = {
+        "between_seeds_same_step": [],
+        "between_steps_same_seed": [],
+        "all_pairs": [],
+    }
     if m is None:
         return {k: None for k in buckets}
     for i in range(len(cols)):
@@ -492,12 +525,24 @@ def _summarize(run: _Run) -> dict:
     created = _first(man.get("created"), (run.run_json or {}).get("created"), prov.get("created"))
     if created is None:
         mtime = (run.dir / "selection.parquet").stat().st_mtime
-        created = datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds") + " (mtime of selection.parquet)"
-    name = _first(man.get("run"), cfg.get("name"), cfg.get("run") if isinstance(cfg.get("run"), str) else None,
-                  run.dir.resolve().name)
-    version = _first(man.get("winnow_version"), (run.run_json or {}).get("winnow_version"),
-                     (run.run_json or {}).get("version"), prov.get("version"), prov.get("winnow_version"),
-                     prov.get("package_version"))
+        created = (
+            datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds")
+            + " (mtime of selection.parquet)"
+        )
+    name = _first(
+        man.get("run"),
+        cfg.get("name"),
+        cfg.get("run") if isinstance(cfg.get("run"), str) else None,
+        run.dir.resolve().name,
+    )
+    version = _first(
+        man.get("winnow_version"),
+        (run.run_json or {}).get("winnow_version"),
+        (run.run_json or {}).get("version"),
+        prov.get("version"),
+        prov.get("winnow_version"),
+        prov.get("package_version"),
+    )
     kept_w = frame.filter(pl.col("kept"))["weight"]
     agreement: dict[str, dict] = {}
     for t in run.tables:
@@ -514,7 +559,11 @@ def _summarize(run: _Run) -> dict:
     sel_nan = None
     if score_col is not None:
         bad = frame.filter(~pl.col(score_col).is_finite() | pl.col(score_col).is_null())
-        sel_nan = {"rows": bad.height, "kept": int(bad["kept"].sum()), "pruned": bad.height - int(bad["kept"].sum())}
+        sel_nan = {
+            "rows": bad.height,
+            "kept": int(bad["kept"].sum()),
+            "pruned": bad.height - int(bad["kept"].sum()),
+        }
     return {
         "run": {
             "name": str(name),
@@ -597,13 +646,18 @@ def _changes(run: _Run, prev: _Previous, s: dict) -> dict | None:
         source = "selection"
         was: dict[str, int] = {}
         mg = man.get(key)
-        if isinstance(mg, dict) and mg and all(isinstance(v, dict) and isinstance(v.get("kept_rows"), int)
-                                               for v in mg.values()):
+        if (
+            isinstance(mg, dict)
+            and mg
+            and all(isinstance(v, dict) and isinstance(v.get("kept_rows"), int) for v in mg.values())
+        ):
             was = {(NO_GROUP if k in ("", None) else str(k)): int(v["kept_rows"]) for k, v in mg.items()}
             if sum(was.values()) != count["kept_before"]:
-                notes.append(f"The previous manifest.json counts {sum(was.values()):,} kept rows over its {key} but "
-                             f"its selection.parquet keeps {count['kept_before']:,}: the {col} shares before are "
-                             "counted from the selection instead.")
+                notes.append(
+                    f"The previous manifest.json counts {sum(was.values()):,} kept rows over its {key} but "
+                    f"its selection.parquet keeps {count['kept_before']:,}: the {col} shares before are "
+                    "counted from the selection instead."
+                )
                 was = {}
             else:
                 source = "manifest"
@@ -615,10 +669,18 @@ def _changes(run: _Run, prev: _Previous, s: dict) -> dict | None:
         names = sorted(set(was) | set(now), key=lambda n: (-(was.get(n, 0) + now.get(n, 0)), n))
         groups[col] = {
             "source": source,
-            "rows": {n: {"kept_before": was.get(n, 0), "share_before": was.get(n, 0) / tot_was if tot_was else None,
-                         "kept_now": now.get(n, 0), "share_now": now.get(n, 0) / tot_now if tot_now else None,
-                         "entered": ent.get(n, 0), "entered_new": ent_new.get(n, 0), "left": lft.get(n, 0)}
-                     for n in names},
+            "rows": {
+                n: {
+                    "kept_before": was.get(n, 0),
+                    "share_before": was.get(n, 0) / tot_was if tot_was else None,
+                    "kept_now": now.get(n, 0),
+                    "share_now": now.get(n, 0) / tot_now if tot_now else None,
+                    "entered": ent.get(n, 0),
+                    "entered_new": ent_new.get(n, 0),
+                    "left": lft.get(n, 0),
+                }
+                for n in names
+            },
         }
     return {"counts": count, "groups": groups, "notes": notes, "frame": j}
 
@@ -652,7 +714,7 @@ def _plain(s: Any, width: int = 32) -> str:
     s = str(s)
     if len(s) > width:  # keep both ends: names often differ only in their suffix
         head = (width - 1) // 2
-        s = s[:head] + "…" + s[len(s) - (width - 1 - head):]
+        s = s[:head] + "…" + s[len(s) - (width - 1 - head) :]
     return s.replace("$", r"\$")
 
 
@@ -669,7 +731,11 @@ def _bins(values: np.ndarray, n: int = 50, edge: float | None = None) -> np.ndar
         return 10
     lo, hi = float(values.min()), float(values.max())
     if lo == hi:
-        return np.array([lo - 0.5, lo + 0.5]) if lo == 0 else np.array([lo - abs(lo) * 0.05, lo + abs(lo) * 0.05])
+        return (
+            np.array([lo - 0.5, lo + 0.5])
+            if lo == 0
+            else np.array([lo - abs(lo) * 0.05, lo + abs(lo) * 0.05])
+        )
     nb = min(n, max(5, int(math.sqrt(values.size)) + 1))
     if edge is None or not lo <= edge <= hi:
         return np.linspace(lo, hi, nb + 1)
@@ -707,7 +773,7 @@ def _plot_score_hists(frame: pl.DataFrame, cols: list[str], sel: str | None, cut
         _legend(ax)
         if kept.size + pruned.size == 0:
             ax.text(0.5, 0.5, "no finite scores", ha="center", va="center", transform=ax.transAxes)
-    for ax in axes[len(cols):]:
+    for ax in axes[len(cols) :]:
         ax.set_visible(False)
     return _png(fig)
 
@@ -716,8 +782,9 @@ def _top_groups(stats: dict[str, dict]) -> list[str]:
     return list(stats)[:MAX_GROUPS]  # stats are sorted by input rows, largest first
 
 
-def _plot_group_boxes(frame: pl.DataFrame, group: str, stats: dict[str, dict], col: str,
-                      cutoff: float | None) -> bytes:
+def _plot_group_boxes(
+    frame: pl.DataFrame, group: str, stats: dict[str, dict], col: str, cutoff: float | None
+) -> bytes:
     names = _top_groups(stats)
     q = (
         frame.filter(pl.col(col).is_finite())
@@ -743,15 +810,36 @@ def _plot_group_boxes(frame: pl.DataFrame, group: str, stats: dict[str, dict], c
             r = by.get((name, kept))
             if r is None:
                 continue
-            boxes.append({"med": r["med"], "q1": r["q1"], "q3": r["q3"], "whislo": r["lo"], "whishi": r["hi"],
-                          "mean": r["mean"], "fliers": []})
+            boxes.append(
+                {
+                    "med": r["med"],
+                    "q1": r["q1"],
+                    "q3": r["q3"],
+                    "whislo": r["lo"],
+                    "whishi": r["hi"],
+                    "mean": r["mean"],
+                    "fliers": [],
+                }
+            )
             positions.append(i + off)
             colors.append(color)
     if boxes:
-        art = ax.bxp(boxes, positions=positions, widths=0.3, patch_artist=True, showfliers=False,
-                     showmeans=True, meanprops={"marker": "D", "markersize": 4, "markerfacecolor": "white",
-                                                "markeredgecolor": "black"},
-                     medianprops={"color": "black"}, **_HORIZONTAL_BXP)
+        art = ax.bxp(
+            boxes,
+            positions=positions,
+            widths=0.3,
+            patch_artist=True,
+            showfliers=False,
+            showmeans=True,
+            meanprops={
+                "marker": "D",
+                "markersize": 4,
+                "markerfacecolor": "white",
+                "markeredgecolor": "black",
+            },
+            medianprops={"color": "black"},
+            **_HORIZONTAL_BXP,
+        )
         for patch, color in zip(art["boxes"], colors, strict=True):
             patch.set_facecolor(color)
             patch.set_alpha(0.7)
@@ -759,14 +847,21 @@ def _plot_group_boxes(frame: pl.DataFrame, group: str, stats: dict[str, dict], c
         ax.text(0.5, 0.5, "no finite scores", ha="center", va="center", transform=ax.transAxes)
     ax.set_yticks(range(len(names)), [f"{_plain(n, 28)} (n={stats[n]['input_rows']:,})" for n in names])
     ax.set_ylim(len(names) - 0.5, -0.5)
-    handles = [Patch(color=KEPT_COLOR, alpha=0.7, label="kept"), Patch(color=PRUNED_COLOR, alpha=0.7, label="pruned")]
+    handles = [
+        Patch(color=KEPT_COLOR, alpha=0.7, label="kept"),
+        Patch(color=PRUNED_COLOR, alpha=0.7, label="pruned"),
+    ]
     if cutoff is not None:
         ax.axvline(cutoff, color="black", linestyle="--", linewidth=1.2)
-        handles.append(Patch(facecolor="none", edgecolor="black", linestyle="--", label=f"cut-off {cutoff:.4g}"))
+        handles.append(
+            Patch(facecolor="none", edgecolor="black", linestyle="--", label=f"cut-off {cutoff:.4g}")
+        )
     _legend(ax, handles=handles)
     more = f" ({MAX_GROUPS} largest of {len(stats)})" if len(stats) > len(names) else ""
-    ax.set_title(_plain(f"{col} by {group}, kept vs pruned{more}", 90)
-                 + "\nbox: quartiles, whiskers: 5th-95th percentile, ◆: mean")
+    ax.set_title(
+        _plain(f"{col} by {group}, kept vs pruned{more}", 90)
+        + "\nbox: quartiles, whiskers: 5th-95th percentile, ◆: mean"
+    )
     ax.set_xlabel(_plain(col, 60))
     ax.set_ylabel(group)
     return _png(fig)
@@ -811,8 +906,12 @@ def _plot_change_shares(group: str, rows: dict[str, dict], prev_name: str) -> by
     fig = Figure(figsize=(11, 1.6 + 0.5 * len(names)), layout="constrained")
     ax = fig.subplots()
     h = 0.38
-    for k, (label, key, color) in enumerate(((f"{_plain(prev_name, 40)} (before)", "share_before", "#888888"),
-                                             ("this run (now)", "share_now", KEPT_COLOR))):
+    for k, (label, key, color) in enumerate(
+        (
+            (f"{_plain(prev_name, 40)} (before)", "share_before", "#888888"),
+            ("this run (now)", "share_now", KEPT_COLOR),
+        )
+    ):
         vals = np.array([rows[n][key] or 0.0 for n in names])
         bars = ax.barh(y + (k - 0.5) * h, vals, height=h, color=color, label=label)
         if len(names) <= 12:
@@ -830,10 +929,15 @@ def _plot_change_shares(group: str, rows: dict[str, dict], prev_name: str) -> by
 
 def _plot_neighbour_domains(nb: pl.DataFrame) -> bytes:
     """Where each subtask's most influential training examples come from, by domain."""
-    counts = nb.with_columns(pl.col("domain").fill_null("(none)"), pl.col("subtask").fill_null("all")) \
-        .group_by("subtask", "domain").len()
+    counts = (
+        nb.with_columns(pl.col("domain").fill_null("(none)"), pl.col("subtask").fill_null("all"))
+        .group_by("subtask", "domain")
+        .len()
+    )
     subtasks = sorted(counts["subtask"].unique().to_list())[:MAX_GROUPS]
-    domains = counts.group_by("domain").agg(pl.col("len").sum()).sort("len", descending=True)["domain"].to_list()
+    domains = (
+        counts.group_by("domain").agg(pl.col("len").sum()).sort("len", descending=True)["domain"].to_list()
+    )
     domains = domains[:MAX_GROUPS]
     y = np.arange(len(domains))
     fig = Figure(figsize=(11, 1.6 + 0.42 * len(domains)), layout="constrained")
@@ -843,8 +947,12 @@ def _plot_neighbour_domains(nb: pl.DataFrame) -> bytes:
         sub = counts.filter(pl.col("subtask") == st)
         total = max(1, int(sub["len"].sum()))
         by = dict(zip(sub["domain"].to_list(), sub["len"].to_list(), strict=True))
-        ax.barh(y + (k - (len(subtasks) - 1) / 2) * h, [by.get(d, 0) / total for d in domains], height=h,
-                label=_plain(f"target: {st}", 40))
+        ax.barh(
+            y + (k - (len(subtasks) - 1) / 2) * h,
+            [by.get(d, 0) / total for d in domains],
+            height=h,
+            label=_plain(f"target: {st}", 40),
+        )
     ax.set_yticks(y, [_plain(d, 32) for d in domains])
     ax.set_ylim(len(domains) - 0.5, -0.5)
     ax.set_xlabel("share of the target examples' top-k most influential training examples")
@@ -882,20 +990,32 @@ def _mixture_section(run: _Run) -> str | None:
         return None
     traj = pl.read_parquet(path)
     mix = run.mixture if isinstance(run.mixture, dict) else {}
-    body = [_note(f"Method: {mix.get('method')}; the weights in mixture.json are the {mix.get('output')} over "
-                  f"{mix.get('steps')} steps; every kept row of a domain carries weight N·α_d/n_d, so the shards' "
-                  "weight shares, the interleave probabilities and the Mosaic proportions are the mixture.")]
+    body = [
+        _note(
+            f"Method: {mix.get('method')}; the weights in mixture.json are the {mix.get('output')} over "
+            f"{mix.get('steps')} steps; every kept row of a domain carries weight N·α_d/n_d, so the shards' "
+            "weight shares, the interleave probabilities and the Mosaic proportions are the mixture."
+        )
+    ]
     if traj.height > 1:
         body.append(_img(_plot_mixture(traj), "domain weights and their entropy over the proxy's steps"))
     w = mix.get("weights") or {}
     fin = mix.get("final_weights") or {}
     avg = mix.get("average_weights") or {}
     tok = mix.get("domain_tokens") or {}
-    body.append(_table(["domain", "weight (output)", "final", "average", "tokens"],
-                       [[d, w.get(d), fin.get(d), avg.get(d), tok.get(d)] for d in w]))
+    body.append(
+        _table(
+            ["domain", "weight (output)", "final", "average", "tokens"],
+            [[d, w.get(d), fin.get(d), avg.get(d), tok.get(d)] for d in w],
+        )
+    )
     if mix.get("target_domains"):
-        body.append(_note("Target domains (held out of training and of the emitted data): "
-                          + ", ".join(mix["target_domains"])))
+        body.append(
+            _note(
+                "Target domains (held out of training and of the emitted data): "
+                + ", ".join(mix["target_domains"])
+            )
+        )
     return "".join(body)
 
 
@@ -905,33 +1025,56 @@ def _influence_section(run: _Run) -> str | None:
         return None
     nb = pl.read_parquet(path)
     prov = next((t.provenance for t in run.tables if t.stem == "influence"), None)
-    body = [_note("LESS / TracIn influence: for each training example, the learning-rate-weighted sum over "
-                  "checkpoints of the cosine between its (Adam-preconditioned, projected) gradient and each "
-                  "target example's, averaged within a target subtask and maximised over subtasks. "
-                  "gradsim_target: cosine with the mean target gradient; gradsim_domain: with the mean "
-                  "gradient of the example's own domain (how typical it is); self_influence: TracIn's "
-                  "sum of weighted squared gradient norms.")]
+    body = [
+        _note(
+            "LESS / TracIn influence: for each training example, the learning-rate-weighted sum over "
+            "checkpoints of the cosine between its (Adam-preconditioned, projected) gradient and each "
+            "target example's, averaged within a target subtask and maximised over subtasks. "
+            "gradsim_target: cosine with the mean target gradient; gradsim_domain: with the mean "
+            "gradient of the example's own domain (how typical it is); self_influence: TracIn's "
+            "sum of weighted squared gradient norms."
+        )
+    ]
     if isinstance(prov, dict):
-        facts = [["target examples", prov.get("target_rows")], ["subtasks", ", ".join(prov.get("subtasks") or [])],
-                 ["checkpoints (step: lr weight)", ", ".join(f"{c.get('step')}: {_fmt(c.get('weight'))}"
-                                                            for c in prov.get("checkpoints") or [])],
-                 ["nearest-neighbour index", prov.get("faiss")]]
+        facts = [
+            ["target examples", prov.get("target_rows")],
+            ["subtasks", ", ".join(prov.get("subtasks") or [])],
+            [
+                "checkpoints (step: lr weight)",
+                ", ".join(f"{c.get('step')}: {_fmt(c.get('weight'))}" for c in prov.get("checkpoints") or []),
+            ],
+            ["nearest-neighbour index", prov.get("faiss")],
+        ]
         params = prov.get("params") or {}
         facts += [[k, params.get(k)] for k in ("proj_dim", "precondition", "parameters") if k in params]
         body.append(_table(None, [[_Raw(f"<b>{_e(k)}</b>"), v] for k, v in facts], "kv"))
     if nb.height:
-        body.append(_img(_plot_neighbour_domains(nb), "share of domains among each target example's most "
-                                                      "influential training examples"))
+        body.append(
+            _img(
+                _plot_neighbour_domains(nb),
+                "share of domains among each target example's most influential training examples",
+            )
+        )
         body.append("<h3>Most influential training examples of the first target examples</h3>")
         first = nb["target_id"].unique(maintain_order=True).to_list()[:8]
         rows = []
         for t in first:
             part = nb.filter((pl.col("target_id") == t) & (pl.col("rank") <= 3))
             for r in part.iter_rows(named=True):
-                rows.append([r["target_id"] if r["rank"] == 1 else "", _plain(r["target_preview"], 80)
-                             if r["rank"] == 1 else "", r["rank"], r["id"], r["domain"], r["influence"],
-                             _plain(r["preview"], 120)])
-        body.append(_table(["target", "target text", "rank", "training id", "domain", "influence", "text"], rows))
+                rows.append(
+                    [
+                        r["target_id"] if r["rank"] == 1 else "",
+                        _plain(r["target_preview"], 80) if r["rank"] == 1 else "",
+                        r["rank"],
+                        r["id"],
+                        r["domain"],
+                        r["influence"],
+                        _plain(r["preview"], 120),
+                    ]
+                )
+        body.append(
+            _table(["target", "target text", "rank", "training id", "domain", "influence", "text"], rows)
+        )
         body.append(_note(f"All {nb.height:,} neighbour rows: influence/neighbours.parquet."))
     return "".join(body)
 
@@ -954,7 +1097,9 @@ def _plot_weights(frame: pl.DataFrame) -> bytes:
 
 def _plot_heatmap(name: str, agreement: dict) -> bytes:
     cols = agreement["columns"][:MAX_HEATMAP]
-    m = np.array([[np.nan if v is None else v for v in row[: len(cols)]] for row in agreement["matrix"][: len(cols)]])
+    m = np.array(
+        [[np.nan if v is None else v for v in row[: len(cols)]] for row in agreement["matrix"][: len(cols)]]
+    )
     k = len(cols)
     size = min(11, 2.5 + 0.55 * k)
     fig = Figure(figsize=(size + 1.2, size), layout="constrained")
@@ -969,8 +1114,15 @@ def _plot_heatmap(name: str, agreement: dict) -> bytes:
         for i in range(k):
             for j in range(k):
                 if np.isfinite(m[i, j]):
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                            color="white" if m[i, j] < (vmin + 1) / 2 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{m[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if m[i, j] < (vmin + 1) / 2 else "black",
+                    )
     fig.colorbar(im, ax=ax, label="Spearman ρ")
     ax.set_title(_plain(f"{name}: Spearman ρ between checkpoints", 80))
     ax.set_xlabel("checkpoint (s = seed, k = step)" if "@" in cols[0] else "score column")
@@ -1048,8 +1200,13 @@ def _kv(value: Any, depth: int = 0) -> str:
             keys: list[str] = []
             for v in value:
                 keys.extend(k for k in v if k not in keys)
-            rows = [[_Raw(_kv(v.get(k), depth + 1)) if isinstance(v.get(k), (dict, list)) else v.get(k)
-                     for k in keys] for v in value]
+            rows = [
+                [
+                    _Raw(_kv(v.get(k), depth + 1)) if isinstance(v.get(k), (dict, list)) else v.get(k)
+                    for k in keys
+                ]
+                for v in value
+            ]
             return _table(keys, rows)
         return _e(json.dumps(value, default=str))
     if isinstance(value, str):
@@ -1094,19 +1251,40 @@ def _group_table(stats: dict[str, dict], name: str) -> str:
     if len(stats) <= MAX_GROUPS:
         return _group_rows(stats, name)
     top = dict(list(stats.items())[:MAX_GROUPS])
-    return (_group_rows(top, name) + f"<details><summary>all {len(stats):,} values of {_e(name)}</summary>"
-            + _group_rows(stats, name) + "</details>")
+    return (
+        _group_rows(top, name)
+        + f"<details><summary>all {len(stats):,} values of {_e(name)}</summary>"
+        + _group_rows(stats, name)
+        + "</details>"
+    )
 
 
 def _group_rows(stats: dict[str, dict], name: str) -> str:
     has_man = any("manifest_proportion" in s for s in stats.values())
-    headers = [name, "input rows", "kept", "pruned", "kept %", "share before", "share after (rows)",
-               "weight sum", "share after (weight)"] + (["manifest proportion"] if has_man else [])
+    headers = [
+        name,
+        "input rows",
+        "kept",
+        "pruned",
+        "kept %",
+        "share before",
+        "share after (rows)",
+        "weight sum",
+        "share after (weight)",
+    ] + (["manifest proportion"] if has_man else [])
     rows = []
     for g, s in stats.items():
-        row = [g, s["input_rows"], s["kept_rows"], s["pruned_rows"], _pct(s["kept_fraction"]),
-               _pct(s["proportion_before"]), _pct(s["proportion_after"]), s["weight_sum"],
-               _pct(s["weight_proportion"])]
+        row = [
+            g,
+            s["input_rows"],
+            s["kept_rows"],
+            s["pruned_rows"],
+            _pct(s["kept_fraction"]),
+            _pct(s["proportion_before"]),
+            _pct(s["proportion_after"]),
+            s["weight_sum"],
+            _pct(s["weight_proportion"]),
+        ]
         if has_man:
             row.append(_pct(s.get("manifest_proportion")))
         rows.append(row)
@@ -1118,8 +1296,12 @@ def _previews(run: _Run, ids: list[str]) -> dict[str, str]:
     ids = sorted(set(ids))
     if run.rows_path is None or not ids or "preview" not in pq.read_schema(run.rows_path).names:
         return {}
-    pv = (pl.scan_parquet(run.rows_path).select(pl.col("id").cast(pl.Utf8), pl.col("preview").cast(pl.Utf8))
-          .filter(pl.col("id").is_in(ids)).collect())
+    pv = (
+        pl.scan_parquet(run.rows_path)
+        .select(pl.col("id").cast(pl.Utf8), pl.col("preview").cast(pl.Utf8))
+        .filter(pl.col("id").is_in(ids))
+        .collect()
+    )
     return {r[0]: r[1] for r in pv.iter_rows() if r[1] is not None}
 
 
@@ -1131,13 +1313,21 @@ def _examples(run: _Run, col: str | None) -> str:
     picks: list[tuple[str, pl.DataFrame]] = []
     for kept, label in ((True, "kept"), (False, "pruned")):
         part = fin.filter(pl.col("kept") == kept)
-        picks.append((f"Highest-scoring {label} rows",
-                      part.top_k(N_EXAMPLES, by=col).sort([col, "id"], descending=[True, False])))
+        picks.append(
+            (
+                f"Highest-scoring {label} rows",
+                part.top_k(N_EXAMPLES, by=col).sort([col, "id"], descending=[True, False]),
+            )
+        )
         picks.append((f"Lowest-scoring {label} rows", part.bottom_k(N_EXAMPLES, by=col).sort([col, "id"])))
     bad = frame.filter(~pl.col(col).is_finite() | pl.col(col).is_null())
     if bad.height:
-        picks.append((f"Rows whose {col} is NaN, infinite or missing ({bad.height:,}; first {N_EXAMPLES})",
-                      bad.head(N_EXAMPLES)))
+        picks.append(
+            (
+                f"Rows whose {col} is NaN, infinite or missing ({bad.height:,}; first {N_EXAMPLES})",
+                bad.head(N_EXAMPLES),
+            )
+        )
     previews = _previews(run, [i for _, p in picks for i in p["id"].to_list()])
     out = []
     for title, part in picks:
@@ -1149,17 +1339,30 @@ def _examples(run: _Run, col: str | None) -> str:
         for r in part.iter_rows(named=True):
             preview = previews.get(r["id"], "")
             score = r[col] if r[col] is None or not math.isfinite(r[col]) else f"{r[col]:.6g}"
-            rows.append([r["id"], r["domain"], r["label"], score, r["weight"], r["n_tokens"],
-                         _Raw(f'<div class="preview">{_e(preview)}</div>')])
+            rows.append(
+                [
+                    r["id"],
+                    r["domain"],
+                    r["label"],
+                    score,
+                    r["weight"],
+                    r["n_tokens"],
+                    _Raw(f'<div class="preview">{_e(preview)}</div>'),
+                ]
+            )
         out.append(_table(["id", "domain", "label", col, "weight", "tokens", "preview"], rows))
     return "".join(out)
 
 
 def _changes_section(run: _Run, prev: _Previous, s: dict) -> str:
     ch = _changes(run, prev, s)
-    body = [_note(f"Compared with the previous version in {prev.dir}. Entered: rows kept now that were pruned "
-                  "before or are new; left: rows kept before that are pruned now or gone from the data. New rows: "
-                  "ids of this run that the previous selection does not have; gone rows: the reverse.")]
+    body = [
+        _note(
+            f"Compared with the previous version in {prev.dir}. Entered: rows kept now that were pruned "
+            "before or are new; left: rows kept before that are pruned now or gone from the data. New rows: "
+            "ids of this run that the previous selection does not have; gone rows: the reverse."
+        )
+    ]
     body.extend(_note(msg, "warn") for msg in prev.notes)
     man = prev.manifest
     if man is not None:
@@ -1173,54 +1376,106 @@ def _changes_section(run: _Run, prev: _Previous, s: dict) -> str:
             ["input rows", pc.get("input_rows"), s["counts"]["input_rows"]],
             ["kept rows", pc.get("kept_rows"), s["counts"]["kept_rows"]],
         ]
-        body.append(_table(["", prev.name, "this run"], [[_Raw(f"<b>{_e(k)}</b>"), a, b] for k, a, b in facts]))
+        body.append(
+            _table(["", prev.name, "this run"], [[_Raw(f"<b>{_e(k)}</b>"), a, b] for k, a, b in facts])
+        )
     if ch is None:
         return "".join(body)
     c = ch["counts"]
     body.append(
         '<div class="cards">'
         f'<div class="card kept"><b>{c["entered"]:,}</b><span>entered the selection<br>'
-        f'({c["entered_pruned_before"]:,} pruned before, {c["entered_new"]:,} new rows)</span></div>'
+        f"({c['entered_pruned_before']:,} pruned before, {c['entered_new']:,} new rows)</span></div>"
         f'<div class="card pruned"><b>{c["left"]:,}</b><span>left the selection<br>'
-        f'({c["left_pruned_now"]:,} pruned now, {c["left_gone"]:,} gone)</span></div>'
+        f"({c['left_pruned_now']:,} pruned now, {c['left_gone']:,} gone)</span></div>"
         f'<div class="card"><b>{c["new_rows"]:,}</b><span>new rows<br>({c["entered_new"]:,} kept)</span></div>'
         f'<div class="card"><b>{c["gone_rows"]:,}</b><span>gone rows<br>({c["left_gone"]:,} were kept)</span></div>'
-        f'<div class="card"><b>{c["kept_both"]:,}</b><span>kept in both</span></div></div>')
-    body.append(_table(["", prev.name, "this run"], [
-        ["rows", c["rows_before"], c["rows_now"]],
-        ["kept rows", c["kept_before"], c["kept_now"]],
-    ]))
-    body.append(_table(["change", "rows"], [
-        ["entered: pruned before, kept now", c["entered_pruned_before"]],
-        ["entered: new rows, kept now", c["entered_new"]],
-        ["left: kept before, pruned now", c["left_pruned_now"]],
-        ["left: kept before, gone from the data", c["left_gone"]],
-        ["new rows (kept or pruned)", c["new_rows"]],
-        ["gone rows (kept or pruned before)", c["gone_rows"]],
-        ["kept in both", c["kept_both"]],
-    ]))
+        f'<div class="card"><b>{c["kept_both"]:,}</b><span>kept in both</span></div></div>'
+    )
+    body.append(
+        _table(
+            ["", prev.name, "this run"],
+            [
+                ["rows", c["rows_before"], c["rows_now"]],
+                ["kept rows", c["kept_before"], c["kept_now"]],
+            ],
+        )
+    )
+    body.append(
+        _table(
+            ["change", "rows"],
+            [
+                ["entered: pruned before, kept now", c["entered_pruned_before"]],
+                ["entered: new rows, kept now", c["entered_new"]],
+                ["left: kept before, pruned now", c["left_pruned_now"]],
+                ["left: kept before, gone from the data", c["left_gone"]],
+                ["new rows (kept or pruned)", c["new_rows"]],
+                ["gone rows (kept or pruned before)", c["gone_rows"]],
+                ["kept in both", c["kept_both"]],
+            ],
+        )
+    )
     body.extend(_note(msg, "warn") for msg in ch["notes"])
     for group, g in ch["groups"].items():
         body.append(f"<h3>Kept rows per {group}, before and after</h3>")
         if not g["rows"]:
             body.append(_note(f"No kept rows before or now: no {group} shares to compare."))
             continue
-        src = (f"the kept rows before are counted from {prev.name}/manifest.json (rows gone from the data "
-               "included)" if g["source"] == "manifest" else
-               f"the kept rows before are counted from {prev.name}/selection.parquet with this run's {group}s; "
-               f"rows gone from the data are shown as {GONE_GROUP}")
-        body.append(_note(f"Share: the {group}'s part of all kept rows; {src}. Entered and left count rows "
-                          "still in the data (rows gone from the data are in the totals above)."))
-        body.append(_img(_plot_change_shares(group, g["rows"], prev.name),
-                         f"share of kept rows per {group}, {prev.name} vs this run"))
+        src = (
+            f"the kept rows before are counted from {prev.name}/manifest.json (rows gone from the data "
+            "included)"
+            if g["source"] == "manifest"
+            else f"the kept rows before are counted from {prev.name}/selection.parquet with this run's {group}s; "
+            f"rows gone from the data are shown as {GONE_GROUP}"
+        )
+        body.append(
+            _note(
+                f"Share: the {group}'s part of all kept rows; {src}. Entered and left count rows "
+                "still in the data (rows gone from the data are in the totals above)."
+            )
+        )
+        body.append(
+            _img(
+                _plot_change_shares(group, g["rows"], prev.name),
+                f"share of kept rows per {group}, {prev.name} vs this run",
+            )
+        )
         rows = []
         for n, r in g["rows"].items():
-            delta = None if r["share_before"] is None or r["share_now"] is None else \
-                f"{100 * (r['share_now'] - r['share_before']):+.1f}"
-            rows.append([n, r["kept_before"], _pct(r["share_before"]), r["kept_now"], _pct(r["share_now"]), delta,
-                         r["entered"], r["entered_new"], r["left"]])
-        body.append(_table([group, "kept before", "share before", "kept now", "share now", "change (points)",
-                            "entered", "of which new rows", "left (pruned now)"], rows))
+            delta = (
+                None
+                if r["share_before"] is None or r["share_now"] is None
+                else f"{100 * (r['share_now'] - r['share_before']):+.1f}"
+            )
+            rows.append(
+                [
+                    n,
+                    r["kept_before"],
+                    _pct(r["share_before"]),
+                    r["kept_now"],
+                    _pct(r["share_now"]),
+                    delta,
+                    r["entered"],
+                    r["entered_new"],
+                    r["left"],
+                ]
+            )
+        body.append(
+            _table(
+                [
+                    group,
+                    "kept before",
+                    "share before",
+                    "kept now",
+                    "share now",
+                    "change (points)",
+                    "entered",
+                    "of which new rows",
+                    "left (pruned now)",
+                ],
+                rows,
+            )
+        )
     col = s["selection_score"]
     j = ch["frame"]
     picks = []
@@ -1239,25 +1494,63 @@ def _changes_section(run: _Run, prev: _Previous, s: dict) -> str:
     previews = _previews(run, [i for *_, p in picks for i in p["id"].to_list()])
     for what, n_part, how, part in picks:
         extra = " and still in the data" if what == "left" else ""
-        body.append(f"<h3>{_e(f'Rows that {what} the selection{extra} ({n_part:,}; {part.height:,} shown, {how})')}"
-                    "</h3>")
+        body.append(
+            f"<h3>{_e(f'Rows that {what} the selection{extra} ({n_part:,}; {part.height:,} shown, {how})')}"
+            "</h3>"
+        )
         if part.height == 0:
             body.append(_note("none"))
             continue
         rows = []
         for r in part.iter_rows(named=True):
             status = ("new row" if r["_new"] else "pruned before") if what == "entered" else "pruned now"
-            score = "–" if col is None else (r[col] if r[col] is None or not math.isfinite(r[col])
-                                             else f"{r[col]:.6g}")
-            rows.append([r["id"], status, r["domain"], r["label"], score, r["weight_before"], r["weight"],
-                         r["n_tokens"], _Raw(f'<div class="preview">{_e(previews.get(r["id"], ""))}</div>')])
-        body.append(_table(["id", "status", "domain", "label", col or "score", "weight before", "weight now",
-                            "tokens", "preview"], rows))
+            score = (
+                "–"
+                if col is None
+                else (r[col] if r[col] is None or not math.isfinite(r[col]) else f"{r[col]:.6g}")
+            )
+            rows.append(
+                [
+                    r["id"],
+                    status,
+                    r["domain"],
+                    r["label"],
+                    score,
+                    r["weight_before"],
+                    r["weight"],
+                    r["n_tokens"],
+                    _Raw(f'<div class="preview">{_e(previews.get(r["id"], ""))}</div>'),
+                ]
+            )
+        body.append(
+            _table(
+                [
+                    "id",
+                    "status",
+                    "domain",
+                    "label",
+                    col or "score",
+                    "weight before",
+                    "weight now",
+                    "tokens",
+                    "preview",
+                ],
+                rows,
+            )
+        )
     if c["left_gone"]:
-        gone_ids = (prev.selection.filter(pl.col("kept_before"))
-                    .join(run.frame.select("id"), on="id", how="anti")["id"].head(N_CHANGE_EXAMPLES).to_list())
-        body.append(_note(f"{_rows(c['left_gone'])} that were kept left because they are gone from the data "
-                          f"(no text or scores in this run); the first: {', '.join(gone_ids)}"))
+        gone_ids = (
+            prev.selection.filter(pl.col("kept_before"))
+            .join(run.frame.select("id"), on="id", how="anti")["id"]
+            .head(N_CHANGE_EXAMPLES)
+            .to_list()
+        )
+        body.append(
+            _note(
+                f"{_rows(c['left_gone'])} that were kept left because they are gone from the data "
+                f"(no text or scores in this run); the first: {', '.join(gone_ids)}"
+            )
+        )
     return "".join(body)
 
 
@@ -1286,32 +1579,53 @@ def _render(run: _Run, s: dict, prev: _Previous | None = None) -> str:
         ["selector", info["selector"]],
         ["selection score (plotted)", col or "–"],
         ["cut-off", cut_text],
-        ["report generated", f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} by winnow "
-                             f"{info['report_version']}"],
+        [
+            "report generated",
+            f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} by winnow {info['report_version']}",
+        ],
     ]
     body = [_table(None, [[_Raw(f"<b>{_e(k)}</b>"), v] for k, v in facts], "kv")]
     n = counts["input_rows"]
-    body.append('<div class="cards">'
-                f'<div class="card"><b>{n:,}</b><span>input rows</span></div>'
-                f'<div class="card kept"><b>{counts["kept_rows"]:,}</b><span>kept '
-                f'({_pct(counts["kept_fraction"])})</span></div>'
-                f'<div class="card pruned"><b>{counts["pruned_rows"]:,}</b><span>pruned '
-                f'({_pct(None if not n else counts["pruned_rows"] / n)})</span></div></div>')
+    body.append(
+        '<div class="cards">'
+        f'<div class="card"><b>{n:,}</b><span>input rows</span></div>'
+        f'<div class="card kept"><b>{counts["kept_rows"]:,}</b><span>kept '
+        f"({_pct(counts['kept_fraction'])})</span></div>"
+        f'<div class="card pruned"><b>{counts["pruned_rows"]:,}</b><span>pruned '
+        f"({_pct(None if not n else counts['pruned_rows'] / n)})</span></div></div>"
+    )
     mc = s["manifest_counts"]
     if mc:
-        mism = [(k, mc.get(k), counts[k]) for k in ("input_rows", "kept_rows", "pruned_rows")
-                if mc.get(k) is not None and mc.get(k) != counts[k]]
+        mism = [
+            (k, mc.get(k), counts[k])
+            for k in ("input_rows", "kept_rows", "pruned_rows")
+            if mc.get(k) is not None and mc.get(k) != counts[k]
+        ]
         for k, a, b in mism:
-            body.append(_note(f"manifest.json records {k} = {a:,} but selection.parquet has {b:,}: "
-                              "the manifest may come from an earlier selection.", "warn"))
+            body.append(
+                _note(
+                    f"manifest.json records {k} = {a:,} but selection.parquet has {b:,}: "
+                    "the manifest may come from an earlier selection.",
+                    "warn",
+                )
+            )
     if not info["has_manifest"]:
-        body.append(_note("No manifest.json yet (the run has not emitted shards): this report is built from "
-                          "the scores and the selection alone."))
+        body.append(
+            _note(
+                "No manifest.json yet (the run has not emitted shards): this report is built from "
+                "the scores and the selection alone."
+            )
+        )
     bad = s["selection_score_not_finite"]
     if bad and bad["rows"]:
         verb = "has" if bad["rows"] == 1 else "have"
-        body.append(_note(f"{_rows(bad['rows'])} {verb} a NaN, infinite or missing {col} "
-                          f"({bad['kept']:,} kept, {bad['pruned']:,} pruned); plots leave them out.", "warn"))
+        body.append(
+            _note(
+                f"{_rows(bad['rows'])} {verb} a NaN, infinite or missing {col} "
+                f"({bad['kept']:,} kept, {bad['pruned']:,} pruned); plots leave them out.",
+                "warn",
+            )
+        )
     for msg in s["notes"]:
         body.append(_note(msg, "warn"))
     overview = "".join(body)
@@ -1322,25 +1636,70 @@ def _render(run: _Run, s: dict, prev: _Previous | None = None) -> str:
         body.append(_note("No score columns found in scores/."))
     else:
         means = [col] + [c for c in run.means if c != col]
-        body.append(_img(_plot_score_hists(frame, means, col, cutoff),
-                         f"histograms of {', '.join(means[:6])} for kept and pruned rows"))
+        body.append(
+            _img(
+                _plot_score_hists(frame, means, col, cutoff),
+                f"histograms of {', '.join(means[:6])} for kept and pruned rows",
+            )
+        )
         for group, label in (("domain", "domains"), ("label", "labels")):
             stats = s[label]
             body.append(f"<h3>{_e(col)} per {group}</h3>")
             if not stats:
                 body.append(_note(f"The data has no {group} column (all null): nothing to split by."))
             else:
-                body.append(_img(_plot_group_boxes(frame, group, stats, col, cutoff),
-                                 f"box plots of {col} per {group}, kept vs pruned"))
+                body.append(
+                    _img(
+                        _plot_group_boxes(frame, group, stats, col, cutoff),
+                        f"box plots of {col} per {group}, kept vs pruned",
+                    )
+                )
         body.append("<h3>Statistics per score column</h3>")
-        body.append(_note("NaN, inf and null are counted apart; every other statistic is over finite values."))
+        body.append(
+            _note("NaN, inf and null are counted apart; every other statistic is over finite values.")
+        )
         rows = []
         for c, st in s["scores"].items():
             ckpt = "mean" if st["seed"] is None else f"seed {st['seed']}, step {st['step']}"
-            rows.append([c, st["file"], ckpt, st["finite"], st["nan"], st["inf"], st["null"], st["mean"], st["std"],
-                         st["min"], st["median"], st["max"], st["kept_mean"], st["pruned_mean"]])
-        body.append(_table(["column", "file", "checkpoint", "finite", "NaN", "inf", "null", "mean", "std", "min",
-                            "median", "max", "kept mean", "pruned mean"], rows))
+            rows.append(
+                [
+                    c,
+                    st["file"],
+                    ckpt,
+                    st["finite"],
+                    st["nan"],
+                    st["inf"],
+                    st["null"],
+                    st["mean"],
+                    st["std"],
+                    st["min"],
+                    st["median"],
+                    st["max"],
+                    st["kept_mean"],
+                    st["pruned_mean"],
+                ]
+            )
+        body.append(
+            _table(
+                [
+                    "column",
+                    "file",
+                    "checkpoint",
+                    "finite",
+                    "NaN",
+                    "inf",
+                    "null",
+                    "mean",
+                    "std",
+                    "min",
+                    "median",
+                    "max",
+                    "kept mean",
+                    "pruned mean",
+                ],
+                rows,
+            )
+        )
     scores_html = "".join(body)
 
     # ---- kept / pruned per group
@@ -1356,33 +1715,62 @@ def _render(run: _Run, s: dict, prev: _Previous | None = None) -> str:
     body.append("<h3>Weights of kept rows</h3>")
     w = s["weights"]
     body.append(_img(_plot_weights(frame), "histogram of the weights of kept rows"))
-    body.append(_table(["kept rows", "min", "mean", "max", "std", "sum"],
-                       [[w["kept_rows"], w["min"], w["mean"], w["max"], w["std"], w["sum"]]]))
+    body.append(
+        _table(
+            ["kept rows", "min", "mean", "max", "std", "sum"],
+            [[w["kept_rows"], w["min"], w["mean"], w["max"], w["std"], w["sum"]]],
+        )
+    )
     if w["min"] is not None and w["min"] == w["max"]:
-        body.append(_note(f"Every kept row has weight {_fmt(w['min'])}: the selector prunes without reweighting."))
+        body.append(
+            _note(f"Every kept row has weight {_fmt(w['min'])}: the selector prunes without reweighting.")
+        )
     groups_html = "".join(body)
 
     # ---- agreement
-    body = [_note("Spearman rank correlation between score columns, over rows where every column is finite. "
-                  "Close to 1: seeds and steps rank the data alike, so the selection does not hinge on one "
-                  "proxy run. Well below 1: the ranking is noisy; more seeds or later checkpoints help.")]
+    body = [
+        _note(
+            "Spearman rank correlation between score columns, over rows where every column is finite. "
+            "Close to 1: seeds and steps rank the data alike, so the selection does not hinge on one "
+            "proxy run. Well below 1: the ranking is noisy; more seeds or later checkpoints help."
+        )
+    ]
     if not s["agreement"]:
         body.append(_note("Fewer than two checkpoint columns per score: nothing to compare."))
     for name, a in s["agreement"].items():
         body.append(f"<h3>{_e(name)}</h3>")
         if a["matrix"] is None:
-            body.append(_note(f"Only {_rows(a['rows'])} with finite scores in every column: needs at least 3."))
+            body.append(
+                _note(f"Only {_rows(a['rows'])} with finite scores in every column: needs at least 3.")
+            )
             continue
         p = a["pairs"]
         sampled = f" (a random sample of {a['rows']:,} of {a['complete_rows']:,})" if a["sampled"] else ""
-        body.append(_table(["rows used", "mean ρ, all pairs", "mean ρ, seeds at the same step",
-                            "mean ρ, steps of the same seed"],
-                           [[f"{a['rows']:,}{sampled}", p["all_pairs"], p["between_seeds_same_step"],
-                             p["between_steps_same_seed"]]]))
+        body.append(
+            _table(
+                [
+                    "rows used",
+                    "mean ρ, all pairs",
+                    "mean ρ, seeds at the same step",
+                    "mean ρ, steps of the same seed",
+                ],
+                [
+                    [
+                        f"{a['rows']:,}{sampled}",
+                        p["all_pairs"],
+                        p["between_seeds_same_step"],
+                        p["between_steps_same_seed"],
+                    ]
+                ],
+            )
+        )
         body.append(_img(_plot_heatmap(name, a), f"Spearman correlation heatmap for {name}"))
         short = [c.split("@", 1)[1] if "@" in c else c for c in a["columns"]]
-        body.append("<details><summary>values</summary>"
-                    + _table([""] + short, [[short[i]] + row for i, row in enumerate(a["matrix"])]) + "</details>")
+        body.append(
+            "<details><summary>values</summary>"
+            + _table([""] + short, [[short[i]] + row for i, row in enumerate(a["matrix"])])
+            + "</details>"
+        )
     agree_html = "".join(body)
 
     # ---- provenance
@@ -1395,12 +1783,19 @@ def _render(run: _Run, s: dict, prev: _Previous | None = None) -> str:
             body.append(_note("No winnow.provenance metadata in this file."))
         elif isinstance(t.provenance, (dict, list)):
             body.append(_kv(t.provenance))
-            body.append("<details><summary>raw JSON</summary><pre>"
-                        + _e(json.dumps(t.provenance, indent=2, default=str)) + "</pre></details>")
+            body.append(
+                "<details><summary>raw JSON</summary><pre>"
+                + _e(json.dumps(t.provenance, indent=2, default=str))
+                + "</pre></details>"
+            )
         else:
             body.append(f"<pre>{_e(t.provenance)}</pre>")
     body.append("<h3>Recipe (config.yaml)</h3>")
-    body.append(f"<pre>{_e(run.config_text)}</pre>" if run.config_text is not None else _note("config.yaml not found."))
+    body.append(
+        f"<pre>{_e(run.config_text)}</pre>"
+        if run.config_text is not None
+        else _note("config.yaml not found.")
+    )
     if run.run_json:
         body.append("<h3>run.json</h3>" + _kv(run.run_json))
     prov_html = "".join(body)
@@ -1409,14 +1804,21 @@ def _render(run: _Run, s: dict, prev: _Previous | None = None) -> str:
     man = run.manifest
     body = []
     if man is None:
-        body.append(_note("manifest.json not found: the run has not emitted shards yet (the emit step of "
-                          "`winnow run RECIPE` writes shards/ and manifest.json)."))
+        body.append(
+            _note(
+                "manifest.json not found: the run has not emitted shards yet (the emit step of "
+                "`winnow run RECIPE` writes shards/ and manifest.json)."
+            )
+        )
     else:
         shards = man.get("shards") or []
         body.append(f"<h3>Output shards ({len(shards)})</h3>")
         if shards:
-            rows = [[sh.get("path"), sh.get("rows"), sh.get("bytes"), str(sh.get("sha256") or "")[:12]]
-                    for sh in shards if isinstance(sh, dict)]
+            rows = [
+                [sh.get("path"), sh.get("rows"), sh.get("bytes"), str(sh.get("sha256") or "")[:12]]
+                for sh in shards
+                if isinstance(sh, dict)
+            ]
             tot_rows = sum(r[1] for r in rows if isinstance(r[1], int))
             tot_bytes = sum(r[2] for r in rows if isinstance(r[2], int))
             rows.append([_Raw("<b>total</b>"), tot_rows, tot_bytes, ""])
@@ -1427,9 +1829,15 @@ def _render(run: _Run, s: dict, prev: _Previous | None = None) -> str:
         body.append("<h3>Interleave probabilities</h3>")
         if isinstance(inter, dict) and inter.get("names"):
             names, probs = inter.get("names") or [], inter.get("probabilities") or []
-            body.append(_table(["name", "probability"],
-                               [[nm, probs[i] if i < len(probs) else None] for i, nm in enumerate(names)]))
-            body.append(_note("In this order, as datasets.interleave_datasets(probabilities=...) takes them."))
+            body.append(
+                _table(
+                    ["name", "probability"],
+                    [[nm, probs[i] if i < len(probs) else None] for i, nm in enumerate(names)],
+                )
+            )
+            body.append(
+                _note("In this order, as datasets.interleave_datasets(probabilities=...) takes them.")
+            )
         else:
             body.append(_note("none recorded"))
         if man.get("mosaic_streams"):
@@ -1437,12 +1845,27 @@ def _render(run: _Run, s: dict, prev: _Previous | None = None) -> str:
         div = man.get("diversity")
         if isinstance(div, dict):
             body.append("<h3>Diversity</h3>" + _kv(div))
-            body.append(_note("diversity_input / diversity_selection: log-det distance per item to a maximally "
-                              "diverse reference (random directions) of the same size, on diversity_sample rows; "
-                              "smaller is more diverse. DPP runs also give logdet, the log det of the selected "
-                              "set's kernel, and random_logdet_mean, the same for random subsets of equal size."))
-        extra = {k: man[k] for k in ("recipe_fingerprint", "input", "model", "scorers", "selector", "columns",
-                                     "weight_column") if k in man}
+            body.append(
+                _note(
+                    "diversity_input / diversity_selection: log-det distance per item to a maximally "
+                    "diverse reference (random directions) of the same size, on diversity_sample rows; "
+                    "smaller is more diverse. DPP runs also give logdet, the log det of the selected "
+                    "set's kernel, and random_logdet_mean, the same for random subsets of equal size."
+                )
+            )
+        extra = {
+            k: man[k]
+            for k in (
+                "recipe_fingerprint",
+                "input",
+                "model",
+                "scorers",
+                "selector",
+                "columns",
+                "weight_column",
+            )
+            if k in man
+        }
         if isinstance(extra.get("input"), dict) and isinstance(extra["input"].get("shards"), list):
             inp = dict(extra["input"])
             inp["shards"] = [
@@ -1459,30 +1882,41 @@ def _render(run: _Run, s: dict, prev: _Previous | None = None) -> str:
     infl_html = _influence_section(run)
     mix_html = _mixture_section(run)
     changes_html = _changes_section(run, prev, s) if prev is not None else ""
-    sections = "".join([
-        _section("changes", f"Changes since {prev.name}", changes_html, toc) if prev is not None else "",
-        _section("scores", "Score distributions", scores_html, toc),
-        _section("influence", "Influence on the target set", infl_html, toc) if infl_html else "",
-        _section("mixture", "Domain mixture", mix_html, toc) if mix_html else "",
-        _section("groups", "Kept and pruned per domain and label", groups_html, toc),
-        _section("agreement", "Checkpoint agreement", agree_html, toc),
-        _section("examples", "Examples", _examples(run, col), toc),
-        _section("provenance", "Provenance and recipe", prov_html, toc),
-        _section("shards", "Shards and mixture", man_html, toc),
-    ])
-    nav = "<nav><b>Contents</b><ol>" + "".join(f'<li><a href="#{_e(a)}">{_e(t)}</a></li>' for a, t in toc) + "</ol></nav>"
+    sections = "".join(
+        [
+            _section("changes", f"Changes since {prev.name}", changes_html, toc) if prev is not None else "",
+            _section("scores", "Score distributions", scores_html, toc),
+            _section("influence", "Influence on the target set", infl_html, toc) if infl_html else "",
+            _section("mixture", "Domain mixture", mix_html, toc) if mix_html else "",
+            _section("groups", "Kept and pruned per domain and label", groups_html, toc),
+            _section("agreement", "Checkpoint agreement", agree_html, toc),
+            _section("examples", "Examples", _examples(run, col), toc),
+            _section("provenance", "Provenance and recipe", prov_html, toc),
+            _section("shards", "Shards and mixture", man_html, toc),
+        ]
+    )
+    nav = (
+        "<nav><b>Contents</b><ol>"
+        + "".join(f'<li><a href="#{_e(a)}">{_e(t)}</a></li>' for a, t in toc)
+        + "</ol></nav>"
+    )
     title = f"winnow report: {info['name']}"
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_e(title)}</title>'
         f"<style>{_CSS}</style></head><body><main>"
         f"<header><h1>{_e(title)}</h1>{overview}</header>{nav}{sections}"
         "</main></body></html>\n"
     )
 
 
-def write_report(run_dir: str | Path, fingerprint: str | None = None, *, out: str | Path | None = None,
-                 previous: str | Path | None = None) -> Path:
+def write_report(
+    run_dir: str | Path,
+    fingerprint: str | None = None,
+    *,
+    out: str | Path | None = None,
+    previous: str | Path | None = None,
+) -> Path:
     """Write the report (self-contained: inline CSS, plots as PNG data URIs) and return its path.
 
     `out` is where it goes (default run_dir/report.html). The file appears atomically: it is written
@@ -1500,8 +1934,11 @@ def write_report(run_dir: str | Path, fingerprint: str | None = None, *, out: st
     prev = _load_previous(previous) if previous is not None else None
     page = _render(run, _summarize(run), prev)
     if fingerprint is not None:
-        page = page.replace("<meta charset=\"utf-8\">",
-                            f"<meta charset=\"utf-8\"><meta name=\"winnow-fingerprint\" content=\"{_e(fingerprint)}\">", 1)
+        page = page.replace(
+            '<meta charset="utf-8">',
+            f'<meta charset="utf-8"><meta name="winnow-fingerprint" content="{_e(fingerprint)}">',
+            1,
+        )
     dest = Path(out) if out is not None else run.dir / "report.html"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f"{dest.name}.tmp-{os.getpid()}"
@@ -1546,18 +1983,24 @@ def print_summary(run_dir: str | Path, console: Any = None) -> dict:
     head = Table(title=Text(f"winnow run {info['name']}"), show_header=False, box=None)
     head.add_column(style="bold")
     head.add_column()
-    for k, v in (("directory", info["dir"]), ("winnow version", info["winnow_version"] or "not recorded"),
-                 ("created", info["created"]), ("selector", info["selector"]),
-                 ("selection score", s["selection_score"] or "–"),
-                 ("cut-off", _cut_text(s["cutoff"], s["cutoff_side"])),
-                 ("input rows", f"{counts['input_rows']:,}"),
-                 ("kept rows", f"{counts['kept_rows']:,} ({_pct(counts['kept_fraction'])})"),
-                 ("pruned rows", f"{counts['pruned_rows']:,}")):
+    for k, v in (
+        ("directory", info["dir"]),
+        ("winnow version", info["winnow_version"] or "not recorded"),
+        ("created", info["created"]),
+        ("selector", info["selector"]),
+        ("selection score", s["selection_score"] or "–"),
+        ("cut-off", _cut_text(s["cutoff"], s["cutoff_side"])),
+        ("input rows", f"{counts['input_rows']:,}"),
+        ("kept rows", f"{counts['kept_rows']:,} ({_pct(counts['kept_fraction'])})"),
+        ("pruned rows", f"{counts['pruned_rows']:,}"),
+    ):
         head.add_row(k, Text(str(v)))
     bad = s["selection_score_not_finite"]
     if bad and bad["rows"]:
-        head.add_row("not finite", Text(f"{_rows(bad['rows'])} ({bad['kept']:,} kept, {bad['pruned']:,} pruned)",
-                                        style="yellow"))
+        head.add_row(
+            "not finite",
+            Text(f"{_rows(bad['rows'])} ({bad['kept']:,} kept, {bad['pruned']:,} pruned)", style="yellow"),
+        )
     if not info["has_manifest"]:
         head.add_row("manifest", Text("not written yet (no shards emitted)", style="yellow"))
     con.print(head)
@@ -1570,23 +2013,37 @@ def print_summary(run_dir: str | Path, console: Any = None) -> dict:
         for h in (name, "input", "kept", "pruned", "kept %", "share before", "share after", "weight share"):
             t.add_column(h, justify="left" if h == name else "right")
         for g, st in list(stats.items())[:MAX_GROUPS]:
-            t.add_row(Text(g), f"{st['input_rows']:,}", f"{st['kept_rows']:,}", f"{st['pruned_rows']:,}",
-                      _pct(st["kept_fraction"]), _pct(st["proportion_before"]), _pct(st["proportion_after"]),
-                      _pct(st["weight_proportion"]))
+            t.add_row(
+                Text(g),
+                f"{st['input_rows']:,}",
+                f"{st['kept_rows']:,}",
+                f"{st['pruned_rows']:,}",
+                _pct(st["kept_fraction"]),
+                _pct(st["proportion_before"]),
+                _pct(st["proportion_after"]),
+                _pct(st["weight_proportion"]),
+            )
         if len(stats) > MAX_GROUPS:
             t.caption = f"{MAX_GROUPS} largest of {len(stats)} {key}"
         con.print(t)
 
     if s["scores"]:
-        t = Table(title="score columns", box=box.SIMPLE_HEAD,
-                  caption="NaN: NaN, inf or null; kept / pruned: mean over kept / pruned rows")
+        t = Table(
+            title="score columns",
+            box=box.SIMPLE_HEAD,
+            caption="NaN: NaN, inf or null; kept / pruned: mean over kept / pruned rows",
+        )
         t.add_column("column", no_wrap=True)
         for h in ("finite", "NaN", "mean", "min", "median", "max", "kept", "pruned"):
             t.add_column(h, justify="right", no_wrap=True)
         for c, st in s["scores"].items():
             bad = st["nan"] + st["inf"] + st["null"]
-            t.add_row(Text(c), f"{st['finite']:,}", Text(f"{bad:,}", style="yellow" if bad else ""),
-                      *(_short(st[k]) for k in ("mean", "min", "median", "max", "kept_mean", "pruned_mean")))
+            t.add_row(
+                Text(c),
+                f"{st['finite']:,}",
+                Text(f"{bad:,}", style="yellow" if bad else ""),
+                *(_short(st[k]) for k in ("mean", "min", "median", "max", "kept_mean", "pruned_mean")),
+            )
         con.print(t)
 
     if s["agreement"]:
@@ -1595,8 +2052,14 @@ def print_summary(run_dir: str | Path, console: Any = None) -> dict:
             t.add_column(h, justify="left" if h == "score" else "right")
         for name, a in s["agreement"].items():
             p = a["pairs"]
-            t.add_row(Text(name), str(len(a["columns"])), f"{a['rows']:,}", _fmt(p["all_pairs"]),
-                      _fmt(p["between_seeds_same_step"]), _fmt(p["between_steps_same_seed"]))
+            t.add_row(
+                Text(name),
+                str(len(a["columns"])),
+                f"{a['rows']:,}",
+                _fmt(p["all_pairs"]),
+                _fmt(p["between_seeds_same_step"]),
+                _fmt(p["between_steps_same_seed"]),
+            )
         con.print(t)
     for msg in s["notes"]:
         con.print(Text(msg, style="yellow"))

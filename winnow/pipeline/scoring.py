@@ -44,18 +44,32 @@ def build_scorers(recipe: Recipe) -> list[Any]:
     return [get_scorer(s.name, **s.params) for s in recipe.scoring.scorers]
 
 
-def score_fingerprint(recipe: Recipe, shard: InputShard, ckpts: list[dict[str, Any]], tokenizer_fp: str | None) -> str:
-    return fingerprint("score", shard.fingerprint, recipe.data.model_dump(exclude={"read_batch_size", "source"}),
-                       recipe.model.max_length, [s.model_dump() for s in recipe.scoring.scorers],
-                       [c["fingerprint"] for c in ckpts], tokenizer_fp, winnow.__version__)
+def score_fingerprint(
+    recipe: Recipe, shard: InputShard, ckpts: list[dict[str, Any]], tokenizer_fp: str | None
+) -> str:
+    return fingerprint(
+        "score",
+        shard.fingerprint,
+        recipe.data.model_dump(exclude={"read_batch_size", "source"}),
+        recipe.model.max_length,
+        [s.model_dump() for s in recipe.scoring.scorers],
+        [c["fingerprint"] for c in ckpts],
+        tokenizer_fp,
+        winnow.__version__,
+    )
 
 
 def cache_fingerprint(recipe: Recipe, ckpts: list[dict[str, Any]], tokenizer_fp: str | None) -> str:
     """What every example's scores depend on, apart from the example itself."""
-    return fingerprint("score-cache", recipe.data.model_dump(exclude={"read_batch_size", "source", "id_column",
-                                                                      "domain_column"}),
-                       recipe.model.max_length, [s.model_dump() for s in recipe.scoring.scorers],
-                       [c["fingerprint"] for c in ckpts], tokenizer_fp, winnow.__version__)
+    return fingerprint(
+        "score-cache",
+        recipe.data.model_dump(exclude={"read_batch_size", "source", "id_column", "domain_column"}),
+        recipe.model.max_length,
+        [s.model_dump() for s in recipe.scoring.scorers],
+        [c["fingerprint"] for c in ckpts],
+        tokenizer_fp,
+        winnow.__version__,
+    )
 
 
 def example_key(e: Example) -> str:
@@ -76,8 +90,10 @@ def _read_cache(cache_dir: Path) -> pl.DataFrame | None:
 
 def part_paths(run_dir: Path, shard: InputShard, fp: str) -> tuple[Path, Path]:
     parts = run_dir / "scores" / "parts"
-    return (parts / f"scores-{shard.index:05d}-{fp[:12]}.parquet",
-            parts / f"rows-{shard.index:05d}-{fp[:12]}.parquet")
+    return (
+        parts / f"scores-{shard.index:05d}-{fp[:12]}.parquet",
+        parts / f"rows-{shard.index:05d}-{fp[:12]}.parquet",
+    )
 
 
 def _stream(recipe: Recipe, shard: InputShard, feat: Featurizer):
@@ -88,16 +104,30 @@ def _stream(recipe: Recipe, shard: InputShard, feat: Featurizer):
         yield exs
 
 
-def score_shard(recipe: Recipe, run_dir: Path, shard: InputShard, ckpts: list[dict[str, Any]],
-                feat: Featurizer, fp: str, progress: Callable[[int], None] | None = None,
-                cache_fp: str | None = None) -> dict[str, Any]:
+def score_shard(
+    recipe: Recipe,
+    run_dir: Path,
+    shard: InputShard,
+    ckpts: list[dict[str, Any]],
+    feat: Featurizer,
+    fp: str,
+    progress: Callable[[int], None] | None = None,
+    cache_fp: str | None = None,
+) -> dict[str, Any]:
     """Score one shard; write its score and rows parts atomically; return a summary (``scored``: examples
     scored now, ``reused``: examples whose scores came from the cache under ``cache_fp``)."""
     scores_path, rows_path = part_paths(run_dir, shard, fp)
     if scores_path.exists() and rows_path.exists():
         n = read_parquet(rows_path).height
-        return {"shard": shard.index, "rows": n, "scores": str(scores_path), "rows_file": str(rows_path),
-                "skipped": True, "scored": 0, "reused": n}
+        return {
+            "shard": shard.index,
+            "rows": n,
+            "scores": str(scores_path),
+            "rows_file": str(rows_path),
+            "skipped": True,
+            "scored": 0,
+            "reused": n,
+        }
     scorers = build_scorers(recipe)
     task = recipe.model.task
     bs = recipe.scoring.batch_size
@@ -133,7 +163,11 @@ def score_shard(recipe: Recipe, run_dir: Path, shard: InputShard, ckpts: list[di
             new = [e for e, k in exs_k if k in todo]
             if new:
                 if model is None:
-                    model = load_checkpoint(run_dir / ck["path"], task, recipe.model.trust_remote_code).to(device).eval()
+                    model = (
+                        load_checkpoint(run_dir / ck["path"], task, recipe.model.trust_remote_code)
+                        .to(device)
+                        .eval()
+                    )
                     if use_bf16:
                         model = model.to(torch.bfloat16)
                     if recipe.scoring.compile and device.type == "cuda":
@@ -160,28 +194,54 @@ def score_shard(recipe: Recipe, run_dir: Path, shard: InputShard, ckpts: list[di
             mean = np.where(counts > 0, np.nansum(stack, axis=0) / np.maximum(counts, 1), np.nan)
         data[col] = mean.astype(np.float64)
     order = ["key"] + base_cols + [c for c in data if "@" in c]
-    fresh = pl.DataFrame({k: data[k] for k in order},
-                         schema_overrides={"key": pl.Utf8, **{c: pl.Float64 for c in order[1:]}})
+    fresh = pl.DataFrame(
+        {k: data[k] for k in order}, schema_overrides={"key": pl.Utf8, **{c: pl.Float64 for c in order[1:]}}
+    )
     fresh = fresh.unique(subset="key", keep="first", maintain_order=True)
     if cache_dir is not None and fresh.height:
-        write_parquet(fresh, cache_dir / f"frag-{shard.index:05d}-{fp[:12]}.parquet", {"cache_fingerprint": cache_fp})
+        write_parquet(
+            fresh, cache_dir / f"frag-{shard.index:05d}-{fp[:12]}.parquet", {"cache_fingerprint": cache_fp}
+        )
     have = fresh if cached is None else pl.concat([fresh, cached.select(order)], how="vertical")
-    df = (pl.DataFrame({"id": rows["id"], "key": keys}, schema={"id": pl.Utf8, "key": pl.Utf8})
-          .join(have.unique(subset="key", keep="first"), on="key", how="left", maintain_order="left")
-          .drop("key"))
-    rows_df = pl.DataFrame(rows, schema={"id": pl.Utf8, "domain": pl.Utf8, "label": pl.Utf8,
-                                         "n_tokens": pl.Int64, "preview": pl.Utf8})
+    df = (
+        pl.DataFrame({"id": rows["id"], "key": keys}, schema={"id": pl.Utf8, "key": pl.Utf8})
+        .join(have.unique(subset="key", keep="first"), on="key", how="left", maintain_order="left")
+        .drop("key")
+    )
+    rows_df = pl.DataFrame(
+        rows,
+        schema={"id": pl.Utf8, "domain": pl.Utf8, "label": pl.Utf8, "n_tokens": pl.Int64, "preview": pl.Utf8},
+    )
     scored = sum(1 for k in keys if k in todo)
-    prov = {"shard": shard.to_dict(), "fingerprint": fp, "seconds": round(time.time() - t0, 3),
-            "scored": scored, "reused": len(keys) - scored}
+    prov = {
+        "shard": shard.to_dict(),
+        "fingerprint": fp,
+        "seconds": round(time.time() - t0, 3),
+        "scored": scored,
+        "reused": len(keys) - scored,
+    }
     write_parquet(rows_df, rows_path)
     write_parquet(df, scores_path, prov)
-    return {"shard": shard.index, "rows": rows_df.height, "scores": str(scores_path),
-            "rows_file": str(rows_path), "skipped": False, "scored": scored, "reused": len(keys) - scored}
+    return {
+        "shard": shard.index,
+        "rows": rows_df.height,
+        "scores": str(scores_path),
+        "rows_file": str(rows_path),
+        "skipped": False,
+        "scored": scored,
+        "reused": len(keys) - scored,
+    }
 
 
-def _score_examples(scorers: list[Any], model: Any, exs: list[Example], feat: Featurizer, task: str,
-                    device: torch.device, bs: int) -> dict[str, np.ndarray]:
+def _score_examples(
+    scorers: list[Any],
+    model: Any,
+    exs: list[Example],
+    feat: Featurizer,
+    task: str,
+    device: torch.device,
+    bs: int,
+) -> dict[str, np.ndarray]:
     """Score examples in length-sorted batches; return columns in the examples' order."""
     n = len(exs)
     pos = {id(e): i for i, e in enumerate(exs)}

@@ -21,8 +21,13 @@ from winnow.pipeline.store import ScoreStore, read_parquet, write_parquet
 from winnow.selectors import loss_to_weight, random_select, score_to_weight, select
 
 
-def merge_parts(recipe: Recipe, run_dir: Path, parts: list[dict[str, Any]], provenance: dict[str, Any],
-                step_fingerprint: str | None = None) -> dict[str, Any]:
+def merge_parts(
+    recipe: Recipe,
+    run_dir: Path,
+    parts: list[dict[str, Any]],
+    provenance: dict[str, Any],
+    step_fingerprint: str | None = None,
+) -> dict[str, Any]:
     """Concatenate the shards' parts (in shard order) into scores/<scorer>.parquet and rows.parquet."""
     parts = sorted(parts, key=lambda p: p["shard"])
     rows = pl.concat([read_parquet(p["rows_file"]) for p in parts], how="vertical")
@@ -33,8 +38,10 @@ def merge_parts(recipe: Recipe, run_dir: Path, parts: list[dict[str, Any]], prov
     dup = rows.group_by("id").len().filter(pl.col("len") > 1)
     if dup.height and recipe.data.id_column is not None:
         example = dup["id"][0]
-        raise WinnowError(f"data.id_column {recipe.data.id_column!r}: {dup.height} ids appear more than once "
-                          f"(e.g. {example!r}); ids must be unique")
+        raise WinnowError(
+            f"data.id_column {recipe.data.id_column!r}: {dup.height} ids appear more than once "
+            f"(e.g. {example!r}); ids must be unique"
+        )
     rows = rows.unique(subset="id", keep="first", maintain_order=True)
     scores = scores.unique(subset="id", keep="first", maintain_order=True)
     store = ScoreStore(run_dir)
@@ -44,8 +51,14 @@ def merge_parts(recipe: Recipe, run_dir: Path, parts: list[dict[str, Any]], prov
 
         cols = getattr(SCORERS[spec.name], "columns", None) or [spec.name]
         keep = ["id"] + [c for c in scores.columns if c in cols or c.split("@")[0] in cols]
-        prov = dict(provenance, scorer=spec.name, params=spec.params, columns=cols,
-                    package_version=winnow.__version__, step_fingerprint=step_fingerprint)
+        prov = dict(
+            provenance,
+            scorer=spec.name,
+            params=spec.params,
+            columns=cols,
+            package_version=winnow.__version__,
+            step_fingerprint=step_fingerprint,
+        )
         written.append(store.write_scores(spec.name, scores.select(keep), prov))
     written.append(write_parquet(rows, store.dir / "rows.parquet", {"step_fingerprint": step_fingerprint}))
     for old in store.score_files():  # scores of scorers this recipe no longer runs
@@ -71,8 +84,15 @@ def selection_table(recipe: Recipe, run_dir: Path) -> tuple[pl.DataFrame, dict[s
             kept = random_select(n, fraction=sel.fraction, count=sel.count, seed=sel.seed, strata=strata)
         else:
             s = df[sel.score].cast(pl.Float64).fill_null(np.nan).to_numpy()
-            kept = select(s, fraction=sel.fraction, count=sel.count, threshold=sel.threshold, keep=sel.keep,
-                          offset=sel.offset, strata=strata)
+            kept = select(
+                s,
+                fraction=sel.fraction,
+                count=sel.count,
+                threshold=sel.threshold,
+                keep=sel.keep,
+                offset=sel.offset,
+                strata=strata,
+            )
         w = sel.weights
         wcol = w.score or (sel.score if sel.method == "score" else None)
         if w.method == "uniform" or wcol is None:
@@ -82,24 +102,41 @@ def selection_table(recipe: Recipe, run_dir: Path) -> tuple[pl.DataFrame, dict[s
         else:
             ws = df[wcol].cast(pl.Float64).fill_null(np.nan).to_numpy()
         if w.method in LOSS_WEIGHT_METHODS:
-            weight = loss_to_weight(ws, kept, strategy=w.method, temperature=w.temperature, delta=w.delta,
-                                    range_quantile=w.range_quantile, strata=strata if w.per_stratum else None)
+            weight = loss_to_weight(
+                ws,
+                kept,
+                strategy=w.method,
+                temperature=w.temperature,
+                delta=w.delta,
+                range_quantile=w.range_quantile,
+                strata=strata if w.per_stratum else None,
+            )
         else:
-            weight = score_to_weight(ws, kept, method=w.method, temperature=w.temperature,
-                                     clip_min=w.clip_min, clip_max=w.clip_max, invert=w.invert)
+            weight = score_to_weight(
+                ws,
+                kept,
+                method=w.method,
+                temperature=w.temperature,
+                clip_min=w.clip_min,
+                clip_max=w.clip_max,
+                invert=w.invert,
+            )
     except ValueError as e:
         raise WinnowError(f"select: {e}") from None
     table = pl.DataFrame({"id": df["id"], "kept": kept, "weight": np.asarray(weight, dtype=np.float64)})
     if sel.method == "dpp":  # pick order (-1: not picked) and marginal gain log d^2 of each pick
-        table = table.with_columns(pl.Series("dpp_rank", info.pop("_rank")), pl.Series("dpp_gain", info.pop("_gain")))
+        table = table.with_columns(
+            pl.Series("dpp_rank", info.pop("_rank")), pl.Series("dpp_gain", info.pop("_gain"))
+        )
     info = info if sel.method == "dpp" else ({} if recipe.scoring.embeddings is not None else None)
     if info is not None and kept.any():
         info.update(diversity_of(recipe, run_dir, df, kept))
     return table, info
 
 
-def diversity_of(recipe: Recipe, run_dir: Path, df: pl.DataFrame, kept: np.ndarray,
-                 sample: int = 1000) -> dict[str, Any]:
+def diversity_of(
+    recipe: Recipe, run_dir: Path, df: pl.DataFrame, kept: np.ndarray, sample: int = 1000
+) -> dict[str, Any]:
     """Diversity of the input and of the selection (`isotropic_log_det_distance`, nats per item,
     smaller = more diverse), both on `min(kept, sample)` rows so they compare, with the DPP kernel."""
     import torch
@@ -111,9 +148,11 @@ def diversity_of(recipe: Recipe, run_dir: Path, df: pl.DataFrame, kept: np.ndarr
     X = torch.from_numpy(load_embeddings(run_dir, df["id"].to_list())).double()
     m = int(min(kept.sum(), sample))
     kw = {"kernel": d.kernel, "kappa": d.kappa, "sigma": d.sigma, "size": m, "seeds": 3}
-    return {"diversity_sample": m,
-            "diversity_input": isotropic_log_det_distance(X, np.arange(df.height), **kw),
-            "diversity_selection": isotropic_log_det_distance(X, np.flatnonzero(kept), **kw)}
+    return {
+        "diversity_sample": m,
+        "diversity_input": isotropic_log_det_distance(X, np.arange(df.height), **kw),
+        "diversity_selection": isotropic_log_det_distance(X, np.flatnonzero(kept), **kw),
+    }
 
 
 def dpp_select(recipe: Recipe, run_dir: Path, df: pl.DataFrame) -> tuple[np.ndarray, dict[str, Any]]:
@@ -163,18 +202,35 @@ def dpp_select(recipe: Recipe, run_dir: Path, df: pl.DataFrame) -> tuple[np.ndar
     gain[picks] = res.gains.numpy()
     rng = np.random.default_rng(sel.seed)
     if d.clusters is None:
-        rand = [log_det(X, torch.from_numpy(rng.choice(n, len(picks), replace=False)), quality=quality, **kw)
-                for _ in range(3)] if len(picks) else []
+        rand = (
+            [
+                log_det(X, torch.from_numpy(rng.choice(n, len(picks), replace=False)), quality=quality, **kw)
+                for _ in range(3)
+            ]
+            if len(picks)
+            else []
+        )
     else:  # the same figures from the sampled rows only, on the device (X is on the CPU here)
         rand = []
         for _ in range(3 if len(picks) else 0):
             idx = torch.from_numpy(rng.choice(n, len(picks), replace=False))
-            rand.append(log_det(X[idx].to(dev), torch.arange(len(idx)),
-                                quality=None if quality is None else quality[idx].to(dev), **kw))
+            rand.append(
+                log_det(
+                    X[idx].to(dev),
+                    torch.arange(len(idx)),
+                    quality=None if quality is None else quality[idx].to(dev),
+                    **kw,
+                )
+            )
     logdet = float(res.logdet)
-    info = {"picks": int(len(picks)), "stopped": res.stopped, "logdet": None if math.isnan(logdet) else logdet,
-            "random_logdet_mean": float(np.mean(rand)) if rand else None, "kernel": d.kernel,
-            "random_subsets_singular": bool(rand) and not all(np.isfinite(rand))}
+    info = {
+        "picks": int(len(picks)),
+        "stopped": res.stopped,
+        "logdet": None if math.isnan(logdet) else logdet,
+        "random_logdet_mean": float(np.mean(rand)) if rand else None,
+        "kernel": d.kernel,
+        "random_subsets_singular": bool(rand) and not all(np.isfinite(rand)),
+    }
     if d.clusters is not None:
         info["clusters"] = int(min(d.clusters, n))
     info["_rank"], info["_gain"] = order, gain
@@ -189,10 +245,19 @@ def write_selection(recipe: Recipe, run_dir: Path, step_fingerprint: str | None 
         doms = ScoreStore(run_dir).rows().select("id", "domain")
         dl = table.select("id").join(doms, on="id", how="left", maintain_order="left")["domain"].to_list()
         w = mixture_weights_for_rows(run_dir, dl, table["kept"].to_numpy())
-        table = table.with_columns(pl.Series("weight", w, dtype=table["weight"].dtype),
-                                   (pl.col("kept") & pl.Series(w > 0)).alias("kept"))
-    write_parquet(table, run_dir / "selection.parquet",
-                  {"select": recipe.select.model_dump(mode="json"), "package_version": winnow.__version__,
-                   "step_fingerprint": step_fingerprint, "dpp": dpp})
+        table = table.with_columns(
+            pl.Series("weight", w, dtype=table["weight"].dtype),
+            (pl.col("kept") & pl.Series(w > 0)).alias("kept"),
+        )
+    write_parquet(
+        table,
+        run_dir / "selection.parquet",
+        {
+            "select": recipe.select.model_dump(mode="json"),
+            "package_version": winnow.__version__,
+            "step_fingerprint": step_fingerprint,
+            "dpp": dpp,
+        },
+    )
     kept = int(table["kept"].sum())
     return {"rows": table.height, "kept": kept, "dpp": dpp}

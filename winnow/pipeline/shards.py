@@ -69,8 +69,14 @@ class _Roller:
             self.writer = None
 
 
-def emit_shards(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: Featurizer,
-                fingerprints: dict[str, str], step_fingerprint: str | None = None) -> dict[str, Any]:
+def emit_shards(
+    recipe: Recipe,
+    run_dir: Path,
+    shards: list[InputShard],
+    feat: Featurizer,
+    fingerprints: dict[str, str],
+    step_fingerprint: str | None = None,
+) -> dict[str, Any]:
     out = recipe.output
     sel = read_parquet(run_dir / "selection.parquet")
     store = ScoreStore(run_dir)
@@ -96,14 +102,20 @@ def emit_shards(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
                     n_shard += n
                     clash = reserved & set(raw)
                     if clash:
-                        raise WinnowError(f"{shard.location}: column(s) {', '.join(sorted(clash))} clash with the "
-                                          f"columns winnow adds; rename them in the data")
-                    j = pl.DataFrame({"id": ids, "_pos": np.arange(n)}, schema={"id": pl.Utf8, "_pos": pl.Int64})
+                        raise WinnowError(
+                            f"{shard.location}: column(s) {', '.join(sorted(clash))} clash with the "
+                            f"columns winnow adds; rename them in the data"
+                        )
+                    j = pl.DataFrame(
+                        {"id": ids, "_pos": np.arange(n)}, schema={"id": pl.Utf8, "_pos": pl.Int64}
+                    )
                     j = j.join(look, on="id", how="left").sort("_pos")
                     if j["kept"].null_count():
                         missing = j.filter(pl.col("kept").is_null())["id"][0]
-                        raise WinnowError(f"{shard.location}: row with id {missing!r} has no selection; the source "
-                                          f"changed since scoring — rerun `winnow run`")
+                        raise WinnowError(
+                            f"{shard.location}: row with id {missing!r} has no selection; the source "
+                            f"changed since scoring — rerun `winnow run`"
+                        )
                     kept = j["kept"].to_numpy()
                     mask = np.ones(n, dtype=bool) if out.include_pruned else kept
                     weight = np.where(kept, j["weight"].to_numpy(), 0.0)
@@ -116,15 +128,24 @@ def emit_shards(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
                     roller.write(table)
                     written += len(idx)
                     input_rows += n
-                    for d, lab, k, w in zip(j["domain"].to_list(), j["label"].to_list(), kept, weight,
-                                            strict=True):
+                    for d, lab, k, w in zip(
+                        j["domain"].to_list(), j["label"].to_list(), kept, weight, strict=True
+                    ):
                         dk, lk = "" if d is None else d, "" if lab is None else lab
-                        for acc in (dom_rows.setdefault(dk, [0, 0, 0.0]), lab_rows.setdefault(lk, [0, 0, 0.0])):
+                        for acc in (
+                            dom_rows.setdefault(dk, [0, 0, 0.0]),
+                            lab_rows.setdefault(lk, [0, 0, 0.0]),
+                        ):
                             acc[0] += 1
                             acc[1] += int(k)
                             acc[2] += float(w)
-                shard_rows.append({"path": shard.location, "sha256": shard.fingerprint if shard.kind != "hub" else None,
-                                   "rows": n_shard})
+                shard_rows.append(
+                    {
+                        "path": shard.location,
+                        "sha256": shard.fingerprint if shard.kind != "hub" else None,
+                        "rows": n_shard,
+                    }
+                )
         finally:
             roller.close()
         if written == 0:
@@ -135,14 +156,27 @@ def emit_shards(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
             name = f"data-{i:05d}-of-{total:05d}.parquet"
             os.replace(p, tmp / name)
             meta = pq.read_metadata(tmp / name)
-            shard_list.append({"path": f"shards/{name}", "rows": meta.num_rows,
-                               "bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)})
+            shard_list.append(
+                {
+                    "path": f"shards/{name}",
+                    "rows": meta.num_rows,
+                    "bytes": (tmp / name).stat().st_size,
+                    "sha256": sha256_file(tmp / name),
+                }
+            )
         columns = pq.read_schema(tmp / f"data-00000-of-{total:05d}.parquet").names
 
     def table_of(acc: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
         tot = sum(v[2] for v in acc.values()) or 1.0
-        return {k: {"input_rows": int(v[0]), "kept_rows": int(v[1]), "weight_sum": round(v[2], 6),
-                    "proportion": v[2] / tot} for k, v in sorted(acc.items())}
+        return {
+            k: {
+                "input_rows": int(v[0]),
+                "kept_rows": int(v[1]),
+                "weight_sum": round(v[2], 6),
+                "proportion": v[2] / tot,
+            }
+            for k, v in sorted(acc.items())
+        }
 
     domains = table_of(dom_rows) if recipe.data.domain_column else {}
     labels = table_of(lab_rows) if recipe.data.label_column else {}
@@ -153,13 +187,19 @@ def emit_shards(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "recipe_fingerprint": fingerprints["recipe"],
         "input": {"fingerprint": fingerprints["input"], "source": recipe.data.source, "shards": shard_rows},
-        "model": {"task": recipe.model.task, "fingerprint": fingerprints["model"],
-                  "source": recipe.model.path or "config"},
+        "model": {
+            "task": recipe.model.task,
+            "fingerprint": fingerprints["model"],
+            "source": recipe.model.path or "config",
+        },
         "scorers": [s.model_dump(mode="json") for s in recipe.scoring.scorers],
         "selector": recipe.select.model_dump(mode="json"),
-        "counts": {"input_rows": input_rows, "kept_rows": int(sum(v[1] for v in dom_rows.values())),
-                   "pruned_rows": input_rows - int(sum(v[1] for v in dom_rows.values())),
-                   "written_rows": written},
+        "counts": {
+            "input_rows": input_rows,
+            "kept_rows": int(sum(v[1] for v in dom_rows.values())),
+            "pruned_rows": input_rows - int(sum(v[1] for v in dom_rows.values())),
+            "written_rows": written,
+        },
         "domains": domains,
         "labels": labels,
         "interleave": {"names": names, "probabilities": [domains[k]["proportion"] for k in names]},
@@ -189,6 +229,7 @@ def check_shards(run_dir: Path, step_fingerprint: str | None = None) -> bool:
         return False
     if step_fingerprint is not None and man.get("step_fingerprint") != step_fingerprint:
         return False
-    return all((run_dir / s["path"]).exists() and (run_dir / s["path"]).stat().st_size == s["bytes"]
-               for s in man.get("shards", []))
-
+    return all(
+        (run_dir / s["path"]).exists() and (run_dir / s["path"]).stat().st_size == s["bytes"]
+        for s in man.get("shards", [])
+    )

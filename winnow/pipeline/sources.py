@@ -34,9 +34,13 @@ from winnow.pipeline.atomic import fingerprint, sha256_file
 from winnow.pipeline.recipe import DataConfig
 
 _EXT_FORMAT = {
-    ".jsonl": "json", ".json": "json", ".ndjson": "json",
-    ".parquet": "parquet", ".pq": "parquet",
-    ".csv": "csv", ".tsv": "csv",
+    ".jsonl": "json",
+    ".json": "json",
+    ".ndjson": "json",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "csv",
 }
 
 
@@ -74,8 +78,10 @@ def _format_of(path: str, declared: str) -> str:
     ext = os.path.splitext(name)[1]
     fmt = _EXT_FORMAT.get(ext)
     if fmt is None:
-        raise WinnowError(f"{path}: cannot tell the format from the extension {ext or '(none)'!r}; "
-                          f"set data.format to json, parquet or csv")
+        raise WinnowError(
+            f"{path}: cannot tell the format from the extension {ext or '(none)'!r}; "
+            f"set data.format to json, parquet or csv"
+        )
     return fmt
 
 
@@ -95,20 +101,33 @@ def list_shards(data: DataConfig) -> list[InputShard]:
     src = data.source.strip()
     if data.format == "hub":
         return _hub_shards(data)
-    if data.format == "disk" or (os.path.isdir(src) and (Path(src) / "dataset_info.json").exists()
-                                 or os.path.isdir(src) and (Path(src) / "dataset_dict.json").exists()):
+    if data.format == "disk" or (
+        os.path.isdir(src)
+        and (Path(src) / "dataset_info.json").exists()
+        or os.path.isdir(src)
+        and (Path(src) / "dataset_dict.json").exists()
+    ):
         return _disk_shards(data)
     patterns = [p.strip() for p in src.split(",") if p.strip()]
     files: list[str] = []
     for pat in patterns:
         if os.path.isdir(pat):
-            raise WinnowError(f"data.source: {pat} is a folder but not a `save_to_disk` dataset "
-                              f"(no dataset_info.json); give a glob such as {pat.rstrip('/')}/*.jsonl")
+            raise WinnowError(
+                f"data.source: {pat} is a folder but not a `save_to_disk` dataset "
+                f"(no dataset_info.json); give a glob such as {pat.rstrip('/')}/*.jsonl"
+            )
         hits = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
         files.extend(os.path.abspath(h) for h in hits if os.path.isfile(h))
     if not files:
-        if data.format == "auto" and len(patterns) == 1 and "/" not in src and not any(c in src for c in "*?["):
-            raise WinnowError(f"data.source: no file matches {src!r} (for a hub dataset set data.format: hub)")
+        if (
+            data.format == "auto"
+            and len(patterns) == 1
+            and "/" not in src
+            and not any(c in src for c in "*?[")
+        ):
+            raise WinnowError(
+                f"data.source: no file matches {src!r} (for a hub dataset set data.format: hub)"
+            )
         raise WinnowError(f"data.source: no file matches {src!r}")
     seen: set[str] = set()
     shards = []
@@ -119,8 +138,9 @@ def list_shards(data: DataConfig) -> list[InputShard]:
         if os.path.getsize(f) == 0:
             raise WinnowError(f"{f}: the file is empty")
         fmt = _format_of(f, data.format)
-        shards.append(InputShard(index=len(shards), kind="file", location=f, format=fmt,
-                                 fingerprint=sha256_file(f)))
+        shards.append(
+            InputShard(index=len(shards), kind="file", location=f, format=fmt, fingerprint=sha256_file(f))
+        )
     return shards
 
 
@@ -141,8 +161,17 @@ def _disk_shards(data: DataConfig) -> list[InputShard]:
         path = folder / fname
         if not path.exists():
             raise WinnowError(f"{path}: listed in {state} but missing")
-        shards.append(InputShard(index=i, kind="disk", location=str(folder), format="arrow",
-                                 fingerprint=sha256_file(path), part=i, parts=len(files)))
+        shards.append(
+            InputShard(
+                index=i,
+                kind="disk",
+                location=str(folder),
+                format="arrow",
+                fingerprint=sha256_file(path),
+                part=i,
+                parts=len(files),
+            )
+        )
     return shards
 
 
@@ -154,9 +183,18 @@ def _hub_shards(data: DataConfig) -> list[InputShard]:
     except Exception as e:  # offline, missing, private
         raise WinnowError(f"data.source: cannot open hub dataset {data.source!r}: {_first_line(e)}") from None
     n = ds.num_shards
-    return [InputShard(index=i, kind="hub", location=data.source, format="hub",
-                       fingerprint=fingerprint("hub", data.source, data.split, i, n), part=i, parts=n)
-            for i in range(n)]
+    return [
+        InputShard(
+            index=i,
+            kind="hub",
+            location=data.source,
+            format="hub",
+            fingerprint=fingerprint("hub", data.source, data.split, i, n),
+            part=i,
+            parts=n,
+        )
+        for i in range(n)
+    ]
 
 
 def _first_line(e: BaseException) -> str:
@@ -164,8 +202,9 @@ def _first_line(e: BaseException) -> str:
     return (s[0] if s else type(e).__name__)[:300]
 
 
-def iter_raw_batches(data: DataConfig, shard: InputShard, batch_size: int | None = None
-                     ) -> Iterator[dict[str, list]]:
+def iter_raw_batches(
+    data: DataConfig, shard: InputShard, batch_size: int | None = None
+) -> Iterator[dict[str, list]]:
     """Stream one input shard as column batches (dict of lists)."""
     import datasets
 
@@ -177,8 +216,9 @@ def iter_raw_batches(data: DataConfig, shard: InputShard, batch_size: int | None
             kwargs: dict[str, Any] = {}
             if shard.format == "csv" and shard.location.endswith(".tsv"):
                 kwargs["sep"] = "\t"
-            ds = datasets.load_dataset(shard.format, data_files=[shard.location], split="train",
-                                       streaming=True, **kwargs)
+            ds = datasets.load_dataset(
+                shard.format, data_files=[shard.location], split="train", streaming=True, **kwargs
+            )
             it = ds.iter(batch_size=bs)
         elif shard.kind == "disk":
             full = datasets.load_from_disk(shard.location)
@@ -213,9 +253,12 @@ def content_id(value: Any) -> str:
 
 def check_columns(data: DataConfig, columns: list[str], where: str) -> None:
     wanted = {
-        "data.id_column": data.id_column, "data.text_column": data.text_column,
-        "data.input_ids_column": data.input_ids_column, "data.image_column": data.image_column,
-        "data.label_column": data.label_column, "data.domain_column": data.domain_column,
+        "data.id_column": data.id_column,
+        "data.text_column": data.text_column,
+        "data.input_ids_column": data.input_ids_column,
+        "data.image_column": data.image_column,
+        "data.label_column": data.label_column,
+        "data.domain_column": data.domain_column,
     }
     for key, col in wanted.items():
         if col is not None and col not in columns:

@@ -41,7 +41,9 @@ def shard_examples(recipe: Recipe, shard: InputShard, feat: Featurizer) -> Itera
         yield from exs
 
 
-def example_stream(recipe: Recipe, shards: list[InputShard], feat: Featurizer, seed: int) -> Iterator[Example]:
+def example_stream(
+    recipe: Recipe, shards: list[InputShard], feat: Featurizer, seed: int
+) -> Iterator[Example]:
     """Endless, deterministic (per seed) stream of examples over all shards, epoch after epoch."""
     epoch = 0
     while True:
@@ -82,6 +84,7 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
     return f
 
 
@@ -97,7 +100,9 @@ def train_fingerprint(recipe: Recipe, input_fp: str, tokenizer_fp: str | None, m
     # train.steps 0: the checkpoint is the loaded (or seeded random) model; the data does not enter it, so
     # new rows keep the model's fingerprint (and the scores cached under it)
     data = input_fp if recipe.train.steps > 0 else None
-    return fingerprint("train", t, recipe.model.model_dump(exclude={"tokenizer"}), data, tokenizer_fp, model_fp)
+    return fingerprint(
+        "train", t, recipe.model.model_dump(exclude={"tokenizer"}), data, tokenizer_fp, model_fp
+    )
 
 
 def checkpoint_dir(run_dir: Path, train_fp: str, seed: int, step: int) -> Path:
@@ -114,9 +119,17 @@ def _complete(path: Path, train_fp: str) -> bool:
         return False
 
 
-def train_proxy(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: Featurizer, seed: int,
-                train_fp: str, tokenizer: Any | None, num_labels: int | None,
-                progress: Callable[[int, int, float], None] | None = None) -> list[dict[str, Any]]:
+def train_proxy(
+    recipe: Recipe,
+    run_dir: Path,
+    shards: list[InputShard],
+    feat: Featurizer,
+    seed: int,
+    train_fp: str,
+    tokenizer: Any | None,
+    num_labels: int | None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[dict[str, Any]]:
     """Train one seed's proxy; return its checkpoints as [{seed, step, path, fingerprint}]."""
     tc = recipe.train
     steps_wanted = tc.checkpoint_steps()
@@ -124,8 +137,15 @@ def train_proxy(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
     done = [k for k, p in wanted.items() if _complete(p, train_fp)]
 
     def result() -> list[dict[str, Any]]:
-        return [{"seed": seed, "step": k, "path": str(wanted[k].relative_to(run_dir)),
-                 "fingerprint": fingerprint(train_fp, seed, k)} for k in steps_wanted]
+        return [
+            {
+                "seed": seed,
+                "step": k,
+                "path": str(wanted[k].relative_to(run_dir)),
+                "fingerprint": fingerprint(train_fp, seed, k),
+            }
+            for k in steps_wanted
+        ]
 
     if len(done) == len(wanted):
         return result()
@@ -134,8 +154,10 @@ def train_proxy(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
     model = init_model(recipe, seed, tokenizer, num_labels).to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.lr,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, tc.steps))
     torch.manual_seed(seed)
     start = 0
@@ -161,15 +183,29 @@ def train_proxy(recipe: Recipe, run_dir: Path, shards: list[InputShard], feat: F
         path = wanted[step]
         with atomic_path(path) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)
-            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-                       tmp / "optimizer.pt")
+            torch.save(
+                {
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                },
+                tmp / "optimizer.pt",
+            )
             tail = losses[-20:]
-            (tmp / "state.json").write_text(json.dumps({
-                "fingerprint": train_fp, "seed": seed, "step": step, "examples_seen": step * tc.batch_size,
-                "loss_last20": sum(tail) / len(tail) if tail else None, "lr": sched.get_last_lr()[0],
-            }, indent=2))
+            (tmp / "state.json").write_text(
+                json.dumps(
+                    {
+                        "fingerprint": train_fp,
+                        "seed": seed,
+                        "step": step,
+                        "examples_seen": step * tc.batch_size,
+                        "loss_last20": sum(tail) / len(tail) if tail else None,
+                        "lr": sched.get_last_lr()[0],
+                    },
+                    indent=2,
+                )
+            )
 
     if start == 0 and 0 in wanted and not _complete(wanted[0], train_fp):
         save(0)

@@ -74,12 +74,23 @@ def _changes(sel: pl.DataFrame, prev_dir: Path | None) -> dict[str, int]:
     prev = pl.read_parquet(prev_dir / "selection.parquet")
     kept_before = set(prev.filter(pl.col("kept"))["id"].to_list())
     ids_before = set(prev["id"].to_list())
-    return {"new_rows": len(ids_now - ids_before), "removed_rows": len(ids_before - ids_now),
-            "entered": len(kept_now - kept_before), "left": len(kept_before - kept_now)}
+    return {
+        "new_rows": len(ids_now - ids_before),
+        "removed_rows": len(ids_before - ids_now),
+        "entered": len(kept_now - kept_before),
+        "left": len(kept_before - kept_now),
+    }
 
 
-def write_version(run_dir: str | Path, emit_fingerprint: str, input_fingerprint: str, scored: int, reused: int,
-                  report_fingerprint: str | None = None, flow_run_id: str | None = None) -> dict[str, Any]:
+def write_version(
+    run_dir: str | Path,
+    emit_fingerprint: str,
+    input_fingerprint: str,
+    scored: int,
+    reused: int,
+    report_fingerprint: str | None = None,
+    flow_run_id: str | None = None,
+) -> dict[str, Any]:
     """Freeze the run folder's current outputs as the next version (unless they are the latest one's)."""
     from winnow.pipeline.report import write_report
 
@@ -94,11 +105,19 @@ def write_version(run_dir: str | Path, emit_fingerprint: str, input_fingerprint:
     sel = pl.read_parquet(run_dir / "selection.parquet")
     man = json.loads((run_dir / "manifest.json").read_text())
     info: dict[str, Any] = {
-        "version": n, "name": name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "rows": man["counts"]["input_rows"], "kept": man["counts"]["kept_rows"],
-        "pruned": man["counts"]["pruned_rows"], "scored_rows": scored, "reused_rows": reused,
-        **_changes(sel, prev_dir), "previous": latest["name"] if latest else None,
-        "input_fingerprint": input_fingerprint, "emit_fingerprint": emit_fingerprint, "flow_run_id": flow_run_id,
+        "version": n,
+        "name": name,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": man["counts"]["input_rows"],
+        "kept": man["counts"]["kept_rows"],
+        "pruned": man["counts"]["pruned_rows"],
+        "scored_rows": scored,
+        "reused_rows": reused,
+        **_changes(sel, prev_dir),
+        "previous": latest["name"] if latest else None,
+        "input_fingerprint": input_fingerprint,
+        "emit_fingerprint": emit_fingerprint,
+        "flow_run_id": flow_run_id,
     }
     with atomic_path(run_dir / name) as tmp:
         tmp.mkdir(parents=True)

@@ -53,9 +53,7 @@ class Param:
 
     def validate(self, scorer: str, name: str, value: Any) -> Any:
         """Return ``value`` (ints widened to float for float params) or raise a one-line ``ValueError``."""
-        bad = ValueError(
-            f"scorer {scorer!r}: parameter {name!r} must be {self.expected()}, got {value!r}"
-        )
+        bad = ValueError(f"scorer {scorer!r}: parameter {name!r} must be {self.expected()}, got {value!r}")
         if self.type is bool:
             if not isinstance(value, bool):
                 raise bad
@@ -132,7 +130,9 @@ def register(cls: type[Scorer]) -> type[Scorer]:
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     if not cls.tasks or not cls.tasks <= TASKS:
-        raise ValueError(f"{cls.__name__}.tasks must be a non-empty subset of {sorted(TASKS)}, got {cls.tasks}")
+        raise ValueError(
+            f"{cls.__name__}.tasks must be a non-empty subset of {sorted(TASKS)}, got {cls.tasks}"
+        )
     if cls.name in SCORERS and SCORERS[cls.name] is not cls:
         raise ValueError(f"scorer name {cls.name!r} is already registered by {SCORERS[cls.name].__name__}")
     SCORERS[cls.name] = cls
@@ -149,7 +149,6 @@ def get_scorer(name: str, **params: Any) -> Scorer:
     if cls is None:
         raise ValueError(f"unknown scorer {name!r}; valid scorers: {', '.join(sorted(SCORERS)) or '(none)'}")
     return cls(**params)
-
 
 
 # ----------------------------------------------------------------------------------------------

@@ -196,9 +196,20 @@ def causal_lm_token_el2n(
     ``compile=True`` runs each token chunk through ``torch.compile`` with the token dimension marked
     dynamic, so one graph serves every chunk length (one compile per chunk size, dtype and output layer).
     """
-    return apply_token_kernel(_token_chunk_el2n, _compiled_token_chunk_el2n, hidden, weight, bias, targets, mask,
-                              vocab_chunk=vocab_chunk, token_chunk=token_chunk, logit_scale=logit_scale,
-                              softcap=softcap, compile=compile)
+    return apply_token_kernel(
+        _token_chunk_el2n,
+        _compiled_token_chunk_el2n,
+        hidden,
+        weight,
+        bias,
+        targets,
+        mask,
+        vocab_chunk=vocab_chunk,
+        token_chunk=token_chunk,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        compile=compile,
+    )
 
 
 def apply_token_kernel(
@@ -223,7 +234,9 @@ def apply_token_kernel(
     if vocab_chunk <= 0 or token_chunk <= 0:
         raise ValueError(f"vocab_chunk and token_chunk must be > 0, got {vocab_chunk}, {token_chunk}")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} does not match output embedding {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} does not match output embedding {tuple(weight.shape)}"
+        )
     if hidden.shape[:-1] != targets.shape or (mask is not None and mask.shape != targets.shape):
         raise ValueError(
             f"shapes differ: hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)}, "
@@ -405,7 +418,9 @@ class EL2N(Scorer):
     tasks = frozenset({"causal_lm", "sequence_classification", "image_classification"})
     columns = ("el2n",)
     PARAMS = {
-        "reduction": Param("mean", str, choices=REDUCTIONS, doc="per-example reduction over tokens (causal_lm)"),
+        "reduction": Param(
+            "mean", str, choices=REDUCTIONS, doc="per-example reduction over tokens (causal_lm)"
+        ),
         "vocab_chunk": Param(8192, int, min=0, min_exclusive=True, doc="vocabulary entries per chunk"),
         "token_chunk": Param(16384, int, min=0, min_exclusive=True, doc="tokens per chunk"),
         "compile": Param(False, bool, doc="torch.compile the fused chunk computation (causal_lm)"),
@@ -445,6 +460,8 @@ class EL2N(Scorer):
             compile=self.compile,
         )
 
-    def _classification(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    def _classification(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str
+    ) -> torch.Tensor:
         logits = model_logits(model(**classification_inputs(batch, task, "el2n")))
         return el2n_from_logits(logits, batch["labels"])

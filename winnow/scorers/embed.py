@@ -11,8 +11,9 @@ import torch
 
 
 @torch.no_grad()
-def mean_pooled_embeddings(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           normalize: bool = True) -> torch.Tensor:
+def mean_pooled_embeddings(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+) -> torch.Tensor:
     """(B, d) float32 embeddings: mean of the last hidden state over positions where the mask is 1.
 
     A row with no real token gets a zero vector (and stays zero after normalisation)."""

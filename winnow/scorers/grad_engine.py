@@ -143,7 +143,7 @@ def _last_layer_ids(model: nn.Module) -> set[int]:
         i, lname, blocks = max(lists, key=lambda x: (len(x[2]), x[0]))
         chosen = list(blocks[-1].modules())
         inside = lname + "."
-        chosen += [m for name, m in mods[i + 1:] if not name.startswith(inside)]
+        chosen += [m for name, m in mods[i + 1 :] if not name.startswith(inside)]
         return {id(p) for m in chosen for p in m.parameters(recurse=False)}
     for _, m in reversed(mods):
         own = [p for p in m.parameters(recurse=False) if p.requires_grad]
@@ -154,8 +154,13 @@ def _last_layer_ids(model: nn.Module) -> set[int]:
 
 def _entry_matches(entry: str, name: str) -> bool:
     module = name.rpartition(".")[0]
-    return (name == entry or name.startswith(entry + ".") or module == entry
-            or fnmatchcase(name, entry) or fnmatchcase(module, entry))
+    return (
+        name == entry
+        or name.startswith(entry + ".")
+        or module == entry
+        or fnmatchcase(name, entry)
+        or fnmatchcase(module, entry)
+    )
 
 
 def select_parameters(model: nn.Module, params: str | Sequence[str] = "all") -> dict[str, nn.Parameter]:
@@ -313,8 +318,12 @@ def _direct_grads(uses: list[Outer], lo: int, hi: int, m: int, n: int) -> torch.
 def _direct_sqnorm(uses: list[Outer], B: int, m: int, n: int, budget: int) -> torch.Tensor:
     c = max(1, budget // max(1, m * n))
     acc = _acc_dtype(uses[0].right)
-    return torch.cat([_direct_grads(uses, lo, min(B, lo + c), m, n).square().sum((1, 2), dtype=acc)
-                      for lo in range(0, B, c)])
+    return torch.cat(
+        [
+            _direct_grads(uses, lo, min(B, lo + c), m, n).square().sum((1, 2), dtype=acc)
+            for lo in range(0, B, c)
+        ]
+    )
 
 
 def _sparse_sqnorm(uses: list[Outer], B: int, m: int, n: int) -> torch.Tensor:
@@ -334,8 +343,11 @@ def _outer_sqnorm(uses: list[Outer], B: int, m: int, n: int, method: str, budget
     if method == "auto":
         if all(f.onehot for f in uses):
             return _sparse_sqnorm(uses, B, m, n)
-        gram = sum(fu.right.shape[1] * fv.right.shape[1] * ((1 if fu.onehot or fv.onehot else m) + n)
-                   for fu in uses for fv in uses)
+        gram = sum(
+            fu.right.shape[1] * fv.right.shape[1] * ((1 if fu.onehot or fv.onehot else m) + n)
+            for fu in uses
+            for fv in uses
+        )
         direct = sum(f.right.shape[1] * (n if f.onehot else m * n) for f in uses) + m * n
         method = "gram" if gram < direct else "direct"
     if method == "gram":
@@ -404,7 +416,7 @@ def _rows_gram(X: torch.Tensor) -> torch.Tensor:
     head = X[:, : R * _GRAM_SLICE].as_strided((R, C, _GRAM_SLICE), (_GRAM_SLICE, X.stride(0), 1))
     G = torch.bmm(head, head.transpose(1, 2)).sum(0)
     if R * _GRAM_SLICE < P:
-        tail = X[:, R * _GRAM_SLICE:]
+        tail = X[:, R * _GRAM_SLICE :]
         G += tail @ tail.t()
     return G
 
@@ -438,7 +450,7 @@ def _outer_groups(
         rows = ids.numel()
         invs, start = [], 0
         for f in uses:
-            invs.append(inv[start:start + f.left.numel()].view_as(f.left))
+            invs.append(inv[start : start + f.left.numel()].view_as(f.left))
             start += f.left.numel()
     else:
         # an aligned layer's padded output gradient: products over its aligned width (zero extra rows)
@@ -474,7 +486,9 @@ def _outer_groups(
             L, R = dense[i]
             w = L.shape[-1]
             if batched and w == rows:
-                prod = _mm_acc(L.reshape(C, -1, w).transpose(1, 2), R[..., c0:c1].reshape(C, -1, c1 - c0), acc)
+                prod = _mm_acc(
+                    L.reshape(C, -1, w).transpose(1, 2), R[..., c0:c1].reshape(C, -1, c1 - c0), acc
+                )
                 if S is None:
                     S = prod
                 else:
@@ -544,8 +558,13 @@ class fast_paths:
     (``fuse_activations``). Modules that already have an instance ``forward`` are left alone; exit restores
     the patched modules' ``forward``."""
 
-    def __init__(self, model: nn.Module, align: str | bool = "auto", fuse_activations: bool = True,
-                 linears: Sequence[nn.Module] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        align: str | bool = "auto",
+        fuse_activations: bool = True,
+        linears: Sequence[nn.Module] | None = None,
+    ) -> None:
         if align not in ("auto", True, False):
             raise ValueError(f"align must be 'auto', True or False, got {align!r}")
         self.model, self.align, self.fuse = model, align, fuse_activations
@@ -558,9 +577,13 @@ class fast_paths:
                 continue
             if self.fuse and _is_new_gelu(module):
                 module.forward = _tanh_gelu
-            elif (self.align is not False and type(module) is nn.Linear and module.out_features % _ALIGN
-                  and module.out_features >= _ALIGN_MIN_WIDTH
-                  and (self.linears is None or id(module) in self.linears)):
+            elif (
+                self.align is not False
+                and type(module) is nn.Linear
+                and module.out_features % _ALIGN
+                and module.out_features >= _ALIGN_MIN_WIDTH
+                and (self.linears is None or id(module) in self.linears)
+            ):
                 module.forward = _aligned_linear(module, cuda_only=self.align == "auto")
             else:
                 continue
@@ -633,12 +656,16 @@ class GradEngine:
         align: str | bool = "auto",
         fuse_activations: bool = True,
     ) -> None:
-        if proj_dim is not None and (isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim < 1):
+        if proj_dim is not None and (
+            isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim < 1
+        ):
             raise ValueError(f"proj_dim must be a positive int or None, got {proj_dim!r}")
         if proj_kind not in PROJ_KINDS:
             raise ValueError(f"proj_kind must be one of {', '.join(PROJ_KINDS)}, got {proj_kind!r}")
         if sqnorm_method not in SQNORM_METHODS:
-            raise ValueError(f"sqnorm_method must be one of {', '.join(SQNORM_METHODS)}, got {sqnorm_method!r}")
+            raise ValueError(
+                f"sqnorm_method must be one of {', '.join(SQNORM_METHODS)}, got {sqnorm_method!r}"
+            )
         if not isinstance(chunk_elements, int) or chunk_elements < 1:
             raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
         fast_paths(model, align=align)  # validates align before anything is installed
@@ -660,7 +687,9 @@ class GradEngine:
         self._owners: dict[str, list[tuple[str, str]]] = {name: [] for name in self.params}
         self._modules: dict[str, tuple[nn.Module, Rule, set[str]]] = {}
         for mname, module in model.named_modules():
-            own = [(attr, by_id[id(p)]) for attr, p in module.named_parameters(recurse=False) if id(p) in by_id]
+            own = [
+                (attr, by_id[id(p)]) for attr, p in module.named_parameters(recurse=False) if id(p) in by_id
+            ]
             if not own:
                 continue
             label = mname or "<root>"
@@ -685,7 +714,9 @@ class GradEngine:
                         f"{rule.name!r} rule"
                     )
                 if self.kinds.setdefault(name, kind) != kind:
-                    raise ValueError(f"parameter {name!r} is used by rules of different kinds (outer and dense)")
+                    raise ValueError(
+                        f"parameter {name!r} is used by rules of different kinds (outer and dense)"
+                    )
                 self._owners[name].append((mname, attr))
             self._modules[mname] = (module, rule, {attr for attr, _ in own})
         self.views: dict[str, tuple[int, int]] = {}
@@ -704,16 +735,22 @@ class GradEngine:
         ]
         # Linear layers with an output width cuBLAS handles badly (GPT-2's 50257-way head: 7x slower than
         # at 50304 on an H100) compute through a zero-padded weight while the engine is open; gelu_new fused.
-        self._fast = fast_paths(model, align=align, fuse_activations=fuse_activations,
-                                linears=[m for m, _, _ in self._modules.values()]).__enter__()
+        self._fast = fast_paths(
+            model,
+            align=align,
+            fuse_activations=fuse_activations,
+            linears=[m for m, _, _ in self._modules.values()],
+        ).__enter__()
 
     # -- hooks ---------------------------------------------------------------------------------
     def _on_forward(self, key: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._active:
             return
         if not isinstance(output, torch.Tensor):
-            raise ValueError(f"module {key!r} ({type(module).__name__}) returned {type(output).__name__}, "
-                             f"not a tensor; its rule cannot record the output gradient")
+            raise ValueError(
+                f"module {key!r} ({type(module).__name__}) returned {type(output).__name__}, "
+                f"not a tensor; its rule cannot record the output gradient"
+            )
         rec = Record(_detach(args), _detach(kwargs))
         if output.requires_grad:
             padded = getattr(output, "_winnow_padded", None)
@@ -725,11 +762,14 @@ class GradEngine:
                 def keep_padded(grad: torch.Tensor, rec: Record = rec) -> None:
                     rec.grad = grad[..., :width]
                     rec.zero_padded = bool(grad.is_contiguous())
+
                 padded.register_hook(keep_padded)
                 self._outputs.append(padded)
             else:
+
                 def keep(grad: torch.Tensor, rec: Record = rec) -> None:
                     rec.grad = grad
+
                 output.register_hook(keep)
                 self._outputs.append(output)
         self._records[key].append(rec)
@@ -828,13 +868,17 @@ class GradEngine:
         if project and self.proj_dim is None:
             raise ValueError("compute(project=True) needs an engine built with proj_dim")
         if target is not None and groups is None:
-            raise ValueError("compute(target=...) needs groups: the target is compared with group gradient sums")
+            raise ValueError(
+                "compute(target=...) needs groups: the target is compared with group gradient sums"
+            )
         if group_coeffs is not None and groups is None:
             raise ValueError("compute(group_coeffs=...) needs groups: the coefficients weight the group sums")
         if group_coeffs is not None and grad_coeffs is not None:
             raise ValueError("compute: give grad_coeffs (per example) or group_coeffs (per group), not both")
         if not callable(per_example_loss):
-            raise ValueError(f"per_example_loss must be a callable returning the (B,) losses, got {per_example_loss!r}")
+            raise ValueError(
+                f"per_example_loss must be a callable returning the (B,) losses, got {per_example_loss!r}"
+            )
         if not self._handles:
             raise ValueError("this GradEngine is closed")
         self._records = {key: [] for key in self._modules}
@@ -847,8 +891,9 @@ class GradEngine:
             self._active = False
         pre = self._check_precondition(precondition) if precondition is not None else None
         try:
-            return self._compute(losses, sqnorm, per_param, project, groups, num_groups, target, pre, grad_coeffs,
-                                 group_coeffs)
+            return self._compute(
+                losses, sqnorm, per_param, project, groups, num_groups, target, pre, grad_coeffs, group_coeffs
+            )
         finally:
             self._records = {}
             self._outputs = []
@@ -864,12 +909,16 @@ class GradEngine:
         if num_groups is None:
             num_groups = top
         elif isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < top:
-            raise ValueError(f"num_groups must be an int >= the largest group id + 1 ({top}), got {num_groups!r}")
+            raise ValueError(
+                f"num_groups must be an int >= the largest group id + 1 ({top}), got {num_groups!r}"
+            )
         return groups, num_groups
 
     def _check_target(self, target: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
         if not isinstance(target, Mapping):
-            raise ValueError(f"target must be a dict of parameter name -> tensor, got {type(target).__name__}")
+            raise ValueError(
+                f"target must be a dict of parameter name -> tensor, got {type(target).__name__}"
+            )
         out: dict[str, torch.Tensor] = {}
         missing = []
         for name, p in self.params.items():
@@ -884,12 +933,16 @@ class GradEngine:
             out[name] = t.detach().to(device=device, dtype=dtype)
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise ValueError(f"target has no entry for selected parameter(s) {', '.join(map(repr, missing[:5]))}{more}")
+            raise ValueError(
+                f"target has no entry for selected parameter(s) {', '.join(map(repr, missing[:5]))}{more}"
+            )
         return out
 
     def _check_precondition(self, pre: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(pre, Mapping):
-            raise ValueError(f"precondition must be a dict of parameter name -> scale, got {type(pre).__name__}")
+            raise ValueError(
+                f"precondition must be a dict of parameter name -> scale, got {type(pre).__name__}"
+            )
         out: dict[str, Any] = {}
         for name, p in self.params.items():
             alias = next((a for a in self.aliases[name] if a in pre), None)
@@ -898,10 +951,17 @@ class GradEngine:
             d = pre[alias]
             if self.kinds[name] == "outer":
                 m, n = self.views[name]
-                ok = (isinstance(d, tuple | list) and len(d) == 2 and all(isinstance(t, torch.Tensor) for t in d)
-                      and d[0].numel() == m and d[1].numel() == n)
+                ok = (
+                    isinstance(d, tuple | list)
+                    and len(d) == 2
+                    and all(isinstance(t, torch.Tensor) for t in d)
+                    and d[0].numel() == m
+                    and d[1].numel() == n
+                )
                 if not ok:
-                    raise ValueError(f"precondition[{alias!r}] must be a (row ({m},), col ({n},)) pair of tensors")
+                    raise ValueError(
+                        f"precondition[{alias!r}] must be a (row ({m},), col ({n},)) pair of tensors"
+                    )
                 out[name] = (d[0].reshape(m), d[1].reshape(n))
             else:
                 if not isinstance(d, torch.Tensor) or d.numel() != p.numel():
@@ -909,16 +969,37 @@ class GradEngine:
                 out[name] = d.reshape(-1)
         return out
 
-    def _compute(self, losses, sqnorm, per_param, project, groups, num_groups, target, pre=None,
-                 grad_coeffs=None, group_coeffs=None) -> dict[str, Any]:
+    def _compute(
+        self,
+        losses,
+        sqnorm,
+        per_param,
+        project,
+        groups,
+        num_groups,
+        target,
+        pre=None,
+        grad_coeffs=None,
+        group_coeffs=None,
+    ) -> dict[str, Any]:
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or not losses.is_floating_point():
-            what = f"shape {tuple(losses.shape)} {losses.dtype}" if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise ValueError(f"per_example_loss must return a 1-D float tensor of per-example losses (B,), got {what}")
+            what = (
+                f"shape {tuple(losses.shape)} {losses.dtype}"
+                if isinstance(losses, torch.Tensor)
+                else type(losses).__name__
+            )
+            raise ValueError(
+                f"per_example_loss must return a 1-D float tensor of per-example losses (B,), got {what}"
+            )
         if not losses.requires_grad:
-            raise ValueError("the per-example losses do not require grad: computed under torch.no_grad() / "
-                             "inference_mode, or the selected parameters do not affect them")
+            raise ValueError(
+                "the per-example losses do not require grad: computed under torch.no_grad() / "
+                "inference_mode, or the selected parameters do not affect them"
+            )
         B, device = losses.shape[0], losses.device
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params.values()) else torch.float32
+        dtype = (
+            torch.float64 if any(p.dtype == torch.float64 for p in self.params.values()) else torch.float32
+        )
         C = 0
         spans: list[tuple[int, int, int]] = []
         perm = None
@@ -939,7 +1020,9 @@ class GradEngine:
         # reference); without it, w.r.t. the recorded module outputs only, so autograd skips the batch
         # weight-gradient products the rules do not need (about a third of a training step's work).
         if self.check or not self._outputs:
-            batch_grads = torch.autograd.grad(losses.sum(), [self.params[n] for n in names], allow_unused=True)
+            batch_grads = torch.autograd.grad(
+                losses.sum(), [self.params[n] for n in names], allow_unused=True
+            )
         else:
             torch.autograd.grad(losses.sum(), self._outputs, allow_unused=True)
             batch_grads = [None] * len(names)
@@ -950,8 +1033,12 @@ class GradEngine:
         # projections and grad_coeffs always use fp32 factors.
         fdtype = dtype
         if self.factor_dtype == "input" and not project and grad_coeffs is None:
-            low = [r.grad.dtype for recs in self._records.values() for r in recs
-                   if r.grad is not None and r.grad.dtype in _LOW_PRECISION]
+            low = [
+                r.grad.dtype
+                for recs in self._records.values()
+                for r in recs
+                if r.grad is not None and r.grad.dtype in _LOW_PRECISION
+            ]
             if low:
                 fdtype = low[0]
         total = torch.zeros(B, dtype=dtype, device=device)
@@ -992,8 +1079,14 @@ class GradEngine:
                     m, n = self.views[name]
                     if not uses:
                         if self.check and G is not None:
-                            checks.append((name, G.detach().abs().max().to(dtype), torch.zeros((), dtype=dtype,
-                                           device=device), "no recorded use, but a nonzero batch gradient"))
+                            checks.append(
+                                (
+                                    name,
+                                    G.detach().abs().max().to(dtype),
+                                    torch.zeros((), dtype=dtype, device=device),
+                                    "no recorded use, but a nonzero batch gradient",
+                                )
+                            )
                         if sqnorm or per_param:
                             per[name] = torch.zeros(B, dtype=dtype, device=device)
                             total += per[name]
@@ -1002,15 +1095,33 @@ class GradEngine:
                         continue
                     if self.check:
                         checks.append(self._check_outer(name, uses, G, m, n, low))
-                    sq = (_outer_sqnorm(uses, B, m, n, self.sqnorm_method, self.chunk_elements)
-                          if sqnorm or per_param else None)
+                    sq = (
+                        _outer_sqnorm(uses, B, m, n, self.sqnorm_method, self.chunk_elements)
+                        if sqnorm or per_param
+                        else None
+                    )
                     if proj is not None:
-                        pu = uses if pre is None else _scale_uses(uses, *(t.to(device, dtype) for t in pre[name]))
+                        pu = (
+                            uses
+                            if pre is None
+                            else _scale_uses(uses, *(t.to(device, dtype) for t in pre[name]))
+                        )
                         proj += _outer_project(pu, *self._proj(name, device, dtype))
                     if gram is not None:
                         tg = targets[name].reshape(m, n) if targets is not None else None
-                        g2, d2, S = _outer_groups(uses, m, n, groups, spans, perm, C, tg, self.chunk_elements,
-                                                  dtype, keep=group_coeffs is not None)
+                        g2, d2, S = _outer_groups(
+                            uses,
+                            m,
+                            n,
+                            groups,
+                            spans,
+                            perm,
+                            C,
+                            tg,
+                            self.chunk_elements,
+                            dtype,
+                            keep=group_coeffs is not None,
+                        )
                         gram += g2
                         if dot is not None:
                             dot += d2
@@ -1023,8 +1134,9 @@ class GradEngine:
             bad = torch.stack([(diff > allowed).any() for _, diff, allowed, _ in checks])
             if bool(bad.any()):
                 name, diff, allowed, what = checks[int(bad.nonzero()[0, 0])]
-                raise self._mismatch(name, f"{what}: difference {diff.max().item():.3g}, "
-                                           f"allowed {allowed.max().item():.3g}")
+                raise self._mismatch(
+                    name, f"{what}: difference {diff.max().item():.3g}, allowed {allowed.max().item():.3g}"
+                )
         out: dict[str, Any] = {"loss": losses.detach().float()}
         if sqnorm:
             out["sqnorm"] = total.float()
@@ -1039,24 +1151,37 @@ class GradEngine:
         if grad_coeffs is not None:
             c = grad_coeffs(out)
             if not isinstance(c, torch.Tensor) or c.shape != (B,):
-                raise ValueError(f"grad_coeffs must return a tensor of shape ({B},), got "
-                                 f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
+                raise ValueError(
+                    f"grad_coeffs must return a tensor of shape ({B},), got "
+                    f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}"
+                )
             with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
                 for name, uses in kept.items():
                     p = self.params[name]
-                    g = self._weighted_grad(name, uses, c.to(device, dtype), dtype).reshape(p.shape).to(p.dtype)
+                    g = (
+                        self._weighted_grad(name, uses, c.to(device, dtype), dtype)
+                        .reshape(p.shape)
+                        .to(p.dtype)
+                    )
                     p.grad = g if p.grad is None else p.grad.add_(g)
             out["grad_coeffs"] = c.detach().float()
         if group_coeffs is not None:
             a = group_coeffs(out)
             if not isinstance(a, torch.Tensor) or a.shape != (C,):
-                raise ValueError(f"group_coeffs must return a tensor of shape ({C},) (one per group), got "
-                                 f"{tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}")
+                raise ValueError(
+                    f"group_coeffs must return a tensor of shape ({C},) (one per group), got "
+                    f"{tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}"
+                )
             with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
                 a = a.detach().to(device, dtype)
                 for name, S in sums.items():
                     p = self.params[name]
-                    g = (a.unsqueeze(0) @ S.reshape(C, -1)).reshape(-1)[: p.numel()].reshape(p.shape).to(p.dtype)
+                    g = (
+                        (a.unsqueeze(0) @ S.reshape(C, -1))
+                        .reshape(-1)[: p.numel()]
+                        .reshape(p.shape)
+                        .to(p.dtype)
+                    )
                     p.grad = g if p.grad is None else p.grad.add_(g)
             sums.clear()
             out["group_coeffs"] = a.float()
@@ -1065,8 +1190,10 @@ class GradEngine:
     def _weighted_grad(self, name: str, uses: list[Any], c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """sum_b c_b grad_b of parameter ``name`` from its factors, as its (m, n) view or flat vector."""
         if self.kinds[name] == "dense":
-            return sum(((f.value.to(dtype) * c.unsqueeze(1)).sum(0) for f in uses),
-                       torch.zeros(self.params[name].numel(), dtype=dtype, device=c.device))
+            return sum(
+                ((f.value.to(dtype) * c.unsqueeze(1)).sum(0) for f in uses),
+                torch.zeros(self.params[name].numel(), dtype=dtype, device=c.device),
+            )
         m, n = self.views[name]
         acc = torch.zeros(m, n, dtype=dtype, device=c.device)
         for f in uses:
@@ -1086,8 +1213,10 @@ class GradEngine:
             module, rule, attrs = self._modules[key]
             if key not in cache:
                 recs = [r for r in self._records.get(key, []) if r.grad is not None]
-                cache[key] = ([rule.factors(module, r, attrs, B, dtype) for r in recs],
-                              any(r.grad.dtype in _LOW_PRECISION for r in recs))
+                cache[key] = (
+                    [rule.factors(module, r, attrs, B, dtype) for r in recs],
+                    any(r.grad.dtype in _LOW_PRECISION for r in recs),
+                )
             factors, half = cache[key]
             uses += [fs[attr] for fs in factors]
             low = low or half
@@ -1116,10 +1245,17 @@ class GradEngine:
 
     def _check_dense(self, name: str, v: torch.Tensor, uses: list[Dense], G: torch.Tensor | None, low: bool):
         est = v.sum(0)
-        scale = sum(((f.value if f.scale is None else f.scale_value()).abs().sum(0) for f in uses), torch.zeros_like(est))
+        scale = sum(
+            ((f.value if f.scale is None else f.scale_value()).abs().sum(0) for f in uses),
+            torch.zeros_like(est),
+        )
         ref = torch.zeros_like(est) if G is None else G.detach().reshape(-1).to(est.dtype)
-        return (name, (est - ref).norm(), self._tol(G, low) * (scale + ref.abs()).norm(),
-                "|sum_b grad_b - batch gradient|")
+        return (
+            name,
+            (est - ref).norm(),
+            self._tol(G, low) * (scale + ref.abs()).norm(),
+            "|sum_b grad_b - batch gradient|",
+        )
 
     def _probes(self, name: str, m: int, n: int, device: torch.device, dtype: torch.dtype):
         key = ("probe", name, device, dtype)
@@ -1142,7 +1278,12 @@ class GradEngine:
             est += prod.sum((0, 1))
             scale += prod.abs().sum((0, 1))
         ref = torch.zeros_like(est) if G is None else (u * (G.detach().reshape(m, n).to(dtype) @ v)).sum(0)
-        return name, (est - ref).abs(), self._tol(G, low) * (scale + ref.abs()), "rank-1 probes of the gradient"
+        return (
+            name,
+            (est - ref).abs(),
+            self._tol(G, low) * (scale + ref.abs()),
+            "rank-1 probes of the gradient",
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1159,9 +1300,9 @@ class _TokenNLL(torch.autograd.Function):
         lse = torch.empty(B, T - 1, dtype=cdtype, device=logits.device)
         nll = torch.empty_like(lse)
         for b0 in range(0, B, rows):
-            x = logits[b0:b0 + rows, :-1].to(cdtype)
-            lse[b0:b0 + rows] = torch.logsumexp(x, -1)
-            nll[b0:b0 + rows] = lse[b0:b0 + rows] - x.gather(2, y[b0:b0 + rows, :, None]).squeeze(2)
+            x = logits[b0 : b0 + rows, :-1].to(cdtype)
+            lse[b0 : b0 + rows] = torch.logsumexp(x, -1)
+            nll[b0 : b0 + rows] = lse[b0 : b0 + rows] - x.gather(2, y[b0 : b0 + rows, :, None]).squeeze(2)
         ctx.save_for_backward(logits, y, lse)
         ctx.rows = rows
         return nll
@@ -1175,10 +1316,10 @@ class _TokenNLL(torch.autograd.Function):
         grad[:, -1] = 0
         g = g.to(lse.dtype)
         for b0 in range(0, logits.shape[0], rows):
-            gb = g[b0:b0 + rows, :, None]
-            p = (logits[b0:b0 + rows, :-1].to(lse.dtype) - lse[b0:b0 + rows, :, None]).exp_().mul_(gb)
-            p.scatter_add_(2, y[b0:b0 + rows, :, None], -gb)
-            grad[b0:b0 + rows, :-1] = p
+            gb = g[b0 : b0 + rows, :, None]
+            p = (logits[b0 : b0 + rows, :-1].to(lse.dtype) - lse[b0 : b0 + rows, :, None]).exp_().mul_(gb)
+            p.scatter_add_(2, y[b0 : b0 + rows, :, None], -gb)
+            grad[b0 : b0 + rows, :-1] = p
         return grad, None, None
 
 
@@ -1211,7 +1352,9 @@ def _positions(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)
 
 
-def next_token_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def next_token_losses(
+    model: nn.Module, batch: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal LM: the (B, T-1) next-token NLL (fp32, :func:`token_nll`; exactly 0 where not counted) and the
     (B, T-1) bool mask of counted positions (position t predicts token t + 1, both real). The model gets
     batch-shaped ``position_ids`` (``cumsum(attention_mask) - 1`` with padding) when its forward takes them
@@ -1223,8 +1366,9 @@ def next_token_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tu
     if padded:
         kwargs["attention_mask"] = mask
     if _accepts(model, "position_ids"):
-        kwargs["position_ids"] = ((mask.long().cumsum(-1) - 1).clamp(min=0) if padded
-                                  else _positions(input_ids))
+        kwargs["position_ids"] = (
+            (mask.long().cumsum(-1) - 1).clamp(min=0) if padded else _positions(input_ids)
+        )
     if _accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     logits = model_logits(model(**kwargs))
@@ -1263,8 +1407,12 @@ def per_example_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], task: 
         return nll.sum(1) / valid.sum(1).clamp(min=1)
     if task in ("sequence_classification", "image_classification"):
         inputs = classification_inputs(batch, task, "per_example_loss")
-        if task != "image_classification" and "position_ids" not in inputs and "input_ids" in inputs \
-                and _accepts(model, "position_ids"):
+        if (
+            task != "image_classification"
+            and "position_ids" not in inputs
+            and "input_ids" in inputs
+            and _accepts(model, "position_ids")
+        ):
             inputs["position_ids"] = _positions(inputs["input_ids"])
         logits = model_logits(model(**inputs)).float()
         labels = batch["labels"].long()

@@ -218,12 +218,18 @@ class LinearRule(Rule):
     def factors(self, module, rec, attrs, batch_size, dtype):
         B = batch_size
         a = _batched(rec.input(), B, "its input", module).reshape(B, -1, module.in_features).to(dtype)
-        g = _cast_rows(_batched(rec.grad, B, "its output gradient", module).reshape(B, -1, module.out_features),
-                       dtype)
+        g = _cast_rows(
+            _batched(rec.grad, B, "its output gradient", module).reshape(B, -1, module.out_features), dtype
+        )
         out: dict[str, Factor] = {}
         if "weight" in attrs:
-            padded = rec.zero_padded and g.dim() == 3 and g.stride(-2) > g.shape[-1] and g.stride(-1) == 1 \
+            padded = (
+                rec.zero_padded
+                and g.dim() == 3
+                and g.stride(-2) > g.shape[-1]
+                and g.stride(-1) == 1
                 and g.stride(0) == g.stride(1) * g.shape[1]
+            )
             out["weight"] = Outer(g, a, padded=padded)
         if "bias" in attrs:
             out["bias"] = Dense(g.sum(1), lambda g=g: g.abs().sum(1))
@@ -270,8 +276,10 @@ class EmbeddingRule(Rule):
 
     def problem(self, module: nn.Module) -> str | None:
         if module.scale_grad_by_freq:
-            return ("scale_grad_by_freq=True scales each row's gradient by its frequency in the whole batch, "
-                    "so the examples have no separate gradients")
+            return (
+                "scale_grad_by_freq=True scales each row's gradient by its frequency in the whole batch, "
+                "so the examples have no separate gradients"
+            )
         return None
 
     def kinds(self, module: nn.Module) -> dict[str, str]:
@@ -280,7 +288,11 @@ class EmbeddingRule(Rule):
     def factors(self, module, rec, attrs, batch_size, dtype):
         B = batch_size
         ids = _batched(rec.input(), B, "its input ids", module).reshape(B, -1).long()
-        g = _batched(rec.grad, B, "its output gradient", module).reshape(B, -1, module.embedding_dim).to(dtype)
+        g = (
+            _batched(rec.grad, B, "its output gradient", module)
+            .reshape(B, -1, module.embedding_dim)
+            .to(dtype)
+        )
         if module.padding_idx is not None:
             g = g.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0.0)
         return {"weight": Outer(ids, g)} if "weight" in attrs else {}
@@ -294,7 +306,9 @@ class NormRule(Rule):
     def matches(self, module: nn.Module) -> bool:
         if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm)):
             return False
-        if not (isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.lower().endswith("norm")):
+        if not (
+            isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.lower().endswith("norm")
+        ):
             return False
         own = dict(module.named_parameters(recurse=False))
         if not own or not set(own) <= {"weight", "bias"}:
@@ -335,7 +349,7 @@ class NormRule(Rule):
             if (
                 not isinstance(tangent, torch.Tensor)
                 or tangent.shape != g.shape
-                or tuple(tangent.shape[tangent.dim() - p.dim():]) != tuple(p.shape)
+                or tuple(tangent.shape[tangent.dim() - p.dim() :]) != tuple(p.shape)
             ):
                 raise ValueError(
                     f"{type(module).__name__}: the norm rule needs an output whose trailing dimensions have "
@@ -378,7 +392,9 @@ class Conv2dRule(Rule):
                 x = F.pad(x, pad, mode=mode)
             cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=0, stride=module.stride)
             if cols.shape[-1] != g.shape[-1]:
-                raise ValueError(f"Conv2d: unfolded input has {cols.shape[-1]} positions, output {g.shape[-1]}")
+                raise ValueError(
+                    f"Conv2d: unfolded input has {cols.shape[-1]} positions, output {g.shape[-1]}"
+                )
             out["weight"] = Outer(g.transpose(1, 2), cols.transpose(1, 2))
         if "bias" in attrs:
             out["bias"] = Dense(g.sum(2), lambda g=g: g.abs().sum(2))
@@ -403,14 +419,26 @@ class TokenParamsRule(Rule):
     # Only parameters known to be learned tokens or position tables: a replay is exact for any module
     # that treats examples independently, but that is a property of the module the rule cannot see, so
     # other parameters stay refused rather than answered on trust.
-    token_names = frozenset({"cls_token", "mask_token", "distillation_token", "register_tokens",
-                             "position_embeddings", "position_embedding"})
+    token_names = frozenset(
+        {
+            "cls_token",
+            "mask_token",
+            "distillation_token",
+            "register_tokens",
+            "position_embeddings",
+            "position_embedding",
+        }
+    )
 
     def matches(self, module: nn.Module) -> bool:
         if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
             return False
         own = dict(module.named_parameters(recurse=False))
-        return bool(own) and set(own) <= self.token_names and sum(p.numel() for p in own.values()) <= self.max_numel
+        return (
+            bool(own)
+            and set(own) <= self.token_names
+            and sum(p.numel() for p in own.values()) <= self.max_numel
+        )
 
     def kinds(self, module: nn.Module) -> dict[str, str]:
         return {name: "dense" for name, _ in module.named_parameters(recurse=False)}
@@ -423,7 +451,7 @@ class TokenParamsRule(Rule):
 
         def pick(x: Any, b: int) -> Any:
             if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == B:
-                return x[b:b + 1]
+                return x[b : b + 1]
             return x
 
         rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
@@ -432,14 +460,18 @@ class TokenParamsRule(Rule):
             kwargs = {k: pick(v, b) for k, v in rec.kwargs.items()}
 
             def call(*ps: torch.Tensor, args=args, kwargs=kwargs) -> torch.Tensor:
-                return torch.func.functional_call(module, {**own, **dict(zip(names, ps, strict=True))}, args, kwargs)
+                return torch.func.functional_call(
+                    module, {**own, **dict(zip(names, ps, strict=True))}, args, kwargs
+                )
 
             with torch.enable_grad():
                 out, vjp = torch.func.vjp(call, *[own[n] for n in names])
                 if not isinstance(out, torch.Tensor) or out.shape[1:] != g.shape[1:]:
-                    raise ValueError(f"{type(module).__name__}: replaying one example gave output "
-                                     f"{getattr(out, 'shape', type(out))}, expected (1, *{tuple(g.shape[1:])})")
-                grads = vjp(g[b:b + 1].to(out.dtype))
+                    raise ValueError(
+                        f"{type(module).__name__}: replaying one example gave output "
+                        f"{getattr(out, 'shape', type(out))}, expected (1, *{tuple(g.shape[1:])})"
+                    )
+                grads = vjp(g[b : b + 1].to(out.dtype))
             for n, gr in zip(names, grads, strict=True):
                 rows[n].append(gr.reshape(-1).to(dtype))
         return {n: Dense(torch.stack(rows[n])) for n in names}

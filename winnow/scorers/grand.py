@@ -41,7 +41,9 @@ def parse_params(spec: str) -> str | list[str]:
         return spec
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
-        raise ValueError("scorer 'grand': parameter 'parameters' is empty; use all, last_layer, lora or names")
+        raise ValueError(
+            "scorer 'grand': parameter 'parameters' is empty; use all, last_layer, lora or names"
+        )
     return parts
 
 
@@ -52,7 +54,9 @@ class GraNd(Scorer):
     columns: ClassVar[tuple[str, ...]] = ("grand",)
     needs_grad: ClassVar[bool] = True
     PARAMS: ClassVar[dict[str, Param]] = {
-        "parameters": Param("all", str, doc="all | last_layer | lora | comma-separated names, prefixes or globs"),
+        "parameters": Param(
+            "all", str, doc="all | last_layer | lora | comma-separated names, prefixes or globs"
+        ),
     }
 
     def __init__(self, **params: Any):
@@ -77,7 +81,9 @@ class GraNd(Scorer):
         assert self._engine is not None
         return self._engine
 
-    def score_batch(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+    def score_batch(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str
+    ) -> dict[str, torch.Tensor]:
         self.check_task(task)
         engine = self._engine_for(model)
         try:

@@ -68,9 +68,11 @@ def adam_preconditioner(
     selected parameter (a parameter the optimizer never stepped may be absent: it gets a uniform scale).
     """
     if step < 1:
-        raise ValueError(f"adam_preconditioner: the optimizer state is from step {step}; it has no second moments")
-    corr = 1.0 - beta2 ** step
-    delta = eps ** 0.5
+        raise ValueError(
+            f"adam_preconditioner: the optimizer state is from step {step}; it has no second moments"
+        )
+    corr = 1.0 - beta2**step
+    delta = eps**0.5
     out: dict[str, Any] = {}
     for name, (m, n) in views.items():
         v = exp_avg_sq.get(name)
@@ -141,8 +143,12 @@ def self_influence(sqnorms: Sequence[torch.Tensor], weights: Sequence[float]) ->
     return sum(float(w) * s.double() for s, w in zip(sqnorms, weights, strict=True)).float()
 
 
-def mean_direction(units: torch.Tensor, norms: torch.Tensor, groups: torch.Tensor | None = None,
-                   num_groups: int | None = None) -> torch.Tensor:
+def mean_direction(
+    units: torch.Tensor,
+    norms: torch.Tensor,
+    groups: torch.Tensor | None = None,
+    num_groups: int | None = None,
+) -> torch.Tensor:
     """Unit direction of the mean projected gradient ``mean(norm * unit)``: (k,), or (C, k) per group.
     A group whose mean is zero gets a zero row."""
     raw = units.double() * norms.double().unsqueeze(1)
@@ -154,8 +160,9 @@ def mean_direction(units: torch.Tensor, norms: torch.Tensor, groups: torch.Tenso
     return (sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-300)).float()
 
 
-def gradient_similarity(train: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],
-                        groups: torch.Tensor | None = None) -> torch.Tensor:
+def gradient_similarity(
+    train: Sequence[torch.Tensor], directions: Sequence[torch.Tensor], groups: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over checkpoints of ``<train_i[z], direction_i>`` (cosines, the features being unit):
     ``directions[i]`` is (k,) for one direction, or (C, k) with ``groups`` (N,) choosing each row's."""
     if len(train) != len(directions) or not train:

@@ -198,12 +198,25 @@ def causal_lm_token_nll(
     ``cap * tanh(z / cap)``. Never holds more than ``token_chunk x vocab_chunk`` logits at once.
     ``compile=True`` runs each token chunk through ``torch.compile`` (token dimension dynamic).
     """
-    return apply_token_kernel(_token_chunk_nll, _compiled_token_chunk_nll, hidden, weight, bias, targets, mask,
-                              vocab_chunk=vocab_chunk, token_chunk=token_chunk, logit_scale=logit_scale,
-                              softcap=softcap, compile=compile)
+    return apply_token_kernel(
+        _token_chunk_nll,
+        _compiled_token_chunk_nll,
+        hidden,
+        weight,
+        bias,
+        targets,
+        mask,
+        vocab_chunk=vocab_chunk,
+        token_chunk=token_chunk,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        compile=compile,
+    )
 
 
-def token_loss_stats(nll: torch.Tensor, mask: torch.Tensor, percentile: float = 90.0) -> dict[str, torch.Tensor]:
+def token_loss_stats(
+    nll: torch.Tensor, mask: torch.Tensor, percentile: float = 90.0
+) -> dict[str, torch.Tensor]:
     """Per-row statistics of token NLLs (B, T) over the positions where ``mask`` is True.
 
     Returns ``{column: float32 (B,)}`` for :data:`LOSS_COLUMNS`: mean, max, population std, the
@@ -283,7 +296,9 @@ class LossScorer(Scorer):
     tasks = frozenset({"causal_lm", "sequence_classification", "image_classification"})
     columns = LOSS_COLUMNS
     PARAMS = {
-        "percentile": Param(90.0, float, min=0, max=100, doc="percentile of token NLLs in loss_pctl (causal_lm)"),
+        "percentile": Param(
+            90.0, float, min=0, max=100, doc="percentile of token NLLs in loss_pctl (causal_lm)"
+        ),
         "vocab_chunk": Param(8192, int, min=0, min_exclusive=True, doc="vocabulary entries per chunk"),
         "token_chunk": Param(16384, int, min=0, min_exclusive=True, doc="tokens per chunk"),
         "compile": Param(False, bool, doc="torch.compile the fused chunk computation (causal_lm)"),

@@ -196,34 +196,63 @@ def quality_from_relevance(relevance, theta: float) -> torch.Tensor:
     """Chen et al. 2018 (Section 4) quality ``q_i = exp(theta * r_i / (2 * (1 - theta)))``, theta in [0, 1)."""
     if not isinstance(theta, numbers.Real) or isinstance(theta, bool | np.bool_) or not (0 <= theta < 1):
         raise ValueError(f"theta must be a number in [0, 1), got {theta!r}")
-    r = relevance if isinstance(relevance, torch.Tensor) else torch.as_tensor(np.asarray(relevance, dtype=float))
+    r = (
+        relevance
+        if isinstance(relevance, torch.Tensor)
+        else torch.as_tensor(np.asarray(relevance, dtype=float))
+    )
     if r.ndim != 1 or not bool(torch.isfinite(r).all()):
         raise ValueError("relevance must be a 1-D array of finite numbers")
     r = r if r.dtype.is_floating_point else r.to(torch.float64)
     return torch.exp(r * (float(theta) / (2.0 * (1.0 - float(theta)))))
 
 
-def kernel_rows(X, idx, *, kernel: str = "cosine", quality=None, sigma: float = 1.0, kappa: float = 1.0,
-                dtype: torch.dtype = torch.float32, chunk_size: int = 1024) -> torch.Tensor:
+def kernel_rows(
+    X,
+    idx,
+    *,
+    kernel: str = "cosine",
+    quality=None,
+    sigma: float = 1.0,
+    kappa: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
     """Rows ``L[idx, :]`` (len(idx), N) of the kernel, computed from ``X`` ``chunk_size`` rows at a time."""
     if not _is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     K = _Kernel(X, kernel, quality, sigma, kappa, dtype)
     t = _index(idx, K.n, K.X.device)
-    parts = [K.block(t[a:a + chunk_size], None) for a in range(0, t.numel(), chunk_size)]
+    parts = [K.block(t[a : a + chunk_size], None) for a in range(0, t.numel(), chunk_size)]
     return torch.cat(parts) if parts else K.X.new_zeros((0, K.n))
 
 
-def kernel_submatrix(X, idx, *, kernel: str = "cosine", quality=None, sigma: float = 1.0, kappa: float = 1.0,
-                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def kernel_submatrix(
+    X,
+    idx,
+    *,
+    kernel: str = "cosine",
+    quality=None,
+    sigma: float = 1.0,
+    kappa: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """The principal submatrix ``L_S = L[idx][:, idx]`` (m, m), from the rows of ``X`` in ``idx`` only."""
     K = _Kernel(X, kernel, quality, sigma, kappa, dtype)
     t = _index(idx, K.n, K.X.device)
     return K.block(t, t)
 
 
-def log_det(X, idx, *, kernel: str = "cosine", quality=None, sigma: float = 1.0, kappa: float = 1.0,
-            dtype: torch.dtype = torch.float64) -> float:
+def log_det(
+    X,
+    idx,
+    *,
+    kernel: str = "cosine",
+    quality=None,
+    sigma: float = 1.0,
+    kappa: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+) -> float:
     """``log det L_S`` from the eigenvalues of the symmetric ``L_S`` (0 for the empty set).
 
     ``-inf`` when ``L_S`` is singular to working precision: its smallest eigenvalue is at most
@@ -259,8 +288,18 @@ class GreedyMapResult:
     stopped: str
 
 
-def greedy_map(X, k: int, *, kernel: str = "cosine", quality=None, sigma: float = 1.0, kappa: float = 1.0,
-               eps: float | None = None, dtype: torch.dtype = torch.float32, start=None) -> GreedyMapResult:
+def greedy_map(
+    X,
+    k: int,
+    *,
+    kernel: str = "cosine",
+    quality=None,
+    sigma: float = 1.0,
+    kappa: float = 1.0,
+    eps: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    start=None,
+) -> GreedyMapResult:
     """Greedy MAP of the DPP with kernel ``L`` on ``X``'s rows: Algorithm 1 of Chen et al. (NeurIPS 2018).
 
     Picks up to ``k`` rows, each the unpicked row of largest ``d2`` (lowest index on ties), stopping
@@ -274,7 +313,11 @@ def greedy_map(X, k: int, *, kernel: str = "cosine", quality=None, sigma: float 
     K = _Kernel(X, kernel, quality, sigma, kappa, dtype)
     if eps is None:
         eps = 1e-10 if dtype == torch.float64 else 1e-5
-    elif not isinstance(eps, numbers.Real) or isinstance(eps, bool | np.bool_) or not (eps >= 0 and math.isfinite(eps)):
+    elif (
+        not isinstance(eps, numbers.Real)
+        or isinstance(eps, bool | np.bool_)
+        or not (eps >= 0 and math.isfinite(eps))
+    ):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     forced = [] if start is None else _index(start, K.n, "cpu").tolist()
     if len(set(forced)) != len(forced):
@@ -314,9 +357,20 @@ def greedy_map(X, k: int, *, kernel: str = "cosine", quality=None, sigma: float 
     return GreedyMapResult(torch.tensor(picks, dtype=torch.long), g, float(g.sum()), stopped)
 
 
-def partitioned_greedy_map(X, k: int, clusters, *, kernel: str = "cosine", quality=None, sigma: float = 1.0,
-                           kappa: float = 1.0, eps: float | None = None, dtype: torch.dtype = torch.float32,
-                           device=None, logdet_max: int = 4096) -> GreedyMapResult:
+def partitioned_greedy_map(
+    X,
+    k: int,
+    clusters,
+    *,
+    kernel: str = "cosine",
+    quality=None,
+    sigma: float = 1.0,
+    kappa: float = 1.0,
+    eps: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    logdet_max: int = 4096,
+) -> GreedyMapResult:
     """Greedy MAP within each cluster, then a merge by gain: the approximation for pools past one device.
 
     ``clusters`` (length N, integers ``>= 0``) labels each row of ``X``. For each label in increasing
@@ -347,7 +401,9 @@ def partitioned_greedy_map(X, k: int, clusters, *, kernel: str = "cosine", quali
     n = X.shape[0]
     lab = torch.as_tensor(np.asarray(clusters) if not isinstance(clusters, torch.Tensor) else clusters)
     if lab.shape != (n,) or lab.dtype.is_floating_point or lab.dtype == torch.bool or lab.is_complex():
-        raise ValueError(f"clusters must be a 1-D integer array of length {n}, got {lab.dtype} {tuple(lab.shape)}")
+        raise ValueError(
+            f"clusters must be a 1-D integer array of length {n}, got {lab.dtype} {tuple(lab.shape)}"
+        )
     lab = lab.to("cpu", torch.long)
     if int(lab.min()) < 0:
         raise ValueError("clusters must be integers >= 0")
@@ -364,12 +420,14 @@ def partitioned_greedy_map(X, k: int, clusters, *, kernel: str = "cosine", quali
     any_threshold = False
     a = 0
     for c in counts.tolist():
-        rows = order[a:a + c]
+        rows = order[a : a + c]
         a += c
         rx = rows.to(X.device)
         Xc = X[rx].to(dev)
         qc = None if q is None else q[rows.to(q.device)].to(dev)
-        r = greedy_map(Xc, min(k, c), kernel=kernel, quality=qc, sigma=sigma, kappa=kappa, eps=eps, dtype=dtype)
+        r = greedy_map(
+            Xc, min(k, c), kernel=kernel, quality=qc, sigma=sigma, kappa=kappa, eps=eps, dtype=dtype
+        )
         del Xc, qc
         any_threshold |= r.stopped == "threshold"
         lists.append((rows[r.picks].tolist(), r.gains.tolist()))
@@ -392,14 +450,29 @@ def partitioned_greedy_map(X, k: int, clusters, *, kernel: str = "cosine", quali
     logdet = 0.0 if not picks else math.nan
     if picks and len(picks) <= logdet_max:
         sub = pt.to(X.device)
-        logdet = log_det(X[sub].to(dev), torch.arange(len(picks)), kernel=kernel,
-                         quality=None if q is None else q[pt.to(q.device)].to(dev),
-                         sigma=sigma, kappa=kappa, dtype=torch.float64)
+        logdet = log_det(
+            X[sub].to(dev),
+            torch.arange(len(picks)),
+            kernel=kernel,
+            quality=None if q is None else q[pt.to(q.device)].to(dev),
+            sigma=sigma,
+            kappa=kappa,
+            dtype=torch.float64,
+        )
     return GreedyMapResult(pt, torch.tensor(gains, dtype=torch.float64), logdet, stopped)
 
 
-def log_det_distance(X, subset, *, kernel: str = "cosine", sigma: float = 1.0, kappa: float = 1.0,
-                     seeds: int = 5, seed0: int = 0, dtype: torch.dtype = torch.float64) -> float:
+def log_det_distance(
+    X,
+    subset,
+    *,
+    kernel: str = "cosine",
+    sigma: float = 1.0,
+    kappa: float = 1.0,
+    seeds: int = 5,
+    seed0: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> float:
     """Wang et al. 2024 style diversity: ``log det L_S`` minus the mean log det of greedy references.
 
     The references: for ``s`` in ``range(seeds)``, a greedy-MAP selection of ``len(subset)`` rows of the
@@ -430,8 +503,18 @@ def log_det_distance(X, subset, *, kernel: str = "cosine", sigma: float = 1.0, k
     return own - float(np.mean(refs))
 
 
-def isotropic_log_det_distance(X, subset, *, size: int | None = None, kernel: str = "vmf", sigma: float = 1.0,
-                               kappa: float = 1.0, seeds: int = 3, seed0: int = 0, ridge: float = 1e-6) -> float:
+def isotropic_log_det_distance(
+    X,
+    subset,
+    *,
+    size: int | None = None,
+    kernel: str = "vmf",
+    sigma: float = 1.0,
+    kappa: float = 1.0,
+    seeds: int = 3,
+    seed0: int = 0,
+    ridge: float = 1e-6,
+) -> float:
     """Diversity of a set as its per-item log-det distance to a maximally diverse reference.
 
     After Wang et al. 2024 ("Diversity Measurement and Subset Selection for Instruction Tuning
@@ -459,6 +542,7 @@ def isotropic_log_det_distance(X, subset, *, size: int | None = None, kernel: st
         g = torch.Generator().manual_seed(seed0 + s)
         pick = idx[torch.randperm(idx.numel(), generator=g)[:m]]
         ref = torch.nn.functional.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=1)
+
         def ridged(Y, rows):
             K = kernel_submatrix(Y, rows, kernel=kernel, sigma=sigma, kappa=kappa, dtype=torch.float64)
             K = K + ridge * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)

@@ -179,7 +179,9 @@ def loss_to_weight(
         raise ValueError(f"losses has {n_nan} NaN values among kept rows; every kept row needs a loss")
     n_inf = int(np.count_nonzero(np.isinf(s_kept)))
     if n_inf:
-        raise ValueError(f"losses has {n_inf} infinite values among kept rows; every kept loss must be finite")
+        raise ValueError(
+            f"losses has {n_inf} infinite values among kept rows; every kept loss must be finite"
+        )
 
     groups = _groups(strata, n)  # validates strata; one group of every row when None
     out = np.zeros(n, dtype=np.float64)

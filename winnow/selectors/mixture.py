@@ -66,7 +66,9 @@ def _as_weights(x: Sequence[float] | torch.Tensor) -> torch.Tensor:
     return t / t.sum()
 
 
-def static_weights(sizes: Sequence[float], kind: str = "proportional", temperature: float = 1.0) -> torch.Tensor:
+def static_weights(
+    sizes: Sequence[float], kind: str = "proportional", temperature: float = 1.0
+) -> torch.Tensor:
     """``uniform``, ``proportional`` (to sizes, e.g. token counts) or ``temperature`` (p ∝ n^(1/τ))."""
     n = torch.as_tensor(sizes, dtype=torch.float64).reshape(-1)
     if n.numel() == 0 or bool((n < 0).any()):
@@ -89,9 +91,15 @@ def entropy(w: torch.Tensor) -> float:
     return float(-(nz * nz.log()).sum())
 
 
-def doremi_excess(token_loss: torch.Tensor, ref_token_loss: torch.Tensor, mask: torch.Tensor,
-                  domains: torch.Tensor, k: int, previous: torch.Tensor | None = None,
-                  clip: str = "token") -> torch.Tensor:
+def doremi_excess(
+    token_loss: torch.Tensor,
+    ref_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    domains: torch.Tensor,
+    k: int,
+    previous: torch.Tensor | None = None,
+    clip: str = "token",
+) -> torch.Tensor:
     """λ (k,): per domain, the mean over its counted tokens of max(ℓ_proxy − ℓ_ref, 0) (``clip="token"``,
     the paper and its code), or max(mean over its tokens of ℓ_proxy − ℓ_ref, 0) (``clip="domain"``).
 
@@ -108,14 +116,20 @@ def doremi_excess(token_loss: torch.Tensor, ref_token_loss: torch.Tensor, mask: 
     d = domains.long().reshape(-1)
     num = torch.zeros(k, dtype=torch.float64, device=ex.device).index_add_(0, d, ex.sum(1))
     den = torch.zeros(k, dtype=torch.float64, device=ex.device).index_add_(0, d, m.sum(1))
-    prev = torch.zeros(k, dtype=torch.float64, device=ex.device) if previous is None else previous.double().to(ex.device)
+    prev = (
+        torch.zeros(k, dtype=torch.float64, device=ex.device)
+        if previous is None
+        else previous.double().to(ex.device)
+    )
     lam = num / den.clamp_min(1)
     if clip == "domain":
         lam = lam.clamp_min(0)
     return torch.where(den > 0, lam, prev)
 
 
-def doremi_update(alpha: torch.Tensor, lam: torch.Tensor, eta: float = 1.0, smoothing: float = 1e-3) -> torch.Tensor:
+def doremi_update(
+    alpha: torch.Tensor, lam: torch.Tensor, eta: float = 1.0, smoothing: float = 1e-3
+) -> torch.Tensor:
     """α_t = (1 − c) softmax(log α_{t−1} + η λ) + c / k."""
     a = _as_weights(alpha)
     new = torch.softmax(a.log() + eta * lam.double().to(a.device), 0)
@@ -132,9 +146,18 @@ def doremi_token_weights(alpha: torch.Tensor, mask: torch.Tensor, domains: torch
     return m * per[d].unsqueeze(1)
 
 
-def doge_update(alpha: torch.Tensor, gram: torch.Tensor, lr: float, *, target_dots: torch.Tensor | None = None,
-                mu: float = 0.05, w_min: float = 0.0, w_max: float = 5.0, smoothing: float = 0.0,
-                present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def doge_update(
+    alpha: torch.Tensor,
+    gram: torch.Tensor,
+    lr: float,
+    *,
+    target_dots: torch.Tensor | None = None,
+    mu: float = 0.05,
+    w_min: float = 0.0,
+    w_max: float = 5.0,
+    smoothing: float = 0.0,
+    present: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One DoGE weight update (module docstring). ``gram``: (k, k) inner products of the training domains'
     gradients; ``target_dots``: (k,) <g_i, g_target> for an out-of-domain target (None: universal).
     ``present``: (k,) bool, domains with a gradient this step (absent ones keep their log-weight: score 0).
@@ -146,7 +169,9 @@ def doge_update(alpha: torch.Tensor, gram: torch.Tensor, lr: float, *, target_do
         s = lr * (G.sum(1) - G.diagonal())
     else:
         s = lr * target_dots.double().to(a.device)
-    pres = torch.ones(k, dtype=torch.bool, device=a.device) if present is None else present.bool().to(a.device)
+    pres = (
+        torch.ones(k, dtype=torch.bool, device=a.device) if present is None else present.bool().to(a.device)
+    )
     norms = G.diagonal().clamp_min(0).sqrt()
     avg = norms[pres].mean() if bool(pres.any()) else torch.zeros((), dtype=torch.float64)
     s = (s / (avg + 1e-6)).clamp(lr * w_min, lr * w_max)
@@ -155,8 +180,14 @@ def doge_update(alpha: torch.Tensor, gram: torch.Tensor, lr: float, *, target_do
     return (1 - smoothing) * new + smoothing / k, s
 
 
-def dga_update(alpha: torch.Tensor, alpha_hat: torch.Tensor, dots: torch.Tensor, *, eta: float | None = None,
-               beta: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+def dga_update(
+    alpha: torch.Tensor,
+    alpha_hat: torch.Tensor,
+    dots: torch.Tensor,
+    *,
+    eta: float | None = None,
+    beta: float = 0.9,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One DGA update (module docstring): returns (weights in use α_t, mirror-descent iterate α̂_t).
     ``dots``: (k,) <g_i, g_target>; ``eta`` None: 1 / mean |dots|."""
     a, ah = _as_weights(alpha), _as_weights(alpha_hat)
