@@ -114,6 +114,8 @@ def gpu_lock(out: Path, cpu: Path, upgrade: bool) -> None:
         _compile(
             out, ["--python-version", "3.12", "-c", str(cons), *extras, *skip], upgrade, REQ / "gpu.lock.txt"
         )
+        # the constraint file's temporary path would make every run's output differ
+        out.write_text(out.read_text().replace(str(cons), "requirements/cpu.lock.txt (for the GPU machine)"))
     out.write_text(
         _header(
             _strip_header(out.read_text()),
