@@ -113,3 +113,23 @@ def test_dpp_on_projected_gradient_features(tmp_path, corpus):
     assert int(sel["kept"].sum()) == 40
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert man["diversity"]["diversity_selection"] < man["diversity"]["diversity_input"]
+
+
+def test_dpp_fraction_is_the_same_budget_as_the_score_selector(tmp_path, corpus):
+    """One budget for every selector: fraction 0.25 of 10 rows is 3 (half-up), for dpp as for score."""
+    rows = [json.loads(line) for f in sorted(corpus.glob("*.jsonl")) for line in open(f)][:10]
+    rng = np.random.default_rng(0)
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "d.jsonl").write_text(
+        "".join(json.dumps(dict(r, vec=rng.normal(size=8).tolist())) + "\n" for r in rows)
+    )
+    kept = {}
+    for method in ("score", "dpp"):
+        r = tiny_recipe(corpus, tmp_path / f"run-{method}", data__source=str(d / "d.jsonl"))
+        r["train"].update(steps=2, seeds=[0], checkpoints=[2])
+        r["scoring"]["embeddings"] = {"column": "vec"}
+        r["select"] = {"method": method, "fraction": 0.25, "score": "el2n"}
+        assert main(["run", str(write_recipe(tmp_path / f"{method}.yaml", r))]) == 0
+        kept[method] = int(pl.read_parquet(tmp_path / f"run-{method}" / "selection.parquet")["kept"].sum())
+    assert kept == {"score": 3, "dpp": 3}

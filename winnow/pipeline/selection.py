@@ -18,7 +18,7 @@ import winnow
 from winnow.errors import WinnowError
 from winnow.pipeline.recipe import LOSS_WEIGHT_METHODS, Recipe
 from winnow.pipeline.store import ScoreStore, read_parquet, write_parquet
-from winnow.selectors import loss_to_weight, random_select, score_to_weight, select
+from winnow.selectors import budget, loss_to_weight, random_select, score_to_weight, select
 
 
 def merge_parts(
@@ -170,8 +170,7 @@ def dpp_select(recipe: Recipe, run_dir: Path, df: pl.DataFrame) -> tuple[np.ndar
 
     sel, d = recipe.select, recipe.select.dpp
     n = df.height
-    k = sel.count if sel.count is not None else int(round((sel.fraction or 1.0) * n))
-    k = min(k, n)
+    k = budget(n, fraction=sel.fraction, count=sel.count)
     dev = resolve_device(d.device)
     X = torch.from_numpy(load_embeddings(run_dir, df["id"].to_list()))
     if d.clusters is None:

@@ -167,8 +167,21 @@ def _split_count(count: int, sizes: list[int]) -> list[int]:
 def _quotas(groups: list[np.ndarray], fraction, count) -> list[int]:
     sizes = [len(g) for g in groups]
     if fraction is not None:
-        return [min(_round_half_up(fraction, s), s) for s in sizes]
+        return [budget(s, fraction=fraction) for s in sizes]
     return _split_count(int(count), sizes)
+
+
+def budget(n: int, *, fraction: float | None = None, count: int | None = None) -> int:
+    """How many of ``n`` rows a budget keeps: ``floor(fraction * n + 1/2)`` in exact decimal arithmetic
+    (``fraction: 0.25`` of 10 rows keeps 3, never banker's rounding's 2), or ``min(count, n)``.
+
+    The one budget rule of every selector: :func:`select`, :func:`random_select` (per stratum, where a
+    count is split by largest remainder) and the DPP selection all call it.
+    """
+    _check_budget(fraction, count, allow_threshold=False)
+    if fraction is not None:
+        return min(_round_half_up(fraction, n), n)
+    return min(int(count), n)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------------------------
