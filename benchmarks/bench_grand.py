@@ -6,7 +6,7 @@ Variants (all params, sequences of --seq tokens, random init, random tokens):
   less_loop    batch size 1, a backward per example, norm of the flattened gradient (LESS / data-diet code)
   vmap         torch.func.vmap(grad) over chunks of 16 examples (TRAK / dattri)
   opacus       Opacus' ghost-clipping norms (GradSampleModuleFastGradientClipping), where it supports the model
-  engine       winnow.scorers.grad_engine.GradEngine: one batched backward, exact per-example norms
+  engine       winnow.grads.GradEngine: one batched backward, exact per-example norms
   *_fused_gelu plain_step and vmap again with GPT-2's gelu_new run as F.gelu(approximate="tanh"), the
                substitution the engine makes while open (so the comparison can be read both ways)
 
@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from winnow.scorers.grad_engine import GradEngine, per_example_loss  # noqa: E402
+from winnow.grads import GradEngine, per_example_loss  # noqa: E402
 
 
 def build(kind: str, smoke: bool, seq: int):
@@ -194,7 +194,7 @@ def bench_one(kind: str, a: argparse.Namespace, seq: int, device: torch.device, 
     # the substitution the engine makes while it is open: how much of the engine's lead is that kernel.
     gelus = [m for m in model.modules() if type(m).__name__ == "NewGELUActivation"]
     if gelus:
-        from winnow.scorers.grad_engine import _tanh_gelu
+        from winnow.grads.fast_paths import _tanh_gelu
 
         for m in gelus:
             m.forward = _tanh_gelu

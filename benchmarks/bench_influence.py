@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from winnow.scorers.grad_engine import GradEngine, per_example_loss  # noqa: E402
+from winnow.grads import GradEngine, per_example_loss  # noqa: E402
 from winnow.scorers.influence import adam_preconditioner  # noqa: E402
 
 

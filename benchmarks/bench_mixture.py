@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from winnow.scorers.grad_engine import GradEngine, fast_paths, per_example_loss, token_nll  # noqa: E402
+from winnow.grads import GradEngine, fast_paths, per_example_loss, token_nll  # noqa: E402
 from winnow.selectors.mixture import (  # noqa: E402
     dga_update,
     doge_update,
@@ -254,7 +254,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         print(name, res[name], flush=True)
     if dev.type == "cuda":  # the Gram of kept group sums: one long fp32 GEMM against batched slices
-        from winnow.scorers.grad_engine import _rows_gram
+        from winnow.grads.kernels import _rows_gram
 
         X = torch.randn(K + 1, 768 * 3072, device=dev)
         probe = {}

@@ -144,7 +144,7 @@ def train_and_eval(
 ) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from winnow.scorers.grad_engine import next_token_losses
+    from winnow.grads import next_token_losses
 
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(

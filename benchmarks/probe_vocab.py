@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from winnow.scorers.grad_engine import GradEngine, per_example_loss  # noqa: E402
+from winnow.grads import GradEngine, per_example_loss  # noqa: E402
 
 
 def _sync() -> None:

@@ -16,7 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import winnow.scorers.grad_engine as ge  # noqa: E402
+import winnow.grads.accumulators as acc  # noqa: E402  (the squared norms' kernel is looked up here)
+import winnow.grads.engine as ge  # noqa: E402
+from winnow.grads import per_example_loss  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +49,7 @@ def main() -> None:
     amp = dict(device_type=dev, dtype=torch.bfloat16)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     times: dict[str, float] = defaultdict(float)
-    orig_uses, orig_sq, orig_grad = ge.GradEngine._uses, ge._outer_sqnorm, torch.autograd.grad
+    orig_uses, orig_sq, orig_grad = ge.GradEngine._uses, acc._outer_sqnorm, torch.autograd.grad
 
     def timed(label, fn):
         def wrap(*args, **kw):
@@ -68,7 +70,7 @@ def main() -> None:
         ),
         orig_uses,
     )
-    ge._outer_sqnorm = timed(
+    acc._outer_sqnorm = timed(
         lambda args: f"sqnorm T={args[0][0].right.shape[1]} m={args[2]} n={args[3]} uses={len(args[0])}",
         orig_sq,
     )
@@ -77,7 +79,7 @@ def main() -> None:
 
     def run():
         with torch.autocast(**amp):
-            loss_fn = timed("forward", lambda: ge.per_example_loss(model, batch, "causal_lm"))
+            loss_fn = timed("forward", lambda: per_example_loss(model, batch, "causal_lm"))
             return eng.compute(loss_fn, sqnorm=True)
 
     run()

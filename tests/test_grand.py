@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from winnow.scorers import get_scorer, per_example_loss
+from winnow.grads import per_example_loss
+from winnow.scorers import get_scorer
 
 
 def _reference_norms(model, batch, task, names=None):

@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 
-from tests.test_grad_engine import causal_loss_alone, flat, gpt2, reference_grads, rel_rows, seqs, text_batch
-from winnow.scorers.grad_engine import GradEngine, per_example_loss, select_parameters
+from tests.grads._harness import causal_loss_alone, flat, gpt2, reference_grads, rel_rows, seqs, text_batch
+from winnow.grads import GradEngine, per_example_loss, select_parameters
 from winnow.scorers.influence import (
     adam_preconditioner,
     gradient_similarity,

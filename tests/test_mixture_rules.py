@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from winnow.scorers.grad_engine import GradEngine, per_example_loss
+from winnow.grads import GradEngine, per_example_loss
 from winnow.selectors.mixture import (
     dga_update,
     doge_update,

@@ -13,7 +13,6 @@ from winnow.scorers.el2n import (
     lm_head_params,
     reduce_token_scores,
 )
-from winnow.scorers.grad_engine import GradEngine, per_example_loss, select_parameters
 from winnow.scorers.grand import GraNd  # noqa: F401  (registers the "grand" scorer)
 from winnow.scorers.loss import LossScorer  # noqa: F401  (registers the "loss" scorer)
 
@@ -21,9 +20,6 @@ __all__ = [
     "EL2N",
     "SCORERS",
     "TASKS",
-    "GradEngine",
-    "per_example_loss",
-    "select_parameters",
     "Param",
     "Scorer",
     "causal_lm_el2n",

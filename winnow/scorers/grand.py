@@ -4,7 +4,7 @@ Paul, Ganguli, Dziugaite, "Deep Learning on a Data Diet: Finding Important Examp
 Training" (NeurIPS 2021, arXiv 2107.07075), §2: the GraNd score of (x, y) at time t is
 E‖g_t(x, y)‖₂, the norm of the gradient of the example's loss with respect to the weights,
 averaged over independent runs. winnow computes ‖∇_w ℓ(x, y)‖₂ for every example of a batch from
-ONE ordinary batched backward with the per-example gradient engine (`grad_engine.GradEngine`),
+ONE ordinary batched backward with the per-example gradient engine (`winnow.grads.GradEngine`),
 exactly, without a per-example copy of the parameters; the pipeline averages it over seeds and
 checkpoints like EL2N.
 
@@ -28,23 +28,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from winnow.grads import GradEngine, parse_params, per_example_loss
 from winnow.scorers.base import TASKS, Param, Scorer, eval_mode, register
-from winnow.scorers.grad_engine import GradEngine, per_example_loss
-
-_PRESETS = ("all", "last_layer", "lora")
-
-
-def parse_params(spec: str) -> str | list[str]:
-    """`all` / `last_layer` / `lora`, or a comma-separated list of names, prefixes or globs."""
-    spec = spec.strip()
-    if spec in _PRESETS:
-        return spec
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    if not parts:
-        raise ValueError(
-            "scorer 'grand': parameter 'parameters' is empty; use all, last_layer, lora or names"
-        )
-    return parts
 
 
 @register
@@ -53,6 +38,7 @@ class GraNd(Scorer):
     tasks: ClassVar[frozenset[str]] = TASKS
     columns: ClassVar[tuple[str, ...]] = ("grand",)
     needs_grad: ClassVar[bool] = True
+    parameters: str  # set from PARAMS by Scorer.__init__
     PARAMS: ClassVar[dict[str, Param]] = {
         "parameters": Param(
             "all", str, doc="all | last_layer | lora | comma-separated names, prefixes or globs"

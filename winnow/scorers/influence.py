@@ -2,7 +2,7 @@
 
 Features. For a checkpoint i, an example z's feature is the unit vector
 ``u_i(z) = P Γ_i(z) / ||P Γ_i(z)||`` where P is the engine's seeded k x D projection (a JL map, see
-:mod:`winnow.scorers.grad_engine`) and Γ_i(z) is the example's loss gradient at checkpoint i, either
+:mod:`winnow.grads.projection`) and Γ_i(z) is the example's loss gradient at checkpoint i, either
 plain or Adam-preconditioned (:func:`adam_preconditioner`).
 
 Scores (w_i: the checkpoint's learning-rate weight, chosen by the pipeline):
@@ -140,7 +140,10 @@ def self_influence(sqnorms: Sequence[torch.Tensor], weights: Sequence[float]) ->
     """TracIn self-influence ``sum_i w_i ||g_i(z)||^2`` from per-checkpoint exact squared norms (N,)."""
     if len(sqnorms) != len(weights) or not sqnorms:
         raise ValueError("self_influence: one squared-norm vector and one weight per checkpoint")
-    return sum(float(w) * s.double() for s, w in zip(sqnorms, weights, strict=True)).float()
+    total = torch.zeros_like(sqnorms[0], dtype=torch.float64)
+    for s, w in zip(sqnorms, weights, strict=True):
+        total = total + float(w) * s.double()
+    return total.float()
 
 
 def mean_direction(
@@ -172,5 +175,7 @@ def gradient_similarity(
         if d.dim() == 1:
             acc += (tr.float() @ d.float()).double()
         else:
+            if groups is None:
+                raise ValueError("gradient_similarity: (C, k) directions need groups")
             acc += (tr.float() * d.float()[groups.long()]).sum(1).double()
     return (acc / len(train)).float()
