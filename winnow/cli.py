@@ -175,12 +175,12 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_recipe(load_recipe(args.recipe, args.overrides)), end="")
             return 0
         if args.cmd == "report":
-            from winnow.pipeline.report import write_report
+            from winnow.report import write_report
 
             print(write_report(args.run))
             return 0
         if args.cmd == "inspect":
-            from winnow.pipeline.report import print_summary
+            from winnow.report import print_summary
 
             print_summary(args.run)
             return 0

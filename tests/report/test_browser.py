@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import tiny_recipe, write_recipe
 from winnow.cli import main
-from winnow.pipeline.report import write_report
+from winnow.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 WINDOW = (1400, 2400)
