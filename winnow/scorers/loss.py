@@ -62,7 +62,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from winnow.scorers.base import (
     Param,
@@ -73,7 +72,8 @@ from winnow.scorers.base import (
     next_token_positions,
     register,
 )
-from winnow.scorers.el2n import _config_attr, apply_token_kernel, causal_lm_hidden_states, lm_head_params
+from winnow.scorers.el2n import _config_attr, causal_lm_hidden_states, lm_head_params
+from winnow.scorers.token_softmax import apply_token_kernel, finish_nll, stream_softmax
 
 __all__ = [
     "LOSS_COLUMNS",
@@ -123,48 +123,8 @@ def _token_chunk_nll(
     softcap: float | None,
 ) -> torch.Tensor:
     """NLL of ``n`` tokens: ``h`` (n, H) hidden, ``y`` (n,) targets in [0, V). Returns fp32 (n,)."""
-    n = h.shape[0]
-    vocab = weight.shape[0]
-    dev = h.device
-    neg_inf = -math.inf
-    run_max = torch.full((n,), neg_inf, dtype=torch.float32, device=dev)  # M': max_{i != y} z_i so far
-    s1 = torch.zeros(n, dtype=torch.float32, device=dev)  # sum_{i != y} exp(z_i - M')
-    z_y = torch.zeros(n, dtype=torch.float32, device=dev)
-    for v0 in range(0, vocab, vocab_chunk):
-        v1 = min(v0 + vocab_chunk, vocab)
-        b = None if bias is None else bias[v0:v1]
-        z = F.linear(h, weight[v0:v1], b)  # (n, vc) in the model's dtype, as its lm_head computes it
-        if logit_scale is not None or softcap is not None:
-            z = z.float()
-            if logit_scale is not None:
-                z.mul_(logit_scale)
-            if softcap is not None:
-                z.div_(softcap).tanh_().mul_(softcap)
-        in_chunk = (y >= v0) & (y < v1)
-        local = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
-        zt = z.gather(1, local).squeeze(1)
-        z_y = torch.where(in_chunk, zt.float(), z_y)
-        # the target's place becomes -inf when it lies in this chunk (else the value there is written
-        # back), so that the max and the sum run over the other classes only
-        z.scatter_(1, local, torch.where(in_chunk, neg_inf, zt).unsqueeze(1))
-        m = z.amax(dim=1).float()  # -inf only when the chunk holds nothing but the target
-        empty = torch.isneginf(m)
-        m_safe = torch.where(empty, 0.0, m)
-        e = z.sub_(m_safe.unsqueeze(1)) if z.dtype == torch.float32 else z - m_safe.unsqueeze(1)
-        c1 = e.exp_().sum(dim=1)
-        new_max = torch.maximum(run_max, m)
-        new_safe = torch.where(torch.isneginf(new_max), 0.0, new_max)
-        a_old = torch.exp(run_max - new_safe)
-        a_new = torch.where(empty, 0.0, torch.exp(m_safe - new_safe))
-        s1 = s1 * a_old + c1 * a_new
-        run_max = new_max
-    # logsumexp(z) - z_y without cancellation (see the module docstring); with a vocabulary of one
-    # entry S1 = 0 and M' = -inf, and the first branch gives log1p(0) = 0
-    target_top = z_y >= run_max
-    d = torch.where(target_top, run_max - z_y, z_y - run_max)  # <= 0 on the branch that uses it
-    top = torch.log1p(s1 * torch.exp(d))
-    below = (run_max - z_y) + torch.log(s1 + torch.exp(d))
-    return torch.where(target_top, top, below)
+    run_max, s1, _, z_y = stream_softmax(h, weight, bias, y, vocab_chunk, logit_scale, softcap, squares=False)
+    return finish_nll(run_max, s1, z_y)
 
 
 _COMPILED: Any = None
