@@ -7,11 +7,10 @@ faiss-cpu), so the GPU is asked for only when `faiss.get_num_gpus() > 0`.
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
 from winnow.errors import WinnowError
+from winnow.selectors.checks import is_int
 
 __all__ = ["kmeans_assign"]
 
@@ -26,10 +25,6 @@ def _faiss():
     return faiss
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
-
-
 def kmeans_assign(X: np.ndarray, n_clusters: int, seed: int, niter: int = 20) -> np.ndarray:
     """Cluster label (int64, in ``[0, n_clusters)``) of every row of ``X`` (N, d) by faiss k-means.
 
@@ -40,11 +35,11 @@ def kmeans_assign(X: np.ndarray, n_clusters: int, seed: int, niter: int = 20) ->
     a given seed on one machine. Some clusters may end up empty. Raises ``ValueError`` for bad
     arguments and ``WinnowError`` when faiss is not installed.
     """
-    if not _is_int(n_clusters) or n_clusters < 1:
+    if not is_int(n_clusters) or n_clusters < 1:
         raise ValueError(f"n_clusters must be an integer >= 1, got {n_clusters!r}")
-    if not _is_int(seed):
+    if not is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    if not _is_int(niter) or niter < 1:
+    if not is_int(niter) or niter < 1:
         raise ValueError(f"niter must be an integer >= 1, got {niter!r}")
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:

@@ -70,6 +70,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from winnow.selectors.checks import is_int
+
 __all__ = [
     "KERNELS",
     "GreedyMapResult",
@@ -91,12 +93,12 @@ _DTYPES = (torch.float32, torch.float64)
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool | np.bool_)
-
-
 def _positive_real(name: str, v: object) -> float:
-    if not isinstance(v, numbers.Real) or isinstance(v, bool | np.bool_) or not (math.isfinite(v) and v > 0):
+    if (
+        not isinstance(v, numbers.Real)
+        or isinstance(v, bool | np.bool_)
+        or not (math.isfinite(float(v)) and float(v) > 0)
+    ):
         raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
     return float(v)
 
@@ -145,12 +147,14 @@ class _Kernel:
             return G
         if k == "vmf":
             return G.sub_(1.0).mul_(self.kappa).exp_()
+        assert self.sq is not None  # linear and rbf kernels keep the squared norms
         sq_r = self.sq[rows][:, None] if rows is not None else self.sq[:, None]
         sq_c = self.sq[cols][None, :] if cols is not None else self.sq[None, :]
         return G.mul_(-2.0).add_(sq_r).add_(sq_c).clamp_(min=0.0).mul_(-0.5 / self.sigma**2).exp_()
 
     def diag(self):
         if self.kernel == "linear":
+            assert self.sq is not None
             s = self.sq.clone()
         else:  # cosine, rbf, vmf: exactly 1 (so that the first pick's ties are exact ties)
             s = torch.ones(self.n, dtype=self.X.dtype, device=self.X.device)
@@ -162,6 +166,7 @@ class _Kernel:
         if self.kernel == "vmf":
             s.sub_(1.0).mul_(self.kappa).exp_()
         elif self.kernel == "rbf":
+            assert self.sq is not None
             s.mul_(-2.0).add_(self.sq).add_(self.sq[j]).clamp_(min=0.0).mul_(-0.5 / self.sigma**2).exp_()
         return s if self.q is None else s.mul_(self.q).mul_(self.q[j])
 
@@ -219,7 +224,7 @@ def kernel_rows(
     chunk_size: int = 1024,
 ) -> torch.Tensor:
     """Rows ``L[idx, :]`` (len(idx), N) of the kernel, computed from ``X`` ``chunk_size`` rows at a time."""
-    if not _is_int(chunk_size) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     K = _Kernel(X, kernel, quality, sigma, kappa, dtype)
     t = _index(idx, K.n, K.X.device)
@@ -308,7 +313,7 @@ def greedy_map(
     device in ``dtype``. ``start`` (optional row indices) forces the first picks, in that order; a
     forced pick whose ``d2`` is below ``eps`` raises. See the module docstring for the update.
     """
-    if not _is_int(k) or k < 0:
+    if not is_int(k) or k < 0:
         raise ValueError(f"k must be an integer >= 0, got {k!r}")
     K = _Kernel(X, kernel, quality, sigma, kappa, dtype)
     if eps is None:
@@ -390,9 +395,9 @@ def partitioned_greedy_map(
     cluster's greedy stopped at ``eps``, else ``"exhausted"``. With a single cluster the picks and
     gains are those of :func:`greedy_map`.
     """
-    if not _is_int(k) or k < 0:
+    if not is_int(k) or k < 0:
         raise ValueError(f"k must be an integer >= 0, got {k!r}")
-    if not _is_int(logdet_max) or logdet_max < 0:
+    if not is_int(logdet_max) or logdet_max < 0:
         raise ValueError(f"logdet_max must be an integer >= 0, got {logdet_max!r}")
     if not isinstance(X, torch.Tensor):
         X = torch.as_tensor(np.asarray(X))
@@ -481,9 +486,9 @@ def log_det_distance(
     """
     if kernel == "linear":
         raise ValueError("log_det_distance needs a unit-diagonal kernel (cosine, rbf or vmf), not linear")
-    if not _is_int(seeds) or seeds < 1:
+    if not is_int(seeds) or seeds < 1:
         raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
-    if not _is_int(seed0):
+    if not is_int(seed0):
         raise ValueError(f"seed0 must be an integer, got {seed0!r}")
     K = _Kernel(X, kernel, None, sigma, kappa, dtype)
     t = _index(subset, K.n, "cpu")
@@ -529,7 +534,7 @@ def isotropic_log_det_distance(
     and the per-item normalisation are ours. Both kernels get `ridge` added to the diagonal, so a set
     with exact duplicates (log det -inf) gets a large finite distance instead of infinity.
     """
-    if not _is_int(seeds) or seeds < 1:
+    if not is_int(seeds) or seeds < 1:
         raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
     idx = torch.as_tensor(subset, dtype=torch.long).reshape(-1).cpu()
     m = int(size) if size is not None else int(idx.numel())

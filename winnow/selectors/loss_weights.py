@@ -75,10 +75,10 @@ losses among kept rows raise; pruned rows' losses are never read.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
+from winnow.selectors.checks import is_real
 from winnow.selectors.prune import _groups
 
 __all__ = ["LOSS_STRATEGIES", "loss_to_weight"]
@@ -86,10 +86,6 @@ __all__ = ["LOSS_STRATEGIES", "loss_to_weight"]
 LOSS_STRATEGIES = ("linupper", "quadratic", "extremes")
 
 _RANGE_FLOOR = 1e-6  # the authors' max(l_max - l_min, 1e-6)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool | np.bool_)
 
 
 def _strategy(x: np.ndarray, strategy: str, delta: float) -> np.ndarray:
@@ -149,11 +145,11 @@ def loss_to_weight(
     """
     if strategy not in LOSS_STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(map(repr, LOSS_STRATEGIES))}, got {strategy!r}")
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+    if not is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature (the paper's r) must be a finite number > 0, got {temperature!r}")
-    if not _is_real(delta) or not math.isfinite(delta) or delta <= 0:
+    if not is_real(delta) or not math.isfinite(delta) or delta <= 0:
         raise ValueError(f"delta must be a finite number > 0, got {delta!r}")
-    if not _is_real(range_quantile) or not (0.0 <= range_quantile < 0.5):
+    if not is_real(range_quantile) or not (0.0 <= range_quantile < 0.5):
         raise ValueError(f"range_quantile must be a number in [0, 0.5), got {range_quantile!r}")
 
     s_all = np.asarray(losses)

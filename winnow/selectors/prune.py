@@ -54,11 +54,12 @@ as written (``repr``): ``0.145 * 100`` is 14.5 and keeps 15, although the float 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Hashable
 from fractions import Fraction
 
 import numpy as np
+
+from winnow.selectors.checks import is_int, is_real
 
 __all__ = ["random_select", "select"]
 
@@ -69,14 +70,6 @@ _NAN_STRATUM = object()  # the one stratum every float NaN label falls into
 # ----------------------------------------------------------------------------------------------
 # validation helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool | np.bool_)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool | np.bool_)
 
 
 def _check_budget(fraction, count, threshold=None, *, allow_threshold: bool = True) -> None:
@@ -90,13 +83,13 @@ def _check_budget(fraction, count, threshold=None, *, allow_threshold: bool = Tr
         got = "none" if not given else " and ".join(given)
         raise ValueError(f"exactly one of {names} must be given, got {got}")
     if fraction is not None:
-        if not _is_real(fraction) or not (0.0 < float(fraction) <= 1.0):
+        if not is_real(fraction) or not (0.0 < float(fraction) <= 1.0):
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     if count is not None:
-        if not _is_int(count) or int(count) < 0:
+        if not is_int(count) or int(count) < 0:
             raise ValueError(f"count must be an integer >= 0, got {count!r}")
     if threshold is not None:
-        if not _is_real(threshold) or math.isnan(float(threshold)):
+        if not is_real(threshold) or math.isnan(float(threshold)):
             raise ValueError(f"threshold must be a number (not NaN), got {threshold!r}")
 
 
@@ -226,7 +219,7 @@ def select(
     _check_budget(fraction, count, threshold)
     if keep not in KEEP_RULES:
         raise ValueError(f"keep must be one of 'highest', 'lowest', 'band', got {keep!r}")
-    if not _is_real(offset) or not (0.0 <= float(offset) < 1.0):
+    if not is_real(offset) or not (0.0 <= float(offset) < 1.0):
         raise ValueError(f"offset must be in [0, 1), got {offset!r}")
     offset = float(offset)
     if keep != "band" and offset != 0.0:
@@ -277,11 +270,11 @@ def random_select(
     Raises:
         ValueError: on an invalid ``n``, budget, ``seed`` or ``strata``.
     """
-    if not _is_int(n) or int(n) < 0:
+    if not is_int(n) or int(n) < 0:
         raise ValueError(f"n must be an integer >= 0, got {n!r}")
     n = int(n)
     _check_budget(fraction, count, allow_threshold=False)
-    if not _is_int(seed) or int(seed) < 0:
+    if not is_int(seed) or int(seed) < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     groups = _groups(strata, n)
     keys = np.random.default_rng(int(seed)).random(n)

@@ -44,17 +44,14 @@ pruned rows' scores are never read. With no kept row every weight is 0.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
+
+from winnow.selectors.checks import is_real
 
 __all__ = ["METHODS", "score_to_weight"]
 
 METHODS = ("uniform", "normalized", "softmax", "clipped")
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool | np.bool_)
 
 
 def _proportional(s: np.ndarray, invert: bool, method: str) -> np.ndarray:
@@ -165,16 +162,16 @@ def score_to_weight(
         raise ValueError(
             f"method must be one of 'uniform', 'normalized', 'softmax', 'clipped', got {method!r}"
         )
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+    if not is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if method != "clipped" and (clip_min is not None or clip_max is not None):
         raise ValueError(f"clip_min and clip_max are only used with method='clipped', got method={method!r}")
     if method == "clipped":
         if clip_min is None and clip_max is None:
             raise ValueError("method='clipped' needs clip_min or clip_max")
-        if clip_min is not None and (not _is_real(clip_min) or not (0.0 <= clip_min <= 1.0)):
+        if clip_min is not None and (not is_real(clip_min) or not (0.0 <= clip_min <= 1.0)):
             raise ValueError(f"clip_min must be in [0, 1] so that a mean of 1 is reachable, got {clip_min!r}")
-        if clip_max is not None and (not _is_real(clip_max) or math.isnan(clip_max) or clip_max < 1.0):
+        if clip_max is not None and (not is_real(clip_max) or math.isnan(clip_max) or clip_max < 1.0):
             raise ValueError(f"clip_max must be >= 1 so that a mean of 1 is reachable, got {clip_max!r}")
     if not isinstance(invert, bool | np.bool_):
         raise ValueError(f"invert must be a bool, got {invert!r}")
