@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-latest lock check-lock lint format bench-smoke ci clean server
+.PHONY: install demo test test-latest lock check-lock lint format typecheck bench-smoke ci clean server
 
 install: $(STAMP)
 
@@ -83,12 +83,16 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The type check of the compute layer (winnow/grads, scorers, selectors; pyproject's [tool.mypy]).
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
 # Every benchmark in its --smoke mode (tiny shapes, CPU): none of them rots.
 bench-smoke: $(STAMP)
 	$(BIN)/python benchmarks/smoke.py
 
 # What CI runs (.ci/run).
-ci: check-lock lint test bench-smoke
+ci: check-lock lint typecheck test bench-smoke
 
 clean:
 	rm -rf runs data/demo .pytest_cache

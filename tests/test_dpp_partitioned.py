@@ -178,7 +178,7 @@ def test_bad_arguments():
 def test_recipe_and_dpp_select_with_clusters(tmp_path, corpus):
     from tests.conftest import tiny_recipe
     from winnow.pipeline.recipe import Recipe
-    from winnow.pipeline.selection import dpp_select
+    from winnow.pipeline.selection.dpp import dpp_select
 
     X, truth = _blobs(n_blobs=4, per=30, d=16, seed=5)
     ids = [f"r{i}" for i in range(len(X))]

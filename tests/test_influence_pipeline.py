@@ -116,7 +116,7 @@ from pathlib import Path
 from winnow.pipeline.recipe import load_recipe
 from winnow.pipeline.sources import list_shards
 from winnow.pipeline.influence import compute_features, influence_checkpoints
-from winnow.flows.run import _featurizer
+from winnow.pipeline.steps import featurizer as _featurizer
 recipe = load_recipe(Path({str(recipe)!r}), [])
 run = Path({str(run)!r})
 ckpts = []

@@ -39,18 +39,22 @@ def test_overrides_parse_yaml_values():
         ("model.path=/m", "give exactly one of model.path (a local folder) or model.config (random init)"),
         ("data.domain_column=null", "select.stratify is 'domain' but the data has no domains"),
         ("name=has space", "name: String should match pattern"),
-        ("scoring.scorers=[{name: el2n, params: {reduction: median}}]", None),
+        (
+            "scoring.scorers=[{name: el2n, params: {reduction: median}}]",
+            "scoring.scorers.0.params: scorer 'el2n': parameter 'reduction' must be one of",
+        ),
+        (
+            "scoring.scorers=[{name: el2n, params: {reductoin: mean}}]",
+            "scoring.scorers.0.params: scorer 'el2n': unknown parameter 'reductoin'; valid parameters:",
+        ),
+        (
+            "mixture={method: doge, eta: 2.0}",
+            "mixture.doge.eta: unknown key",
+        ),
         ("nosuch", "expected KEY=VALUE"),
     ],
 )
 def test_bad_values_are_refused_with_their_path(override, message):
-    if message is None:  # scorer parameters are checked when the scorer is built
-        from winnow.scorers import get_scorer
-
-        r = load_recipe(ROOT / "configs" / "demo.yaml", [override])
-        with pytest.raises(ValueError, match="reduction"):
-            get_scorer(r.scoring.scorers[0].name, **r.scoring.scorers[0].params)
-        return
     with pytest.raises(WinnowError) as e:
         load_recipe(ROOT / "configs" / "demo.yaml", [override])
     assert message.replace("Value error, ", "") in str(e.value)
@@ -67,3 +71,22 @@ def test_missing_recipe_file_and_bad_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
     with pytest.raises(WinnowError, match="bad.yaml: not valid YAML"):
         load_recipe(tmp_path / "bad.yaml")
+
+
+def test_validate_and_run_refuse_bad_scorer_params_before_anything_runs(tmp_path, capsys):
+    """`winnow validate` checks every key, scorer parameters included: one line, exit 2; `winnow run`
+    stops there too, before a run folder or a model exists (it used to train, retry and exit 1)."""
+    import yaml
+
+    from winnow.cli import main
+
+    raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    raw["scoring"]["scorers"] = [{"name": "el2n", "params": {"reductoin": "mean"}}]
+    raw["output"] = {"dir": str(tmp_path / "run")}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    for cmd in ("validate", "run"):
+        assert main([cmd, str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "scoring.scorers.0.params" in err[0] and "'reductoin'" in err[0], err
+    assert not (tmp_path / "run").exists()

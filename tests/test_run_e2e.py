@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -174,15 +174,14 @@ def test_killed_run_resumes_to_the_same_outputs(corpus, tmp_path, first_run):
 
     # the subprocess talks to this session's test server instead of starting its own
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONUNBUFFERED="1")
-    proc = _cli(["run", str(recipe)], env, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if list(run_dir.glob("checkpoints/*/seed-0/step-8/state.json")):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stdout.read()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # the run kills itself (SIGKILL) right after seed 0's step-8 checkpoint: polling for the checkpoint
+    # from here raced a 16-step training that can finish before the poll sees step 8
+    proc = _cli(["run", str(recipe)], dict(env, WINNOW_FAULT="train:seed0:step8"), start_new_session=True)
+    proc.communicate(timeout=240)
+    assert proc.returncode == -signal.SIGKILL
+    assert list(run_dir.glob("checkpoints/*/seed-0/step-8/state.json"))
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
     assert not (run_dir / "manifest.json").exists()
     assert not list(run_dir.glob("checkpoints/*/seed-0/step-16/state.json"))
 

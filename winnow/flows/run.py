@@ -1,73 +1,39 @@
-"""The main Prefect flow: tokenizer → proxy training → scoring → merge → select → emit → report.
+"""The main Prefect flow: the graph of a run's steps, the task runner, and one task wrapper.
 
-One task per seed (training) and per input shard (scoring); every task is cached by a
-fingerprint of its inputs and parameters (`cache_policy` keyed on the task's `fp` argument, with
-the cache records and their JSON results under `runs/NAME/.prefect/`), so rerunning an unchanged recipe redoes nothing
-and a crashed run resumes from the tasks that finished. Outputs are files written atomically;
-a cached task whose files have since gone is run again.
+    tokenizer → train (one task per seed) → score (per input shard) → merge-scores
+              ↘ embed (per shard) → merge-embeddings        ↘
+              ↘ influence-features (per target and input shard) → merge-influence → select → emit → report → version
+              ↘ mixture                                     ↗
 
-User errors (`WinnowError`) are not retried; other failures are retried once.
+Each step (``winnow.pipeline.steps``: its fingerprint, its work, its "are my files still there" check)
+lives with the module that does its work; this module only wires them. Every step runs through one
+Prefect task (:func:`step_task`), named after the step and cached under ``<step>-<fingerprint>``, with
+its cache records and JSON results inside the run folder (``RUN/.prefect/``), so rerunning an unchanged
+recipe redoes nothing and a crashed run resumes from the steps that finished; a cached step whose files
+have gone, or were since made by another fingerprint, runs again.
+
+User errors (``WinnowError``) are not retried; other failures are retried once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
-import winnow
 from winnow.errors import WinnowError
-from winnow.pipeline.atomic import clean_temporaries, fingerprint, write_json, write_text
-from winnow.pipeline.recipe import Recipe, dump_recipe, recipe_from_dict
-from winnow.pipeline.sources import (
-    InputShard,
-    check_columns,
-    iter_raw_batches,
-    list_shards,
-    shards_fingerprint,
-)
-
-
-# -- run directory -------------------------------------------------------------------------------
-def prepare_run_dir(recipe: Recipe) -> Path:
-    """Create or reopen the run folder; refuse one that holds a different run."""
-    run_dir = recipe.run_dir()
-    ident = {"name": recipe.name, "source": recipe.data.source, "task": recipe.model.task}
-    marker = run_dir / "run.json"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not marker.exists():
-            raise WinnowError(
-                f"output.dir: {run_dir} is not empty and holds no winnow run (no run.json); "
-                f"choose another output.dir"
-            )
-        import json
-
-        try:
-            old = json.loads(marker.read_text())
-        except json.JSONDecodeError:
-            raise WinnowError(
-                f"{marker}: unreadable; delete {run_dir} or choose another output.dir"
-            ) from None
-        diff = [k for k in ident if old.get(k) != ident[k]]
-        if diff:
-            k = diff[0]
-            raise WinnowError(
-                f"output.dir: {run_dir} holds a different run ({k} {old.get(k)!r}, this recipe "
-                f"has {ident[k]!r}); choose another output.dir or delete the folder"
-            )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    clean_temporaries(run_dir)
-    write_json(marker, dict(ident, winnow_version=winnow.__version__))
-    write_text(run_dir / "config.yaml", dump_recipe(recipe))
-    return run_dir
+from winnow.pipeline.atomic import fingerprint, write_text
+from winnow.pipeline.layout import RunLayout
+from winnow.pipeline.preflight import preflight, prepare_run_dir
+from winnow.pipeline.recipe import Recipe
+from winnow.pipeline.sources import InputShard, shards_fingerprint
+from winnow.pipeline.steps import RunContext, ScorePart, all_steps
 
 
 # -- caching -------------------------------------------------------------------------------------
@@ -86,13 +52,7 @@ def _no_retry_for_user_errors(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def _policy(run_dir: Path) -> CachePolicy:
-    return CachePolicy.from_cache_key_fn(_fp_key).configure(key_storage=str(run_dir / ".prefect"))
-
-
-def _task_options(run_dir: Path) -> dict[str, Any]:
-    """Results as JSON (nothing a run folder holds is unpickled); where they are written is the run
-    folder's own `.prefect/results` (`_run_settings`)."""
-    return {"cache_policy": _policy(run_dir), "result_serializer": "json"}
+    return CachePolicy.from_cache_key_fn(_fp_key).configure(key_storage=str(RunLayout(run_dir).prefect))
 
 
 def _run_settings(run_dir: Path, api_url: str | None) -> dict[Any, Any]:
@@ -101,594 +61,196 @@ def _run_settings(run_dir: Path, api_url: str | None) -> dict[Any, Any]:
     folders, or two tests, can share them) and the folder carries what resuming it needs."""
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
 
-    out: dict[Any, Any] = {PREFECT_LOCAL_STORAGE_PATH: str(run_dir / ".prefect" / "results")}
+    out: dict[Any, Any] = {PREFECT_LOCAL_STORAGE_PATH: str(RunLayout(run_dir).prefect_results)}
     if api_url:
         out[PREFECT_API_URL] = api_url
     return out
 
 
-TASK_OPTS: dict[str, Any] = dict(
-    persist_result=True, retries=1, retry_delay_seconds=1, retry_condition_fn=_no_retry_for_user_errors
-)
-
-
-# -- shared helpers for tasks (run in threads or on Ray workers) ----------------------------------
-def _setup(recipe_d: dict[str, Any], threads: int | None) -> Recipe:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if threads:
-        torch.set_num_threads(threads)
-    return recipe_from_dict(recipe_d)
-
-
-def _featurizer(recipe: Recipe, tok_dir: str | None):
-    from winnow.pipeline.collate import Featurizer
-    from winnow.pipeline.models import class_names, load_tokenizer
-
-    tok = None
-    if recipe.model.task != "image_classification":
-        if tok_dir is not None:
-            tok = load_tokenizer(tok_dir, recipe.model.trust_remote_code)
-        elif recipe.data.input_ids_column is None:
-            raise WinnowError("no tokenizer: set model.tokenizer.path or model.tokenizer.train")
-    names, n = class_names(recipe)
-    vocab = (recipe.model.config or {}).get("vocab_size") if tok is None else None
-    return Featurizer(recipe, tok, names, n, vocab_size=vocab), tok, n
-
-
-def _progress(desc: str, total: int | None, unit: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, mininterval=1.0, leave=False, dynamic_ncols=True)
-
-
-# -- tasks ---------------------------------------------------------------------------------------
-@task(name="tokenizer", **TASK_OPTS)
-def tokenizer_task(recipe_d: dict[str, Any], run_dir: str, shards: list[dict], fp: str) -> str:
-    from winnow.pipeline.models import train_tokenizer
-    from winnow.pipeline.train import shard_examples  # noqa: F401  (keeps import cost in the task)
-
-    recipe = _setup(recipe_d, None)
-    out = Path(run_dir) / f"tokenizer-{fp[:12]}"
-    if (out / "tokenizer.json").exists():
-        return str(out)
-    cfg = recipe.model.tokenizer.train
-    assert cfg is not None
-    col = recipe.data.text_column
-
-    def texts():
-        n = 0
-        # round-robin over shards so every domain is represented in the vocabulary
-        its = [iter_raw_batches(recipe.data, InputShard.from_dict(s)) for s in shards]
-        while its and n < cfg.max_rows:
-            for it in list(its):
-                batch = next(it, None)
-                if batch is None:
-                    its.remove(it)
-                    continue
-                for t in batch[col]:
-                    if isinstance(t, str):
-                        n += 1
-                        yield t
-
-    train_tokenizer(texts(), recipe, out)
-    return str(out)
-
-
-# Dropout draws from torch's process-wide RNG, so two seeds training in threads of one process
-# would interleave their draws and neither would be reproducible: within a process, seeds train
-# one after another (each with all the torch threads). On Ray each task is its own process.
-_TRAIN_LOCK = threading.Lock()
-
-
-def _train_lock() -> threading.Lock:
-    # Tasks are pickled by value for Ray (their module name points at the Task object, not the
-    # function), so they must reach the lock through a function that pickles by reference.
-    return _TRAIN_LOCK
-
-
-@task(name="train", **TASK_OPTS)
-def train_task(
-    recipe_d: dict[str, Any],
-    run_dir: str,
-    shards: list[dict],
-    tok_dir: str | None,
-    seed: int,
-    train_fp: str,
-    threads: int | None,
-    fp: str,
-) -> list[dict[str, Any]]:
-    from winnow.pipeline.train import train_proxy
-
-    recipe = _setup(recipe_d, threads)
-    feat, tok, n = _featurizer(recipe, tok_dir)
-    bar = _progress(f"train seed {seed}", recipe.train.steps, "step")
-
-    def cb(step: int, total: int, loss: float) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-
-    try:
-        with _train_lock():
-            if threads:
-                torch.set_num_threads(threads)
-            return train_proxy(
-                recipe,
-                Path(run_dir),
-                [InputShard.from_dict(s) for s in shards],
-                feat,
-                seed,
-                train_fp,
-                tok,
-                n,
-                progress=cb,
-            )
-    finally:
-        bar.close()
-
-
-@task(name="score", **TASK_OPTS)
-def score_task(
-    recipe_d: dict[str, Any],
-    run_dir: str,
-    shard: dict,
-    ckpts: list[dict],
-    tok_dir: str | None,
-    threads: int | None,
-    fp: str,
-    cache_fp: str | None = None,
-) -> dict[str, Any]:
-    from winnow.pipeline.scoring import score_shard
-
-    recipe = _setup(recipe_d, threads)
-    feat, _, _ = _featurizer(recipe, tok_dir)
-    sh = InputShard.from_dict(shard)
-    bar = _progress(f"score {sh.name}", None, "row")
-    try:
-        return score_shard(recipe, Path(run_dir), sh, ckpts, feat, fp, progress=bar.update, cache_fp=cache_fp)
-    finally:
-        bar.close()
-
-
-@task(name="embed", **TASK_OPTS)
-def embed_task(
-    recipe_d: dict[str, Any],
-    run_dir: str,
-    shard: dict,
-    tok_dir: str | None,
-    threads: int | None,
-    ckpts: list[dict],
-    fp: str,
-) -> dict[str, Any]:
-    from winnow.pipeline.embeddings import embed_shard
-
-    recipe = _setup(recipe_d, threads)
-    feat, _, _ = _featurizer(recipe, tok_dir)
-    return embed_shard(recipe, Path(run_dir), InputShard.from_dict(shard), feat, fp, ckpts=ckpts)
-
-
-@task(name="merge-embeddings", **TASK_OPTS)
-def merge_embeddings_task(run_dir: str, parts: list[dict], fp: str) -> dict:
-    from winnow.pipeline.embeddings import merge_embeddings
-
-    return merge_embeddings(Path(run_dir), parts, fp)
-
-
-@task(name="influence-features", **TASK_OPTS)
-def influence_features_task(
-    recipe_d: dict[str, Any],
-    run_dir: str,
-    shard: dict,
-    tok_dir: str | None,
-    threads: int | None,
-    ickpts: list[dict],
-    role: str,
-    fp: str,
-) -> dict[str, Any]:
-    from winnow.pipeline.influence import features_shard, target_recipe
-
-    recipe = _setup(recipe_d, threads)
-    feat, _, _ = _featurizer(target_recipe(recipe) if role == "target" else recipe, tok_dir)
-    sh = InputShard.from_dict(shard)
-    bar = _progress(f"gradient features {'target ' if role == 'target' else ''}{sh.name}", None, "row")
-    try:
-        return features_shard(recipe, Path(run_dir), sh, feat, ickpts, fp, role=role, progress=bar.update)
-    finally:
-        bar.close()
-
-
-@task(name="merge-influence", **TASK_OPTS)
-def merge_influence_task(
-    recipe_d: dict[str, Any],
-    run_dir: str,
-    parts: list[dict],
-    target_parts: list[dict],
-    ickpts: list[dict],
-    fp: str,
-) -> dict:
-    from winnow.pipeline.influence import merge_influence
-
-    return merge_influence(_setup(recipe_d, None), Path(run_dir), parts, target_parts, ickpts, fp)
-
-
-@task(name="mixture", **TASK_OPTS)
-def mixture_task(
-    recipe_d: dict[str, Any],
-    run_dir: str,
-    shards: list[dict],
-    tok_dir: str | None,
-    threads: int | None,
-    fp: str,
-) -> dict[str, Any]:
-    from winnow.pipeline.mixture import run_mixture
-
-    recipe = _setup(recipe_d, threads)
-    feat, tok, _ = _featurizer(recipe, tok_dir)
-    bar = _progress(f"mixture {recipe.mixture.method}", None, "step")
-    state = {"phase": None}
-
-    def cb(phase: str, step: int, total: int) -> None:
-        if state["phase"] != phase:
-            state["phase"] = phase
-            bar.reset(total=total)
-            bar.set_description(f"mixture {phase}")
-        bar.update(1)
-
-    try:
-        return run_mixture(
-            recipe, Path(run_dir), [InputShard.from_dict(s) for s in shards], feat, tok, fp, progress=cb
-        )
-    finally:
-        bar.close()
-
-
-@task(name="merge-scores", **TASK_OPTS)
-def merge_task(recipe_d: dict[str, Any], run_dir: str, parts: list[dict], provenance: dict, fp: str) -> dict:
-    from winnow.pipeline.selection import merge_parts
-
-    return merge_parts(_setup(recipe_d, None), Path(run_dir), parts, provenance, step_fingerprint=fp)
-
-
-@task(name="select", **TASK_OPTS)
-def select_task(recipe_d: dict[str, Any], run_dir: str, fp: str) -> dict:
-    from winnow.pipeline.selection import write_selection
-
-    return write_selection(_setup(recipe_d, None), Path(run_dir), step_fingerprint=fp)
-
-
-@task(name="emit", **TASK_OPTS)
-def emit_task(
-    recipe_d: dict[str, Any],
-    run_dir: str,
-    shards: list[dict],
-    tok_dir: str | None,
-    fingerprints: dict[str, str],
-    fp: str,
-) -> dict:
-    from winnow.pipeline.shards import emit_shards
-
-    recipe = _setup(recipe_d, None)
-    feat, _, _ = _featurizer(recipe, tok_dir)
-    return emit_shards(
-        recipe,
-        Path(run_dir),
-        [InputShard.from_dict(s) for s in shards],
-        feat,
-        fingerprints,
-        step_fingerprint=fp,
-    )
-
-
-@task(name="version", **TASK_OPTS)
-def version_task(run_dir: str, emit_fp: str, input_fp: str, scored: int, reused: int, report_fp: str) -> dict:
-    from prefect.runtime import flow_run
-
-    from winnow.pipeline.versions import write_version
-
-    root = flow_run.root_flow_run_id or flow_run.id  # a scheduled run's own id (winnow-run is its subflow)
-    return write_version(
-        Path(run_dir),
-        emit_fp,
-        input_fp,
-        scored,
-        reused,
-        report_fingerprint=report_fp,
-        flow_run_id=str(root) if root else None,
-    )
-
-
-@task(name="report", **TASK_OPTS)
-def report_task(run_dir: str, fp: str) -> str:
-    from winnow.pipeline.report import write_report
-
-    return str(write_report(Path(run_dir), fingerprint=fp))
-
-
-# -- the flow ------------------------------------------------------------------------------------
-def _outputs_present(name: str, result: Any, run_dir: Path, fp: str) -> bool:
-    """Whether a cached step's files are still on disk, and are the ones this fingerprint made.
-
-    Steps that write to fixed paths (selection, shards, report, merged scores) record their
-    fingerprint in the file: switching a recipe back and forth must not reuse another config's file.
-    """
-    from winnow.pipeline.report import report_fingerprint
-    from winnow.pipeline.shards import check_shards
-    from winnow.pipeline.store import read_provenance
-
-    def prov_fp(path: Path) -> str | None:
-        return (read_provenance(path) or {}).get("step_fingerprint") if path.exists() else None
-
-    if name == "train":
-        return all((run_dir / c["path"] / "state.json").exists() for c in result)
-    if name == "score":
-        return Path(result["scores"]).exists() and Path(result["rows_file"]).exists()
-    if name == "tokenizer":
-        return (Path(result) / "tokenizer.json").exists()
-    if name in ("merge-scores", "merge-embeddings"):
-        return all(prov_fp(Path(p)) == fp for p in result["files"])
-    if name == "embed":
-        return Path(result["vectors"]).exists() and Path(result["ids"]).exists()
-    if name == "mixture":
-        import json as _json
-
-        p = run_dir / "mixture.json"
-        try:
-            return (
-                p.exists()
-                and _json.loads(p.read_text()).get("fingerprint") == fp
-                and (run_dir / "mixture_trajectory.parquet").exists()
-            )
-        except ValueError:
-            return False
-    if name == "influence-features":
-        return Path(result["vectors"]).exists() and Path(result["meta"]).exists()
-    if name == "merge-influence":
-        from winnow.pipeline.influence import merged_fingerprint_ok
-
-        return merged_fingerprint_ok(run_dir, fp)
-    if name == "select":
-        return prov_fp(run_dir / "selection.parquet") == fp
-    if name == "emit":
-        return check_shards(run_dir, fp)
-    if name == "report":
-        return report_fingerprint(result) == fp
-    return True
-
-
-class _Steps:
-    """Runs tasks with the run's cache policy and records each step's final state and finish time."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-        self.options = _task_options(run_dir)
+@task(persist_result=True, retries=1, retry_delay_seconds=1, retry_condition_fn=_no_retry_for_user_errors)
+def step_task(step: str, ctx: dict[str, Any], fp: str, inputs: dict[str, Any]) -> Any:
+    """Run one step (threads or Ray workers: steps are reached by name, so they pickle by reference)."""
+    return all_steps()[step].run(RunContext.from_dict(ctx), fp, **inputs)
+
+
+class _Graph:
+    """Submits steps with the run's cache policy, and records each step's final state and finish time."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.steps = all_steps()
+        self.policy = _policy(ctx.root)
         self.log: list[dict[str, Any]] = []
         self.t0 = time.time()
         self.done: dict[int, float] = {}
 
-    def submit(self, t: Any, label: str, **kw: Any):
-        fut = t.with_options(**self.options).submit(**kw)
+    def _task(self, name: str, label: str, **extra: Any) -> Any:
+        step = self.steps[name]
+        opts: dict[str, Any] = dict(
+            name=name, task_run_name=label, result_serializer="json", retries=step.retries
+        )
+        if step.cached:
+            opts["cache_policy"] = self.policy
+        else:
+            opts.update(cache_policy=NO_CACHE, persist_result=False)
+        return step_task.with_options(**opts, **extra)
+
+    def submit(self, name: str, label: str, fp: str, ctx: RunContext | None = None, **inputs: Any):
+        ctx = ctx or self.ctx
+        args = {"step": name, "ctx": ctx.to_dict(), "fp": fp, "inputs": inputs}
+        fut = self._task(name, label).submit(**args)
         try:
             fut.add_done_callback(lambda f, k=id(fut): self.done.setdefault(k, time.time()))
         except Exception:  # a runner whose futures take no callbacks: fall back to when we read it
             pass
-        return (fut, t, label, kw)
+        return (fut, name, label, args, ctx)
 
     def result(self, handle) -> Any:
-        fut, t, label, kw = handle
+        """The step's typed result; a cached result whose files are gone or stale is made again."""
+        fut, name, label, args, ctx = handle
+        step = self.steps[name]
         res = fut.result()
         state_name = fut.state.name
-        if state_name == "Cached" and not _outputs_present(t.name, res, self.run_dir, kw["fp"]):
-            res = t.with_options(**self.options, refresh_cache=True)(**kw)
+        if state_name == "Cached" and not step.present(ctx, res, args["fp"]):
+            res = self._task(name, label, refresh_cache=True)(**args)
             state_name = "Completed (cache stale)"
             self.done[id(fut)] = time.time()
-        if state_name == "Cached" and t.name == "score":  # nothing was scored by this run
-            res = dict(res, scored=0, reused=res["rows"])
+        out = step.load(res)
+        if state_name == "Cached":
+            out = step.on_cached(out)
         finished = self.done.get(id(fut), time.time())
         self.log.append({"step": label, "state": state_name, "finished_s": round(finished - self.t0, 2)})
-        return res
+        return out
+
+    def run(self, name: str, label: str, fp: str, **inputs: Any) -> Any:
+        return self.result(self.submit(name, label, fp, **inputs))
+
+    def fingerprint(self, name: str, **inputs: Any) -> str:
+        return self.steps[name].fingerprint(self.ctx, **inputs)
 
 
-def preflight(recipe: Recipe) -> list[InputShard]:
-    """Checks that need no model or flow: the source resolves, columns exist, the model folder has
-    weights, the classes are known. Failing here costs seconds, not a training run."""
-    from winnow.pipeline.models import check_model_folder, class_names
-
-    shards = list_shards(recipe.data)
-    first = shards[0]
-    for raw in iter_raw_batches(recipe.data, first, batch_size=8):
-        check_columns(recipe.data, list(raw), first.location)
-        break
-    if recipe.model.path is not None:
-        check_model_folder(recipe.model.path)
-    class_names(recipe)
-    if recipe.scoring.influence is not None:
-        from winnow.pipeline.influence import target_recipe, target_shards
-
-        if not any(k > 0 for k in recipe.train.checkpoint_steps()):
-            raise WinnowError(
-                "scoring.influence needs a trained proxy checkpoint: train.steps > 0 and a "
-                "train.checkpoints step above 0"
-            )
-        tdata = target_recipe(recipe).data
-        tfirst = target_shards(recipe)[0]
-        for raw in iter_raw_batches(tdata, tfirst, batch_size=8):
-            try:
-                check_columns(tdata, list(raw), tfirst.location)
-            except WinnowError as e:
-                raise WinnowError(
-                    f"scoring.influence.target: {str(e).replace('data.domain_column', 'scoring.influence.subtask_column')}"
-                ) from None
-            break
-    return shards
-
-
+# -- the flow ------------------------------------------------------------------------------------
 @flow(name="winnow-run", log_prints=True, validate_parameters=False)
 def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, Any]]) -> dict[str, Any]:
-    recipe = recipe_from_dict(recipe_d)
-    rd = Path(run_dir)
+    from winnow.pipeline.influence import influence_checkpoints, target_shards
+    from winnow.pipeline.models import model_source_fingerprint, tokenizer_fingerprint
+    from winnow.pipeline.scoring import cache_fingerprint, parts_fingerprint
+    from winnow.pipeline.train import train_fingerprint
+
     logger = get_run_logger()
-    steps = _Steps(rd)
+    recipe = RunContext(recipe_d, run_dir, shard_ds).config
+    workers = recipe.runner.max_workers
+    ctx = RunContext(
+        recipe_d,
+        run_dir,
+        shard_ds,
+        threads=recipe.runner.torch_threads or max(1, (os.cpu_count() or 1) // workers),
+        all_threads=recipe.runner.torch_threads or (os.cpu_count() or 1),
+    )
+    g = _Graph(ctx)
     shards = [InputShard.from_dict(s) for s in shard_ds]
     input_fp = shards_fingerprint(shards, recipe.data)
     logger.info(f"{len(shards)} input shard(s), input fingerprint {input_fp[:12]}")
-    workers = recipe.runner.max_workers
-    threads = recipe.runner.torch_threads or max(1, (os.cpu_count() or 1) // workers)
-
-    from winnow.pipeline.models import model_source_fingerprint, tokenizer_fingerprint
-    from winnow.pipeline.scoring import cache_fingerprint, score_fingerprint
-    from winnow.pipeline.train import train_fingerprint
 
     # tokenizer
     tok_dir: str | None = None
     if recipe.model.task != "image_classification":
         if recipe.model.tokenizer.train is not None:
-            fp = fingerprint(
-                "tokenizer",
-                recipe.model.tokenizer.model_dump(),
-                recipe.model.task,
-                recipe.model.max_length,
-                input_fp,
-            )
-            tok_dir = steps.result(
-                steps.submit(
-                    tokenizer_task, "tokenizer", recipe_d=recipe_d, run_dir=run_dir, shards=shard_ds, fp=fp
-                )
-            )
+            tok_dir = g.run("tokenizer", "tokenizer", g.fingerprint("tokenizer", input_fp=input_fp))
         else:
             tok_dir = recipe.model.tokenizer.path or recipe.model.path
     tok_fp = tokenizer_fingerprint(tok_dir) if tok_dir else None
     model_fp = model_source_fingerprint(recipe)
+    ctx = g.ctx = ctx.with_tokenizer(tok_dir)
 
     # proxy training, one task per seed
     train_fp = train_fingerprint(recipe, input_fp, tok_fp, model_fp)
     handles = [
-        steps.submit(
-            train_task,
+        g.submit(
+            "train",
             f"train seed {s}",
-            recipe_d=recipe_d,
-            run_dir=run_dir,
-            shards=shard_ds,
-            tok_dir=tok_dir,
+            g.fingerprint("train", train_fp=train_fp, seed=s),
             seed=s,
             train_fp=train_fp,
-            threads=recipe.runner.torch_threads or (os.cpu_count() or 1),
-            fp=fingerprint(train_fp, s, recipe.train.checkpoint_steps()),
         )
         for s in recipe.train.seeds
     ]
-    ckpts = [c for h in handles for c in steps.result(h)]
+    ckpts = [c for h in handles for c in g.result(h)]
+    ck_dicts = [c.to_dict() for c in ckpts]
 
     # scoring, one task per input shard; examples already scored by the same scorers, model and tokenizer
     # (keyed by content) are read back from the cache, not scored again
-    handles = []
     cache_fp = cache_fingerprint(recipe, ckpts, tok_fp)
-    for s in shards:
-        fp = score_fingerprint(recipe, s, ckpts, tok_fp)
-        handles.append(
-            steps.submit(
-                score_task,
-                f"score {s.name}",
-                recipe_d=recipe_d,
-                run_dir=run_dir,
-                shard=s.to_dict(),
-                ckpts=ckpts,
-                tok_dir=tok_dir,
-                threads=threads,
-                fp=fp,
-                cache_fp=cache_fp,
-            )
+    handles = [
+        g.submit(
+            "score",
+            f"score {s.name}",
+            g.fingerprint("score", shard=s, ckpts=ckpts, tok_fp=tok_fp),
+            shard=s.to_dict(),
+            ckpts=ck_dicts,
+            cache_fp=cache_fp,
         )
+        for s in shards
+    ]
     emb_handles = []
     if recipe.scoring.embeddings is not None:
-        from winnow.pipeline.embeddings import embed_fingerprint
-
-        for s in shards:
-            emb_handles.append(
-                steps.submit(
-                    embed_task,
-                    f"embed {s.name}",
-                    recipe_d=recipe_d,
-                    run_dir=run_dir,
-                    shard=s.to_dict(),
-                    tok_dir=tok_dir,
-                    threads=threads,
-                    ckpts=ckpts,
-                    fp=embed_fingerprint(recipe, s, ckpts),
-                )
+        emb_handles = [
+            g.submit(
+                "embed",
+                f"embed {s.name}",
+                g.fingerprint("embed", shard=s, ckpts=ckpts),
+                shard=s.to_dict(),
+                ckpts=ck_dicts,
             )
+            for s in shards
+        ]
     infl_handles, tgt_handles, ickpts = [], [], []
     if recipe.scoring.influence is not None:
-        from winnow.pipeline.influence import features_fingerprint, influence_checkpoints, target_shards
-
-        ickpts = influence_checkpoints(recipe, ckpts)
+        ickpts = [c.to_dict() for c in influence_checkpoints(recipe, ckpts)]
         for role, shs in (("target", target_shards(recipe)), ("train", shards)):
             for s in shs:
-                h = steps.submit(
-                    influence_features_task,
+                fp = g.fingerprint("influence-features", shard=s, ickpts=ickpts, tok_fp=tok_fp, role=role)
+                h = g.submit(
+                    "influence-features",
                     f"gradient features {role} {s.name}",
-                    recipe_d=recipe_d,
-                    run_dir=run_dir,
+                    fp,
                     shard=s.to_dict(),
-                    tok_dir=tok_dir,
-                    threads=threads,
                     ickpts=ickpts,
                     role=role,
-                    fp=features_fingerprint(recipe, s, ickpts, tok_fp, role),
                 )
                 (tgt_handles if role == "target" else infl_handles).append(h)
-    parts = [steps.result(h) for h in handles]
-    parts_fp = fingerprint([p["scores"] for p in parts])
+    parts: list[ScorePart] = [g.result(h) for h in handles]
+    part_dicts = [p.to_dict() for p in parts]
+    parts_fp = parts_fingerprint(parts)
     emb_fp = None
     if emb_handles:
-        emb_parts = [steps.result(h) for h in emb_handles]
-        emb_fp = fingerprint("merge-embeddings", [p["vectors"] for p in emb_parts])
-        steps.result(
-            steps.submit(
-                merge_embeddings_task, "merge embeddings", run_dir=run_dir, parts=emb_parts, fp=emb_fp
-            )
-        )
+        emb_parts = [g.result(h).to_dict() for h in emb_handles]
+        emb_fp = g.fingerprint("merge-embeddings", parts=emb_parts)
+        g.run("merge-embeddings", "merge embeddings", emb_fp, parts=emb_parts)
     provenance = {
         "model_fingerprint": model_fp,
         "tokenizer_fingerprint": tok_fp,
         "train_fingerprint": train_fp,
-        "checkpoints": ckpts,
+        "checkpoints": ck_dicts,
         "seeds": recipe.train.seeds,
         "input_fingerprint": input_fp,
     }
-    merged = steps.result(
-        steps.submit(
-            merge_task,
-            "merge scores",
-            recipe_d=recipe_d,
-            run_dir=run_dir,
-            parts=parts,
-            provenance=provenance,
-            fp=fingerprint("merge", parts_fp),
-        )
+    merged = g.run(
+        "merge-scores",
+        "merge scores",
+        g.fingerprint("merge-scores", parts=part_dicts),
+        parts=part_dicts,
+        provenance=provenance,
     )
     if merged["duplicate_rows"]:
         logger.warning(f"{merged['duplicate_rows']} rows are exact duplicates of others and share their id")
     infl_fp = None
     if infl_handles:
-        tparts = [steps.result(h) for h in tgt_handles]
-        iparts = [steps.result(h) for h in infl_handles]
-        infl_fp = fingerprint(
-            "merge-influence",
-            [p["vectors"] for p in tparts],
-            [p["vectors"] for p in iparts],
-            recipe.scoring.influence.neighbours,
-        )
-        infl = steps.result(
-            steps.submit(
-                merge_influence_task,
-                "merge influence",
-                recipe_d=recipe_d,
-                run_dir=run_dir,
-                parts=iparts,
-                target_parts=tparts,
-                ickpts=ickpts,
-                fp=infl_fp,
-            )
+        tparts = [g.result(h).to_dict() for h in tgt_handles]
+        iparts = [g.result(h).to_dict() for h in infl_handles]
+        infl_fp = g.fingerprint("merge-influence", parts=iparts, target_parts=tparts)
+        infl = g.run(
+            "merge-influence", "merge influence", infl_fp, parts=iparts, target_parts=tparts, ickpts=ickpts
         )
         logger.info(
             f"influence: {infl['rows']} rows against {infl['target_rows']} target examples "
@@ -697,61 +259,48 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
 
     mix_fp = None
     if recipe.mixture is not None:
-        from winnow.pipeline.mixture import mixture_fingerprint
-
-        mix_fp = mixture_fingerprint(recipe, input_fp, tok_fp)
-        mix = steps.result(
-            steps.submit(
-                mixture_task,
-                f"mixture {recipe.mixture.method}",
-                recipe_d=recipe_d,
-                run_dir=run_dir,
-                shards=shard_ds,
-                tok_dir=tok_dir,
-                threads=recipe.runner.torch_threads or (os.cpu_count() or 1),
-                fp=mix_fp,
-            )
-        )
+        mix_fp = g.fingerprint("mixture", input_fp=input_fp, tok_fp=tok_fp)
+        mix = g.run("mixture", f"mixture {recipe.mixture.method}", mix_fp)
         logger.info(
-            "mixture ("
-            + recipe.mixture.method
-            + "): "
+            f"mixture ({recipe.mixture.method}): "
             + ", ".join(f"{k} {v:.3f}" for k, v in mix["weights"].items())
         )
 
-    select_fp = fingerprint("select", parts_fp, emb_fp, infl_fp, mix_fp, recipe.select.model_dump())
-    selected = steps.result(
-        steps.submit(select_task, "select", recipe_d=recipe_d, run_dir=run_dir, fp=select_fp)
-    )
+    select_fp = g.fingerprint("select", upstream=[parts_fp, emb_fp, infl_fp, mix_fp])
+    selected = g.run("select", "select", select_fp)
     recipe_fp = fingerprint("recipe", recipe.model_dump(exclude={"runner"}))
     fps = {"recipe": recipe_fp, "input": input_fp, "model": model_fp}
-    emit_fp = fingerprint("emit", select_fp, recipe.output.model_dump(), fps)
-    emitted = steps.result(
-        steps.submit(
-            emit_task,
-            "emit shards",
-            recipe_d=recipe_d,
-            run_dir=run_dir,
-            shards=shard_ds,
-            tok_dir=tok_dir,
-            fingerprints=fps,
-            fp=emit_fp,
-        )
-    )
-    report_fp = fingerprint("report", emit_fp, winnow.__version__)
-    report = steps.result(steps.submit(report_task, "report", run_dir=run_dir, fp=report_fp))
-    scored = sum(p.get("scored", p["rows"]) for p in parts)
-    reused = sum(p.get("reused", 0) for p in parts)
+    emit_fp = g.fingerprint("emit", select_fp=select_fp, fingerprints=fps)
+    emitted = g.run("emit", "emit shards", emit_fp, fingerprints=fps)
+    report_fp = g.fingerprint("report", emit_fp=emit_fp)
+    report = g.run("report", "report", report_fp)
+    scored = sum(p.scored for p in parts)
+    reused = sum(p.reused for p in parts)
     logger.info(f"scored {scored} row(s), {reused} read back from the score cache")
     # a new version of the outputs when they changed (never cached: it compares with the versions on disk)
-    version = version_task.with_options(cache_policy=NO_CACHE, persist_result=False)(
-        run_dir=run_dir, emit_fp=emit_fp, input_fp=input_fp, scored=scored, reused=reused, report_fp=report_fp
+    from prefect.runtime import flow_run
+
+    root = flow_run.root_flow_run_id or flow_run.id  # a scheduled run's own id (winnow-run is its subflow)
+    version = g.steps["version"].load(
+        g._task("version", "version")(
+            step="version",
+            ctx=ctx.to_dict(),
+            fp="version",
+            inputs={
+                "emit_fp": emit_fp,
+                "input_fp": input_fp,
+                "scored": scored,
+                "reused": reused,
+                "report_fp": report_fp,
+                "flow_run_id": str(root) if root else None,
+            },
+        )
     )
-    steps.log.append(
+    g.log.append(
         {
             "step": "version",
             "state": f"{version['name']} ({'new' if version['new'] else 'unchanged'})",
-            "finished_s": round(time.time() - steps.t0, 2),
+            "finished_s": round(time.time() - g.t0, 2),
         }
     )
     summary = {
@@ -763,16 +312,17 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
         "shards": emitted["shards"],
         "report": report,
         "version": version,
-        "steps": steps.log,
+        "steps": g.log,
     }
-    _artifact(recipe, rd, summary)
+    _artifact(recipe, Path(run_dir), summary)
     return summary
 
 
 def _artifact(recipe: Recipe, run_dir: Path, summary: dict[str, Any]) -> None:
     import json
 
-    man = json.loads((run_dir / "manifest.json").read_text())
+    layout = RunLayout(run_dir)
+    man = json.loads(layout.manifest.read_text())
     lines = [
         f"# winnow run `{recipe.name}`",
         "",
@@ -783,13 +333,13 @@ def _artifact(recipe: Recipe, run_dir: Path, summary: dict[str, Any]) -> None:
         f"{'count ' + str(recipe.select.count) if recipe.select.count is not None else ''}"
         f"{'threshold ' + str(recipe.select.threshold) if recipe.select.threshold is not None else ''}, "
         f"keep {recipe.select.keep})",
-        f"- shards: {len(man['shards'])} under `{run_dir / 'shards'}`",
+        f"- shards: {len(man['shards'])} under `{layout.shards}`",
         f"- scored: {summary['scored']} row(s); {summary['reused']} read back from the score cache",
         f"- report: [{summary['report']}](file://{Path(summary['report']).resolve()})",
     ]
     version = summary.get("version")
     if version:
-        vreport = Path(version["path"]) / "report.html"
+        vreport = RunLayout(version["path"]).report
         state = "new" if version.get("new") else "unchanged since"
         lines.append(
             f"- version: **{version['name']}** ({state}; {version.get('entered', 0)} entered, "
@@ -808,13 +358,12 @@ def _artifact(recipe: Recipe, run_dir: Path, summary: dict[str, Any]) -> None:
     create_markdown_artifact("\n".join(lines), key=key[:100], description=f"winnow run {recipe.name}")
     if version:
         create_link_artifact(
-            f"file://{(Path(version['path']) / 'report.html').resolve()}",
+            f"file://{RunLayout(version['path']).report.resolve()}",
             link_text=f"{recipe.name} {version['name']} report",
             key=(key + "-report")[:100],
             description=f"selection report of {recipe.name} {version['name']}",
         )
-    write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
-    _ = json  # keep import local
+    write_text(layout.summary, "\n".join(lines) + "\n")
 
 
 _FORWARDED_ENV = (

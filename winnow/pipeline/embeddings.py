@@ -19,9 +19,11 @@ import torch
 from winnow.errors import WinnowError
 from winnow.pipeline.atomic import fingerprint, save_npy
 from winnow.pipeline.collate import Featurizer
+from winnow.pipeline.layout import RunLayout
 from winnow.pipeline.models import _BUILD_LOCK, _quiet_transformers, resolve_device
 from winnow.pipeline.recipe import Recipe
 from winnow.pipeline.sources import InputShard, iter_raw_batches
+from winnow.pipeline.steps import Checkpoint, EmbeddingPart, RunContext, Step, register_step
 from winnow.pipeline.store import read_parquet, write_parquet
 
 
@@ -43,18 +45,18 @@ def resolve_encoder(name: str) -> Path:
     return p.absolute()
 
 
-def gradient_checkpoint(ckpts: list[dict[str, Any]]) -> dict[str, Any]:
+def gradient_checkpoint(ckpts: list[Checkpoint]) -> Checkpoint:
     """The checkpoint gradient features are taken at: the last step of the first seed."""
-    first = ckpts[0]["seed"]
-    return max((c for c in ckpts if c["seed"] == first), key=lambda c: c["step"])
+    first = ckpts[0].seed
+    return max((c for c in ckpts if c.seed == first), key=lambda c: c.step)
 
 
-def embed_fingerprint(recipe: Recipe, shard: InputShard, ckpts: list[dict[str, Any]] | None = None) -> str:
+def embed_fingerprint(recipe: Recipe, shard: InputShard, ckpts: list[Checkpoint] | None = None) -> str:
     e = recipe.scoring.embeddings
     assert e is not None
     enc: Any = None
     if e.gradient:
-        enc = gradient_checkpoint(ckpts or [])["fingerprint"]
+        enc = gradient_checkpoint(ckpts or []).fingerprint
     elif e.model is not None:
         folder = resolve_encoder(e.model)
         enc = [(f.name, f.stat().st_size) for f in sorted(folder.iterdir()) if f.is_file()]
@@ -73,15 +75,13 @@ def embed_shard(
     shard: InputShard,
     feat: Featurizer,
     fp: str,
-    ckpts: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
+    ckpts: list[Checkpoint] | None = None,
+) -> EmbeddingPart:
     e = recipe.scoring.embeddings
     assert e is not None
-    parts = run_dir / "embeddings" / "parts"
-    vec_path = parts / f"emb-{shard.index:05d}-{fp[:12]}.npy"
-    ids_path = parts / f"ids-{shard.index:05d}-{fp[:12]}.parquet"
+    vec_path, ids_path = RunLayout(run_dir).embedding_part(shard.index, fp)
     if vec_path.exists() and ids_path.exists():
-        return {"shard": shard.index, "vectors": str(vec_path), "ids": str(ids_path)}
+        return EmbeddingPart(shard.index, str(vec_path), str(ids_path))
     ids: list[str] = []
     chunks: list[np.ndarray] = []
     model = tok = None
@@ -98,19 +98,18 @@ def embed_shard(
             model = AutoModel.from_pretrained(str(folder)).to(device).eval()
     engine = None
     if e.gradient:
+        from winnow.grads import GradEngine, parse_params
         from winnow.pipeline.models import load_checkpoint
-        from winnow.scorers.grad_engine import GradEngine
-        from winnow.scorers.grand import parse_params
 
         ck = gradient_checkpoint(ckpts or [])
-        model = load_checkpoint(run_dir / ck["path"], recipe.model.task, recipe.model.trust_remote_code)
+        model = load_checkpoint(run_dir / ck.path, recipe.model.task, recipe.model.trust_remote_code)
         model = model.to(device).eval()
         engine = GradEngine(
             model, params=parse_params(e.parameters), proj_dim=e.proj_dim, proj_seed=e.proj_seed
         )
     for raw in iter_raw_batches(recipe.data, shard):
         if engine is not None:
-            from winnow.scorers.grad_engine import per_example_loss
+            from winnow.grads import per_example_loss
 
             exs = feat.featurize(raw, shard.location)
             ids.extend(x.id for x in exs)
@@ -159,32 +158,33 @@ def embed_shard(
     vecs = np.concatenate(chunks).astype(np.float16) if chunks else np.zeros((0, 1), np.float16)
     save_npy(vec_path, vecs)
     write_parquet(pl.DataFrame({"id": ids}, schema={"id": pl.Utf8}), ids_path)
-    return {"shard": shard.index, "vectors": str(vec_path), "ids": str(ids_path)}
+    return EmbeddingPart(shard.index, str(vec_path), str(ids_path))
 
 
-def merge_embeddings(run_dir: Path, parts: list[dict[str, Any]], step_fingerprint: str) -> dict[str, Any]:
-    parts = sorted(parts, key=lambda p: p["shard"])
-    ids = pl.concat([read_parquet(p["ids"]) for p in parts], how="vertical")
-    vecs = np.concatenate([np.load(p["vectors"]) for p in parts]) if parts else np.zeros((0, 1), np.float16)
+def merge_embeddings(run_dir: Path, parts: list[EmbeddingPart], step_fingerprint: str) -> dict[str, Any]:
+    parts = sorted(parts, key=lambda p: p.shard)
+    ids = pl.concat([read_parquet(p.ids) for p in parts], how="vertical")
+    vecs = np.concatenate([np.load(p.vectors) for p in parts]) if parts else np.zeros((0, 1), np.float16)
     first = ids.with_row_index("_i").unique(subset="id", keep="first", maintain_order=True)
     vecs = vecs[first["_i"].to_numpy()]
-    out = run_dir / "embeddings"
-    save_npy(out / "embeddings.npy", vecs)
+    layout = RunLayout(run_dir)
+    save_npy(layout.embedding_vectors, vecs)
     write_parquet(
         first.select("id"),
-        out / "ids.parquet",
+        layout.embedding_ids,
         {"step_fingerprint": step_fingerprint, "dim": int(vecs.shape[1]), "rows": int(len(vecs))},
     )
-    return {"rows": int(len(vecs)), "dim": int(vecs.shape[1]), "files": [str(out / "ids.parquet")]}
+    return {"rows": int(len(vecs)), "dim": int(vecs.shape[1]), "files": [str(layout.embedding_ids)]}
 
 
 def load_embeddings(run_dir: Path, ids: list[str]) -> np.ndarray:
     """float32 (len(ids), d) in the order of `ids`."""
-    out = run_dir / "embeddings"
-    if not (out / "embeddings.npy").exists():
-        raise WinnowError(f"{out}/embeddings.npy not found: select.method dpp needs scoring.embeddings")
-    vecs = np.load(out / "embeddings.npy")
-    order = read_parquet(out / "ids.parquet").with_row_index("_i")
+    layout = RunLayout(run_dir)
+    out = layout.embeddings
+    if not layout.embedding_vectors.exists():
+        raise WinnowError(f"{layout.embedding_vectors} not found: select.method dpp needs scoring.embeddings")
+    vecs = np.load(layout.embedding_vectors)
+    order = read_parquet(layout.embedding_ids).with_row_index("_i")
     want = (
         pl.DataFrame({"id": ids}, schema={"id": pl.Utf8})
         .with_row_index("_pos")
@@ -193,3 +193,49 @@ def load_embeddings(run_dir: Path, ids: list[str]) -> np.ndarray:
     if want["_i"].null_count():
         raise WinnowError(f"{out}: {want['_i'].null_count()} examples have no embedding; rerun `winnow run`")
     return vecs[want.sort("_pos")["_i"].to_numpy()].astype(np.float32)
+
+
+@register_step
+class EmbedStep(Step):
+    """One input shard's unit embeddings (``embed``), for diversity selection."""
+
+    name = "embed"
+    result = EmbeddingPart
+
+    def fingerprint(self, ctx: RunContext, shard: Any = None, ckpts: Any = ()) -> str:
+        return embed_fingerprint(ctx.config, shard, [Checkpoint.of(c) for c in ckpts])
+
+    def run(self, ctx: RunContext, fp: str, shard: Any = None, ckpts: Any = ()) -> Any:
+        from winnow.pipeline.sources import InputShard
+
+        recipe = ctx.setup(ctx.threads)
+        feat, _, _ = ctx.featurizer()
+        part = embed_shard(
+            recipe, ctx.root, InputShard.from_dict(shard), feat, fp, ckpts=[Checkpoint.of(c) for c in ckpts]
+        )
+        return self.dump(part)
+
+    def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
+        part = self.load(result)
+        return Path(part.vectors).exists() and Path(part.ids).exists()
+
+
+@register_step
+class MergeEmbeddingsStep(Step):
+    """Every shard's embeddings in one file (``merge-embeddings``): ``embeddings/embeddings.npy``."""
+
+    name = "merge-embeddings"
+
+    def fingerprint(self, ctx: RunContext, parts: Any = ()) -> str:
+        return fingerprint("merge-embeddings", [EmbeddingPart.of(p).vectors for p in parts])
+
+    def run(self, ctx: RunContext, fp: str, parts: Any = ()) -> dict[str, Any]:
+        return merge_embeddings(ctx.root, [EmbeddingPart.of(p) for p in parts], fp)
+
+    def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
+        from winnow.pipeline.store import read_provenance
+
+        return all(
+            Path(p).exists() and (read_provenance(p) or {}).get("step_fingerprint") == fp
+            for p in result["files"]
+        )

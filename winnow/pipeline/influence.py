@@ -35,9 +35,19 @@ import winnow
 from winnow.errors import WinnowError
 from winnow.pipeline.atomic import fingerprint, save_npy
 from winnow.pipeline.collate import Featurizer
+from winnow.pipeline.layout import RunLayout
 from winnow.pipeline.models import load_checkpoint, resolve_device
 from winnow.pipeline.recipe import Recipe
 from winnow.pipeline.sources import InputShard, iter_raw_batches, list_shards
+from winnow.pipeline.steps import (
+    Checkpoint,
+    FeaturePart,
+    RunContext,
+    Step,
+    WeightedCheckpoint,
+    progress,
+    register_step,
+)
 from winnow.pipeline.store import ScoreStore, read_parquet, read_provenance, write_parquet
 from winnow.pipeline.train import lr_lambda
 
@@ -46,12 +56,13 @@ TARGET_DOMAIN = "target"
 
 
 # -- configuration ---------------------------------------------------------------------------------
-def influence_checkpoints(recipe: Recipe, ckpts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def influence_checkpoints(recipe: Recipe, ckpts: list[Checkpoint]) -> list[WeightedCheckpoint]:
     """The checkpoints features are taken at, each with its learning-rate ``weight``."""
     cfg = recipe.scoring.influence
     assert cfg is not None
-    first = ckpts[0]["seed"]
-    mine = sorted((c for c in ckpts if c["seed"] == first and c["step"] > 0), key=lambda c: c["step"])
+    ckpts = [Checkpoint.of(c) for c in ckpts]
+    first = ckpts[0].seed
+    mine = sorted((c for c in ckpts if c.seed == first and c.step > 0), key=lambda c: c.step)
     if not mine:
         raise WinnowError(
             "scoring.influence needs a trained proxy checkpoint (train.steps > 0 and a "
@@ -64,9 +75,9 @@ def influence_checkpoints(recipe: Recipe, ckpts: list[dict[str, Any]]) -> list[d
     out, prev = [], 0
     for c in mine:
         # optimizer step j (1-based) uses the scheduler's factor at j - 1
-        w = float(np.mean([tc.lr * f(j - 1) for j in range(prev + 1, c["step"] + 1)]))
-        out.append(dict(c, weight=w))
-        prev = c["step"]
+        w = float(np.mean([tc.lr * f(j - 1) for j in range(prev + 1, c.step + 1)]))
+        out.append(WeightedCheckpoint(c.seed, c.step, c.path, c.fingerprint, w))
+        prev = c.step
     return out
 
 
@@ -88,7 +99,7 @@ def target_shards(recipe: Recipe) -> list[InputShard]:
 
 
 def features_fingerprint(
-    recipe: Recipe, shard: InputShard, ickpts: list[dict[str, Any]], tok_fp: str | None, role: str
+    recipe: Recipe, shard: InputShard, ickpts: list[WeightedCheckpoint], tok_fp: str | None, role: str
 ) -> str:
     cfg = recipe.scoring.influence
     assert cfg is not None
@@ -99,7 +110,7 @@ def features_fingerprint(
         cfg.model_dump(exclude={"batch_size", "device", "neighbours", "target"}),
         recipe.data.model_dump(exclude={"read_batch_size", "source", "domain_column"}),
         recipe.model.max_length,
-        [(c["fingerprint"], c["weight"]) for c in ickpts],
+        [(c.fingerprint, c.weight) for c in ickpts],
         tok_fp,
         winnow.__version__,
     )
@@ -142,8 +153,7 @@ def compute_features(
     progress: Any = None,
 ) -> dict[str, Any]:
     """ids, domains, units (C, n, k) float16, norms (C, n), sqnorms (C, n) of one shard."""
-    from winnow.scorers.grad_engine import GradEngine, per_example_loss
-    from winnow.scorers.grand import parse_params
+    from winnow.grads import GradEngine, parse_params, per_example_loss
     from winnow.scorers.influence import adam_preconditioner
 
     cfg = recipe.scoring.influence
@@ -162,14 +172,14 @@ def compute_features(
         enabled=device.type == "cuda" and torch.cuda.is_bf16_supported(),
     )
     for ci, ck in enumerate(ickpts):
-        model = load_checkpoint(run_dir / ck["path"], task, recipe.model.trust_remote_code).to(device).eval()
+        model = load_checkpoint(run_dir / ck.path, task, recipe.model.trust_remote_code).to(device).eval()
         try:
             eng = GradEngine(model, params=parse_params(cfg.parameters), proj_dim=k, proj_seed=cfg.proj_seed)
         except ValueError as e:
             raise WinnowError(f"scoring.influence.parameters: {e}") from None
         pre = None
         if cfg.precondition == "adam":
-            sq, step, beta2, eps = _adam_state(run_dir / ck["path"], model)
+            sq, step, beta2, eps = _adam_state(run_dir / ck.path, model)
             pre = adam_preconditioner(
                 eng.views, eng.kinds, {nm: p.numel() for nm, p in eng.params.items()}, sq, step, beta2, eps
             )
@@ -207,19 +217,15 @@ def features_shard(
     run_dir: Path,
     shard: InputShard,
     feat: Featurizer,
-    ickpts: list[dict[str, Any]],
+    ickpts: list[WeightedCheckpoint],
     fp: str,
     role: str = "train",
     progress: Any = None,
-) -> dict[str, Any]:
+) -> FeaturePart:
     """Write one shard's features and metadata (module docstring); skip if already written."""
-    parts = run_dir / "influence" / "parts"
-    tag = "target" if role == "target" else "feat"
-    vec_path = parts / f"{tag}-{shard.index:05d}-{fp[:12]}.npy"
-    meta_path = parts / f"{tag}meta-{shard.index:05d}-{fp[:12]}.parquet"
-    res = {"shard": shard.index, "role": role, "vectors": str(vec_path), "meta": str(meta_path)}
+    vec_path, meta_path = RunLayout(run_dir).influence_part(role, shard.index, fp)
     if vec_path.exists() and meta_path.exists():
-        return dict(res, skipped=True)
+        return FeaturePart(shard.index, role, str(vec_path), str(meta_path))
     t0 = time.time()
     f = compute_features(recipe, run_dir, shard, feat, ickpts, progress)
     if role == "target" and not f["ids"]:
@@ -231,15 +237,21 @@ def features_shard(
     meta = pl.DataFrame(cols, schema_overrides={"id": pl.Utf8, "domain": pl.Utf8, "preview": pl.Utf8})
     save_npy(vec_path, f["units"])
     write_parquet(
-        meta, meta_path, {"fingerprint": fp, "seconds": round(time.time() - t0, 3), "checkpoints": ickpts}
+        meta,
+        meta_path,
+        {
+            "fingerprint": fp,
+            "seconds": round(time.time() - t0, 3),
+            "checkpoints": [c.to_dict() for c in ickpts],
+        },
     )
-    return dict(res, skipped=False, rows=meta.height)
+    return FeaturePart(shard.index, role, str(vec_path), str(meta_path), rows=meta.height)
 
 
-def _load_parts(parts: list[dict[str, Any]]) -> tuple[pl.DataFrame, np.ndarray]:
-    parts = sorted(parts, key=lambda p: p["shard"])
-    metas = [read_parquet(p["meta"]) for p in parts]
-    vecs = [np.load(p["vectors"]) for p in parts]
+def _load_parts(parts: list[FeaturePart]) -> tuple[pl.DataFrame, np.ndarray]:
+    parts = sorted(parts, key=lambda p: p.shard)
+    metas = [read_parquet(p.meta) for p in parts]
+    vecs = [np.load(p.vectors) for p in parts]
     meta = pl.concat(metas, how="vertical") if metas else pl.DataFrame()
     units = np.concatenate(vecs, axis=1) if vecs else np.zeros((0, 0, 0), np.float16)
     return meta, units
@@ -266,9 +278,9 @@ def _faiss_search(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nda
 def merge_influence(
     recipe: Recipe,
     run_dir: Path,
-    parts: list[dict[str, Any]],
-    target_parts: list[dict[str, Any]],
-    ickpts: list[dict[str, Any]],
+    parts: list[FeaturePart],
+    target_parts: list[FeaturePart],
+    ickpts: list[WeightedCheckpoint],
     step_fingerprint: str,
 ) -> dict[str, Any]:
     from winnow.scorers.influence import gradient_similarity, influence_scores, mean_direction, self_influence
@@ -281,7 +293,7 @@ def merge_influence(
     meta, units = first.drop("_i"), units[:, keep]
     tmeta, tunits = _load_parts(target_parts)
     C = len(ickpts)
-    w = [c["weight"] for c in ickpts]
+    w = [c.weight for c in ickpts]
     train = [torch.from_numpy(units[i]) for i in range(C)]
     target = [torch.from_numpy(tunits[i]) for i in range(C)]
     sub_names = ["" if s is None else str(s) for s in tmeta["domain"].to_list()]
@@ -310,16 +322,16 @@ def merge_influence(
         schema_overrides={"id": pl.Utf8},
     )
     # merged features (float16, (rows, checkpoints, k)) and ids
-    out = run_dir / "influence"
-    save_npy(out / "features.npy", np.ascontiguousarray(units.transpose(1, 0, 2)))
+    layout = RunLayout(run_dir)
+    save_npy(layout.influence_features, np.ascontiguousarray(units.transpose(1, 0, 2)))
     # neighbours: inner products of the weighted concatenation are sum_i w_i cos_i
     neighbours, faiss_where = _neighbours(cfg.neighbours, units, tunits, w, meta, tmeta)
-    write_parquet(neighbours, out / "neighbours.parquet", {"step_fingerprint": step_fingerprint})
-    write_parquet(meta.select("id", "domain"), out / "ids.parquet", {"step_fingerprint": step_fingerprint})
+    write_parquet(neighbours, layout.neighbours, {"step_fingerprint": step_fingerprint})
+    write_parquet(meta.select("id", "domain"), layout.influence_ids, {"step_fingerprint": step_fingerprint})
     prov = {
         "scorer": "influence",
         "columns": list(COLUMNS),
-        "checkpoints": ickpts,
+        "checkpoints": [c.to_dict() for c in ickpts],
         "params": cfg.model_dump(),
         "target_rows": tmeta.height,
         "subtasks": uniq,
@@ -333,7 +345,7 @@ def merge_influence(
         "target_rows": tmeta.height,
         "subtasks": uniq,
         "faiss": faiss_where,
-        "files": [str(path), str(out / "neighbours.parquet")],
+        "files": [str(path), str(layout.neighbours)],
     }
 
 
@@ -377,10 +389,84 @@ def _neighbours(
 
 
 def merged_fingerprint_ok(run_dir: Path, fp: str) -> bool:
-    p = run_dir / "scores" / "influence.parquet"
-    n = run_dir / "influence" / "neighbours.parquet"
+    p, n = RunLayout(run_dir).influence_scores, RunLayout(run_dir).neighbours
     if not (p.exists() and n.exists()):
         return False
     return (read_provenance(p) or {}).get("step_fingerprint") == fp and (read_provenance(n) or {}).get(
         "step_fingerprint"
     ) == fp
+
+
+@register_step
+class FeaturesStep(Step):
+    """One shard's projected gradient features (``influence-features``): a training input shard
+    (``role: train``) or a shard of the target set (``role: target``)."""
+
+    name = "influence-features"
+    result = FeaturePart
+
+    def fingerprint(
+        self,
+        ctx: RunContext,
+        shard: Any = None,
+        ickpts: Any = (),
+        tok_fp: str | None = None,
+        role: str = "train",
+    ) -> str:
+        return features_fingerprint(
+            ctx.config, shard, [WeightedCheckpoint.of(c) for c in ickpts], tok_fp, role
+        )
+
+    def run(self, ctx: RunContext, fp: str, shard: Any = None, ickpts: Any = (), role: str = "train") -> Any:
+        recipe = ctx.setup(ctx.threads)
+        feat, _, _ = ctx.featurizer(target_recipe(recipe) if role == "target" else recipe)
+        sh = InputShard.from_dict(shard)
+        bar = progress(f"gradient features {'target ' if role == 'target' else ''}{sh.name}", None, "row")
+        try:
+            part = features_shard(
+                recipe,
+                ctx.root,
+                sh,
+                feat,
+                [WeightedCheckpoint.of(c) for c in ickpts],
+                fp,
+                role=role,
+                progress=bar.update,
+            )
+        finally:
+            bar.close()
+        return self.dump(part)
+
+    def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
+        part = self.load(result)
+        return Path(part.vectors).exists() and Path(part.meta).exists()
+
+
+@register_step
+class MergeInfluenceStep(Step):
+    """Influence, self-influence and gradient similarities of every row, and the target examples'
+    nearest training examples (``merge-influence``): ``scores/influence.parquet``, ``influence/``."""
+
+    name = "merge-influence"
+
+    def fingerprint(self, ctx: RunContext, parts: Any = (), target_parts: Any = ()) -> str:
+        cfg = ctx.config.scoring.influence
+        return fingerprint(
+            "merge-influence",
+            [FeaturePart.of(p).vectors for p in target_parts],
+            [FeaturePart.of(p).vectors for p in parts],
+            cfg.neighbours,
+        )
+
+    def run(self, ctx: RunContext, fp: str, parts: Any = (), target_parts: Any = (), ickpts: Any = ()) -> Any:
+        return merge_influence(
+            ctx.setup(),
+            ctx.root,
+            [FeaturePart.of(p) for p in parts],
+            [FeaturePart.of(p) for p in target_parts],
+            [WeightedCheckpoint.of(c) for c in ickpts],
+            fp,
+        )
+
+    def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
+        return merged_fingerprint_ok(ctx.root, fp)

@@ -21,6 +21,7 @@ import torch
 from winnow.errors import WinnowError
 from winnow.pipeline.atomic import atomic_path, fingerprint, sha256_file
 from winnow.pipeline.recipe import Recipe
+from winnow.pipeline.steps import RunContext, Step, register_step
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -240,3 +241,31 @@ def load_checkpoint(path: str | Path, task: str, trust_remote_code: bool = False
     _quiet_transformers()
     with _BUILD_LOCK:
         return auto_class(task).from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+# -- the tokenizer step --------------------------------------------------------------------------
+@register_step
+class TokenizerStep(Step):
+    """``model.tokenizer.train``: a byte-level BPE trained on the data, in ``RUN/tokenizer-<fp12>/``;
+    the result is that folder."""
+
+    name = "tokenizer"
+
+    def fingerprint(self, ctx: RunContext, input_fp: str = "") -> str:
+        m = ctx.config.model
+        return fingerprint("tokenizer", m.tokenizer.model_dump(), m.task, m.max_length, input_fp)
+
+    def run(self, ctx: RunContext, fp: str, **_: Any) -> str:
+        from winnow.pipeline.sources import sample_texts
+
+        recipe = ctx.setup()
+        out = ctx.layout.tokenizer(fp)
+        if (out / "tokenizer.json").exists():
+            return str(out)
+        cfg = recipe.model.tokenizer.train
+        assert cfg is not None
+        train_tokenizer(sample_texts(recipe.data, ctx.input_shards(), cfg.max_rows), recipe, out)
+        return str(out)
+
+    def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
+        return (Path(result) / "tokenizer.json").exists()

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from winnow.errors import WinnowError
+from winnow.pipeline.config import Strict
+from winnow.pipeline.selection import SELECTORS, WEIGHTS
 
 Task = Literal["causal_lm", "sequence_classification", "image_classification"]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
 
 
 class DataConfig(Strict):
@@ -128,6 +126,10 @@ class TrainConfig(Strict):
 
 
 class ScorerSpec(Strict):
+    """One scorer of the registry (``winnow.scorers.SCORERS``) and its parameters, each checked against the
+    scorer's declared ``PARAMS`` (name, type, range, choices) when the recipe is read, so a misspelt or
+    out-of-range parameter stops ``winnow validate`` and ``winnow run`` before anything trains."""
+
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -138,6 +140,16 @@ class ScorerSpec(Strict):
 
         if v not in SCORERS:
             raise ValueError(f"unknown scorer {v!r}; known: {', '.join(sorted(SCORERS))}")
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict[str, Any], info: Any) -> dict[str, Any]:
+        from winnow.scorers import SCORERS
+
+        name = info.data.get("name")
+        if name in SCORERS:  # an unknown name is reported by its own validator
+            SCORERS[name](**v)  # raises a one-line ValueError naming the parameter and what it expects
         return v
 
 
@@ -208,17 +220,19 @@ class ScoringConfig(Strict):
         return v
 
 
-LOSS_WEIGHT_METHODS = ("linupper", "quadratic", "extremes")
+# the registered choices, in registration order (what the recipe's Literal types offer)
+_SELECTORS = tuple(SELECTORS)
+_WEIGHT_METHODS = tuple(WEIGHTS)
+WEIGHT_OPTIONS = ("temperature", "clip_min", "clip_max", "invert", "delta", "range_quantile", "per_stratum")
 
 
 class WeightConfig(Strict):
     """Score-to-weight transforms (winnow.selectors.score_to_weight), and the loss-to-weight
     strategies of Sow et al. 2025 (winnow.selectors.loss_to_weight: linupper, quadratic, extremes)
-    for a loss column, with `temperature` as their r."""
+    for a loss column, with `temperature` as their r. ``method`` names a registered weight method
+    (``winnow.pipeline.selection.WEIGHTS``), which says which of the options below it takes."""
 
-    method: Literal["uniform", "normalized", "softmax", "clipped", "linupper", "quadratic", "extremes"] = (
-        "uniform"
-    )
+    method: Literal[_WEIGHT_METHODS] = Field(default="uniform", description="a registered weight method")
     score: str | None = Field(default=None, description="score column; default: select.score")
     temperature: float = Field(default=1.0, gt=0)
     clip_min: float | None = Field(default=None, ge=0)
@@ -236,47 +250,24 @@ class WeightConfig(Strict):
 
     @model_validator(mode="after")
     def _options_fit_method(self) -> WeightConfig:
-        if self.method in LOSS_WEIGHT_METHODS:
-            bad = [k for k in ("clip_min", "clip_max") if getattr(self, k) is not None] + (
-                ["invert"] if self.invert else []
-            )
-            if bad:
+        from winnow.pipeline.selection import WEIGHTS
+
+        wm = WEIGHTS[self.method]
+        for key in WEIGHT_OPTIONS:
+            if key not in wm.options and getattr(self, key) != type(self).model_fields[key].default:
                 raise ValueError(
-                    f"select.weights.{bad[0]} does not apply to the loss strategy {self.method!r}"
+                    f"select.weights.{key} does not apply to the {wm.family} {self.method!r} "
+                    f"(it takes {', '.join(wm.options)})"
                 )
-        elif self.per_stratum or self.range_quantile or self.delta != 1.0:
-            raise ValueError(
-                "select.weights.delta, range_quantile and per_stratum apply only to the loss "
-                f"strategies ({', '.join(LOSS_WEIGHT_METHODS)})"
-            )
         return self
 
 
-class DppConfig(Strict):
-    """Greedy MAP DPP selection (Chen et al. 2018) over scoring.embeddings."""
+class SelectBase(Strict):
+    """The ``select`` section: a registered selector (``method``; ``winnow.pipeline.selection.SELECTORS``),
+    its budget, strata and weights. Selectors with options of their own add a sub-section (``select.dpp``):
+    :data:`SelectConfig` is this model with those sections added from the registry."""
 
-    kernel: Literal["vmf", "cosine", "rbf", "linear"] = "vmf"
-    kappa: float = Field(default=10.0, gt=0, description="vmf concentration")
-    sigma: float = Field(default=1.0, gt=0, description="rbf width")
-    quality: str | None = Field(default=None, description="score column used as relevance (quality)")
-    invert_quality: bool = Field(default=False, description="low scores are better (e.g. loss)")
-    theta: float = Field(
-        default=0.5, ge=0, lt=1, description="quality-diversity trade-off (0: diversity only)"
-    )
-    eps: float | None = Field(default=None, gt=0, description="stop when the marginal gain falls below this")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    clusters: int | None = Field(
-        default=None,
-        gt=1,
-        description="k-means clusters for partitioned greedy "
-        "(one cluster on the device at a time; ignores cross-cluster similarity); "
-        "None: global greedy",
-    )
-    cluster_seed: int = Field(default=0, description="seed of the k-means sample and initialisation")
-
-
-class SelectConfig(Strict):
-    method: Literal["score", "random", "all", "dpp"] = "score"
+    method: Literal[_SELECTORS] = Field(default="score", description="a registered selector")
     score: str = "el2n"
     fraction: float | None = Field(default=None, description="keep this fraction, in (0, 1]")
     count: int | None = Field(default=None, ge=0)
@@ -286,7 +277,6 @@ class SelectConfig(Strict):
     stratify: Literal["domain", "label"] | None = None
     seed: int = 0
     weights: WeightConfig = WeightConfig()
-    dpp: DppConfig = DppConfig()
 
     @field_validator("fraction")
     @classmethod
@@ -296,63 +286,49 @@ class SelectConfig(Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_rule(self) -> SelectConfig:
-        given = [k for k in ("fraction", "count", "threshold") if getattr(self, k) is not None]
-        if self.method == "all":
+    def _one_rule(self) -> SelectBase:
+        from winnow.pipeline.selection import SELECTORS
+
+        s = SELECTORS[self.method]
+        if not s.stratify and self.stratify is not None:
+            raise ValueError(f"select.method {self.method} does not stratify (yet): remove select.stratify")
+        if not s.budgets:  # keeps every row
             return self
+        given = [k for k in ("fraction", "count", "threshold") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
                 f"give exactly one of select.fraction, select.count, select.threshold "
                 f"(got {', '.join(given) or 'none'})"
             )
-        if self.method in ("random", "dpp") and self.threshold is not None:
-            raise ValueError(f"select.method {self.method} takes a fraction or a count, not a threshold")
-        if self.method == "dpp" and self.stratify is not None:
-            raise ValueError("select.method dpp does not stratify (yet): remove select.stratify")
+        if given[0] not in s.budgets:
+            raise ValueError(
+                f"select.method {self.method} takes a {' or a '.join(s.budgets)}, not a {given[0]}"
+            )
         return self
 
 
-class MixtureConfig(Strict):
-    """Domain-mixture optimisation (pipeline/mixture.py, selectors/mixture.py); needs domains (data.domain_column
-    or data.source as {domain: source})."""
+def _select_config() -> Any:
+    from pydantic import create_model
 
-    method: Literal["doremi", "doge", "dga", "uniform", "proportional", "temperature"]
-    temperature: float = Field(default=2.0, gt=0, description="temperature: weights ∝ tokens^(1/temperature)")
-    target_domains: list[str] = Field(
-        default_factory=list,
-        description="doge/dga: domains used as the target "
-        "(held out of training); doge without them: the universal target",
-    )
-    steps: int = Field(default=200, gt=0, description="proxy steps")
-    batch_size: int = Field(default=16, gt=0)
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.01, ge=0)
-    warmup_steps: int = Field(default=10, ge=0)
-    grad_clip: float = Field(default=1.0, gt=0)
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    output: Literal["auto", "average", "final"] = Field(
-        default="auto", description="mixture.json weights: the average over steps (doremi, doge) or the final"
-    )
-    reference: Literal["proportional", "uniform"] = Field(
-        default="proportional", description="doremi: the reference model's mixture"
-    )
-    reference_steps: int = Field(default=200, gt=0, description="doremi: reference model steps")
-    eta: float = Field(default=1.0, gt=0, description="doremi: step size of the exponentiated update")
-    clip: Literal["token", "domain"] = Field(
-        default="domain",
-        description="doremi: clip the excess loss per token (paper, code) or per domain mean",
-    )
-    smoothing: float = Field(default=1e-3, ge=0, lt=1, description="doremi: mix with uniform")
-    mu: float = Field(default=0.05, gt=0, description="doge: Bregman step parameter")
-    w_min: float = Field(default=0.0, description="doge: score clip, lower (times the lr)")
-    w_max: float = Field(default=5.0, description="doge: score clip, upper (times the lr)")
-    smoothing_doge: float = Field(default=0.0, ge=0, lt=1, description="doge: mix with uniform")
-    update_every: int = Field(default=10, gt=0, description="dga: steps between weight updates")
-    eta_dga: float | None = Field(
-        default=None, gt=0, description="dga: step size (default 1 / mean |alignment|)"
-    )
-    beta: float = Field(default=0.9, ge=0, lt=1, description="dga: EMA factor of the weights")
+    from winnow.pipeline.selection import SELECTORS
+
+    sections = {s.options[0]: (s.options[1], s.options[1]()) for s in SELECTORS.values() if s.options}
+    return create_model("SelectConfig", __base__=SelectBase, __module__=__name__, **sections)
+
+
+SelectConfig = _select_config()
+
+
+def _mixture_config() -> Any:
+    """The ``mixture`` section: the discriminated union (on ``method``) of the registered methods' configs
+    (``winnow.pipeline.mixtures``: one file per method, each with its own options)."""
+    from winnow.pipeline.mixtures import MIXTURE_METHODS
+
+    configs = tuple(m.config for m in MIXTURE_METHODS.values())
+    return Annotated[Union[configs], Field(discriminator="method")]  # noqa: UP007
+
+
+MixtureConfig = _mixture_config()
 
 
 class OutputConfig(Strict):
@@ -407,21 +383,35 @@ class Recipe(Strict):
                 "mixture needs domains: data.domain_column, or one source per domain "
                 "(data.source: {domain: source})"
             )
-        if self.select.method == "dpp" and self.scoring.embeddings is None:
-            raise ValueError(
-                "select.method dpp needs scoring.embeddings (model: minilm, a folder, or column)"
-            )
         if (
             self.scoring.embeddings is not None
             and self.scoring.embeddings.model is not None
             and d.text_column is None
         ):
             raise ValueError("scoring.embeddings.model embeds text: set data.text_column")
+        from winnow.scorers import SCORERS
+
+        for i, spec in enumerate(self.scoring.scorers):
+            if task not in SCORERS[spec.name].tasks:
+                raise ValueError(
+                    f"scoring.scorers.{i}: scorer {spec.name!r} does not support model.task {task!r} "
+                    f"(it supports {', '.join(sorted(SCORERS[spec.name].tasks))})"
+                )
+        from winnow.pipeline.selection import SELECTORS, WEIGHTS
+
+        selector, w = SELECTORS[self.select.method], self.select.weights
+        problem = selector.check(self)
+        if problem:
+            raise ValueError(problem)
+        if (
+            WEIGHTS[w.method].needs_score
+            and (w.score or (self.select.score if selector.name == "score" else None)) is None
+        ):
+            raise ValueError(f"select.weights.method {w.method!r} needs a score: set select.weights.score")
         score_names = self.score_columns()
         for key, col in [
-            ("select.score", self.select.score if self.select.method == "score" else None),
+            *selector.scores(self.select),
             ("select.weights.score", self.select.weights.score),
-            ("select.dpp.quality", self.select.dpp.quality if self.select.method == "dpp" else None),
         ] + [("output.score_columns", c) for c in self.output.score_columns]:
             if col is not None and col not in score_names:
                 raise ValueError(

@@ -27,17 +27,20 @@ import polars as pl
 import torch
 
 import winnow
+from winnow.errors import WinnowError
 from winnow.pipeline.atomic import fingerprint
 from winnow.pipeline.collate import Example, Featurizer, length_batches
+from winnow.pipeline.layout import RunLayout, checkpoint_suffix, parse_checkpoint_column
 from winnow.pipeline.models import load_checkpoint, resolve_device
 from winnow.pipeline.recipe import Recipe
 from winnow.pipeline.sources import InputShard, iter_raw_batches
-from winnow.pipeline.store import read_parquet, write_parquet
+from winnow.pipeline.steps import Checkpoint, RunContext, ScorePart, Step, progress, register_step
+from winnow.pipeline.store import ScoreStore, read_parquet, write_parquet
 from winnow.scorers import get_scorer
 
 
-def ckpt_suffix(ck: dict[str, Any]) -> str:
-    return f"@s{ck['seed']}k{ck['step']}"
+def ckpt_suffix(ck: Checkpoint) -> str:
+    return checkpoint_suffix(ck.seed, ck.step)
 
 
 def build_scorers(recipe: Recipe) -> list[Any]:
@@ -45,7 +48,7 @@ def build_scorers(recipe: Recipe) -> list[Any]:
 
 
 def score_fingerprint(
-    recipe: Recipe, shard: InputShard, ckpts: list[dict[str, Any]], tokenizer_fp: str | None
+    recipe: Recipe, shard: InputShard, ckpts: list[Checkpoint], tokenizer_fp: str | None
 ) -> str:
     return fingerprint(
         "score",
@@ -53,20 +56,20 @@ def score_fingerprint(
         recipe.data.model_dump(exclude={"read_batch_size", "source"}),
         recipe.model.max_length,
         [s.model_dump() for s in recipe.scoring.scorers],
-        [c["fingerprint"] for c in ckpts],
+        [c.fingerprint for c in ckpts],
         tokenizer_fp,
         winnow.__version__,
     )
 
 
-def cache_fingerprint(recipe: Recipe, ckpts: list[dict[str, Any]], tokenizer_fp: str | None) -> str:
+def cache_fingerprint(recipe: Recipe, ckpts: list[Checkpoint], tokenizer_fp: str | None) -> str:
     """What every example's scores depend on, apart from the example itself."""
     return fingerprint(
         "score-cache",
         recipe.data.model_dump(exclude={"read_batch_size", "source", "id_column", "domain_column"}),
         recipe.model.max_length,
         [s.model_dump() for s in recipe.scoring.scorers],
-        [c["fingerprint"] for c in ckpts],
+        [c.fingerprint for c in ckpts],
         tokenizer_fp,
         winnow.__version__,
     )
@@ -81,19 +84,16 @@ def example_key(e: Example) -> str:
     return h.hexdigest()[:32]
 
 
-def _read_cache(cache_dir: Path) -> pl.DataFrame | None:
-    frames = [read_parquet(f) for f in sorted(cache_dir.glob("frag-*.parquet"))]
+def _read_cache(layout: RunLayout, cache_fp: str) -> pl.DataFrame | None:
+    frames = [read_parquet(f) for f in layout.cache_fragments(cache_fp)]
     if not frames:
         return None
     return pl.concat(frames, how="diagonal_relaxed").unique(subset="key", keep="first", maintain_order=True)
 
 
 def part_paths(run_dir: Path, shard: InputShard, fp: str) -> tuple[Path, Path]:
-    parts = run_dir / "scores" / "parts"
-    return (
-        parts / f"scores-{shard.index:05d}-{fp[:12]}.parquet",
-        parts / f"rows-{shard.index:05d}-{fp[:12]}.parquet",
-    )
+    layout = RunLayout(run_dir)
+    return layout.score_part(shard.index, fp), layout.rows_part(shard.index, fp)
 
 
 def _stream(recipe: Recipe, shard: InputShard, feat: Featurizer):
@@ -108,32 +108,23 @@ def score_shard(
     recipe: Recipe,
     run_dir: Path,
     shard: InputShard,
-    ckpts: list[dict[str, Any]],
+    ckpts: list[Checkpoint],
     feat: Featurizer,
     fp: str,
     progress: Callable[[int], None] | None = None,
     cache_fp: str | None = None,
-) -> dict[str, Any]:
-    """Score one shard; write its score and rows parts atomically; return a summary (``scored``: examples
+) -> ScorePart:
+    """Score one shard; write its score and rows parts atomically; return its part (``scored``: examples
     scored now, ``reused``: examples whose scores came from the cache under ``cache_fp``)."""
     scores_path, rows_path = part_paths(run_dir, shard, fp)
     if scores_path.exists() and rows_path.exists():
         n = read_parquet(rows_path).height
-        return {
-            "shard": shard.index,
-            "rows": n,
-            "scores": str(scores_path),
-            "rows_file": str(rows_path),
-            "skipped": True,
-            "scored": 0,
-            "reused": n,
-        }
+        return ScorePart(shard.index, n, str(scores_path), str(rows_path), skipped=True, scored=0, reused=n)
     scorers = build_scorers(recipe)
     task = recipe.model.task
     bs = recipe.scoring.batch_size
     t0 = time.time()
-    cache_dir = run_dir / "scores" / "cache" / cache_fp[:16] if cache_fp else None
-    cached = _read_cache(cache_dir) if cache_dir is not None else None
+    cached = _read_cache(RunLayout(run_dir), cache_fp) if cache_fp else None
     known = set(cached["key"].to_list()) if cached is not None else set()
     rows: dict[str, list] = {"id": [], "domain": [], "label": [], "n_tokens": [], "preview": []}
     keys: list[str] = []
@@ -164,7 +155,7 @@ def score_shard(
             if new:
                 if model is None:
                     model = (
-                        load_checkpoint(run_dir / ck["path"], task, recipe.model.trust_remote_code)
+                        load_checkpoint(run_dir / ck.path, task, recipe.model.trust_remote_code)
                         .to(device)
                         .eval()
                     )
@@ -198,9 +189,11 @@ def score_shard(
         {k: data[k] for k in order}, schema_overrides={"key": pl.Utf8, **{c: pl.Float64 for c in order[1:]}}
     )
     fresh = fresh.unique(subset="key", keep="first", maintain_order=True)
-    if cache_dir is not None and fresh.height:
+    if cache_fp and fresh.height:
         write_parquet(
-            fresh, cache_dir / f"frag-{shard.index:05d}-{fp[:12]}.parquet", {"cache_fingerprint": cache_fp}
+            fresh,
+            RunLayout(run_dir).cache_fragment(cache_fp, shard.index, fp),
+            {"cache_fingerprint": cache_fp},
         )
     have = fresh if cached is None else pl.concat([fresh, cached.select(order)], how="vertical")
     df = (
@@ -222,15 +215,15 @@ def score_shard(
     }
     write_parquet(rows_df, rows_path)
     write_parquet(df, scores_path, prov)
-    return {
-        "shard": shard.index,
-        "rows": rows_df.height,
-        "scores": str(scores_path),
-        "rows_file": str(rows_path),
-        "skipped": False,
-        "scored": scored,
-        "reused": len(keys) - scored,
-    }
+    return ScorePart(
+        shard.index,
+        rows_df.height,
+        str(scores_path),
+        str(rows_path),
+        skipped=False,
+        scored=scored,
+        reused=len(keys) - scored,
+    )
 
 
 def _score_examples(
@@ -257,3 +250,129 @@ def _score_examples(
                 arr = out.setdefault(col, np.full(n, np.nan))
                 arr[idx] = t.detach().float().cpu().numpy()
     return out
+
+
+def _base_column(col: str) -> str:
+    parsed = parse_checkpoint_column(col)
+    return parsed[0] if parsed else col
+
+
+def merge_parts(
+    recipe: Recipe,
+    run_dir: Path,
+    parts: list[ScorePart],
+    provenance: dict[str, Any],
+    step_fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """Concatenate the shards' parts (in shard order) into scores/<scorer>.parquet and rows.parquet."""
+    parts = sorted(parts, key=lambda p: p.shard)
+    rows = pl.concat([read_parquet(p.rows_file) for p in parts], how="vertical")
+    scores = pl.concat([read_parquet(p.scores) for p in parts], how="vertical")
+    if rows.height == 0:
+        raise WinnowError(f"data.source: {recipe.data.source!r} holds no rows")
+    n_all = rows.height
+    dup = rows.group_by("id").len().filter(pl.col("len") > 1)
+    if dup.height and recipe.data.id_column is not None:
+        example = dup["id"][0]
+        raise WinnowError(
+            f"data.id_column {recipe.data.id_column!r}: {dup.height} ids appear more than once "
+            f"(e.g. {example!r}); ids must be unique"
+        )
+    rows = rows.unique(subset="id", keep="first", maintain_order=True)
+    scores = scores.unique(subset="id", keep="first", maintain_order=True)
+    store = ScoreStore(run_dir)
+    written = []
+    for spec in recipe.scoring.scorers:
+        from winnow.scorers import SCORERS
+
+        cols = getattr(SCORERS[spec.name], "columns", None) or [spec.name]
+        keep = ["id"] + [c for c in scores.columns if c in cols or _base_column(c) in cols]
+        prov = dict(
+            provenance,
+            scorer=spec.name,
+            params=spec.params,
+            columns=cols,
+            package_version=winnow.__version__,
+            step_fingerprint=step_fingerprint,
+        )
+        written.append(store.write_scores(spec.name, scores.select(keep), prov))
+    written.append(write_parquet(rows, RunLayout(run_dir).rows, {"step_fingerprint": step_fingerprint}))
+    for old in store.score_files():  # scores of scorers this recipe no longer runs
+        if old not in written and not (
+            old == RunLayout(run_dir).influence_scores and recipe.scoring.influence
+        ):
+            old.unlink()
+    return {"rows": rows.height, "duplicate_rows": n_all - rows.height, "files": [str(p) for p in written]}
+
+
+def _merge_files_ok(files: list[str], fp: str) -> bool:
+    from winnow.pipeline.store import read_provenance
+
+    return all(Path(p).exists() and (read_provenance(p) or {}).get("step_fingerprint") == fp for p in files)
+
+
+@register_step
+class ScoreStep(Step):
+    """One input shard through every scorer at every checkpoint (``score``): its score and rows parts."""
+
+    name = "score"
+    result = ScorePart
+
+    def fingerprint(
+        self, ctx: RunContext, shard: Any = None, ckpts: Any = (), tok_fp: str | None = None
+    ) -> str:
+        return score_fingerprint(ctx.config, shard, [Checkpoint.of(c) for c in ckpts], tok_fp)
+
+    def run(
+        self, ctx: RunContext, fp: str, shard: Any = None, ckpts: Any = (), cache_fp: str | None = None
+    ) -> Any:
+        recipe = ctx.setup(ctx.threads)
+        feat, _, _ = ctx.featurizer()
+        sh = InputShard.from_dict(shard)
+        bar = progress(f"score {sh.name}", None, "row")
+        try:
+            part = score_shard(
+                recipe,
+                ctx.root,
+                sh,
+                [Checkpoint.of(c) for c in ckpts],
+                feat,
+                fp,
+                progress=bar.update,
+                cache_fp=cache_fp,
+            )
+        finally:
+            bar.close()
+        return self.dump(part)
+
+    def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
+        part = self.load(result)
+        return Path(part.scores).exists() and Path(part.rows_file).exists()
+
+    def on_cached(self, result: ScorePart) -> ScorePart:
+        from dataclasses import replace
+
+        return replace(result, scored=0, reused=result.rows)  # nothing was scored by this run
+
+
+@register_step
+class MergeScoresStep(Step):
+    """The shards' parts into the score store (``merge-scores``): ``scores/<scorer>.parquet``, rows."""
+
+    name = "merge-scores"
+
+    def fingerprint(self, ctx: RunContext, parts: Any = ()) -> str:
+        return fingerprint("merge", parts_fingerprint([ScorePart.of(p) for p in parts]))
+
+    def run(self, ctx: RunContext, fp: str, parts: Any = (), provenance: Any = None) -> dict[str, Any]:
+        return merge_parts(
+            ctx.setup(), ctx.root, [ScorePart.of(p) for p in parts], provenance or {}, step_fingerprint=fp
+        )
+
+    def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
+        return _merge_files_ok(result["files"], fp)
+
+
+def parts_fingerprint(parts: list[ScorePart]) -> str:
+    """What the merged store depends on: the parts' files (their names carry their fingerprints)."""
+    return fingerprint([p.scores for p in parts])

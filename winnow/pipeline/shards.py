@@ -22,10 +22,12 @@ import pyarrow.parquet as pq
 
 import winnow
 from winnow.errors import WinnowError
-from winnow.pipeline.atomic import atomic_path, sha256_file, write_json
+from winnow.pipeline.atomic import atomic_path, fingerprint, sha256_file, write_json
 from winnow.pipeline.collate import Featurizer
+from winnow.pipeline.layout import RunLayout
 from winnow.pipeline.recipe import Recipe
 from winnow.pipeline.sources import InputShard, iter_raw_batches
+from winnow.pipeline.steps import RunContext, Step, register_step
 from winnow.pipeline.store import ScoreStore, read_parquet, read_provenance
 
 
@@ -78,7 +80,8 @@ def emit_shards(
     step_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     out = recipe.output
-    sel = read_parquet(run_dir / "selection.parquet")
+    layout = RunLayout(run_dir)
+    sel = read_parquet(layout.selection)
     store = ScoreStore(run_dir)
     info = store.rows().select("id", "domain", "label")
     look = sel.join(info, on="id", how="left")
@@ -89,7 +92,7 @@ def emit_shards(
     lab_rows: dict[str, list[float]] = {}
     input_rows = written = 0
     shard_rows: list[dict[str, Any]] = []
-    final = run_dir / "shards"
+    final = layout.shards
     with atomic_path(final) as tmp:
         tmp.mkdir(parents=True)
         roller = _Roller(tmp, out.shard_max_rows, out.shard_max_bytes)
@@ -209,10 +212,10 @@ def emit_shards(
         "weight_column": "weight",
         "step_fingerprint": step_fingerprint,
     }
-    dpp = (read_provenance(run_dir / "selection.parquet") or {}).get("dpp")
+    dpp = (read_provenance(layout.selection) or {}).get("dpp")
     if dpp:
         manifest["diversity"] = dpp
-    write_json(run_dir / "manifest.json", manifest)
+    write_json(layout.manifest, manifest)
     return {"shards": len(shard_list), "written_rows": written, "input_rows": input_rows}
 
 
@@ -220,7 +223,7 @@ def check_shards(run_dir: Path, step_fingerprint: str | None = None) -> bool:
     """True when manifest.json (of this step fingerprint) and every shard it lists exist, sizes intact."""
     import json
 
-    m = run_dir / "manifest.json"
+    m = RunLayout(run_dir).manifest
     if not m.exists():
         return False
     try:
@@ -233,3 +236,24 @@ def check_shards(run_dir: Path, step_fingerprint: str | None = None) -> bool:
         (run_dir / s["path"]).exists() and (run_dir / s["path"]).stat().st_size == s["bytes"]
         for s in man.get("shards", [])
     )
+
+
+@register_step
+class EmitStep(Step):
+    """The selected rows, streamed from the source again with their weights (``emit``): ``shards/`` and
+    ``manifest.json``. ``fingerprints``: the recipe's, the input's and the model's, for the manifest."""
+
+    name = "emit"
+
+    def fingerprint(self, ctx: RunContext, select_fp: str = "", fingerprints: Any = None) -> str:
+        return fingerprint("emit", select_fp, ctx.config.output.model_dump(), fingerprints)
+
+    def run(self, ctx: RunContext, fp: str, fingerprints: Any = None, **_: Any) -> dict[str, Any]:
+        recipe = ctx.setup()
+        feat, _, _ = ctx.featurizer()
+        return emit_shards(
+            recipe, ctx.root, ctx.input_shards(), feat, fingerprints or {}, step_fingerprint=fp
+        )
+
+    def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
+        return check_shards(ctx.root, fp)

@@ -239,6 +239,24 @@ def iter_raw_batches(
         raise WinnowError(f"{where}: cannot be read as {shard.format}: {_first_line(e)}") from None
 
 
+def sample_texts(data: DataConfig, shards: list[InputShard], max_rows: int) -> Iterator[str]:
+    """Up to ``max_rows`` texts of ``data.text_column``, round-robin over the shards' batches so that
+    every shard (and so every domain) is represented early (a tokenizer's training text)."""
+    n = 0
+    col = data.text_column
+    its = [iter_raw_batches(data, s) for s in shards]
+    while its and n < max_rows:
+        for it in list(its):
+            batch = next(it, None)
+            if batch is None:
+                its.remove(it)
+                continue
+            for t in batch[col]:
+                if isinstance(t, str):
+                    n += 1
+                    yield t
+
+
 def content_id(value: Any) -> str:
     """The default example id: the first 20 hex digits of sha256 of the content."""
     h = hashlib.sha256()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,12 @@ import torch
 from winnow.errors import WinnowError
 from winnow.pipeline.atomic import atomic_path, fingerprint
 from winnow.pipeline.collate import Example, Featurizer
+from winnow.pipeline.faults import fault_point
+from winnow.pipeline.layout import RunLayout
 from winnow.pipeline.models import init_model, resolve_device
 from winnow.pipeline.recipe import Recipe
 from winnow.pipeline.sources import InputShard, iter_raw_batches
+from winnow.pipeline.steps import Checkpoint, RunContext, Step, progress, register_step
 
 SHUFFLE_BUFFER = 4096
 MAX_OPEN_SHARDS = 8
@@ -106,7 +110,7 @@ def train_fingerprint(recipe: Recipe, input_fp: str, tokenizer_fp: str | None, m
 
 
 def checkpoint_dir(run_dir: Path, train_fp: str, seed: int, step: int) -> Path:
-    return run_dir / "checkpoints" / train_fp[:12] / f"seed-{seed}" / f"step-{step}"
+    return RunLayout(run_dir).checkpoint(train_fp, seed, step)
 
 
 def _complete(path: Path, train_fp: str) -> bool:
@@ -129,21 +133,16 @@ def train_proxy(
     tokenizer: Any | None,
     num_labels: int | None,
     progress: Callable[[int, int, float], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Train one seed's proxy; return its checkpoints as [{seed, step, path, fingerprint}]."""
+) -> list[Checkpoint]:
+    """Train one seed's proxy; return its checkpoints."""
     tc = recipe.train
     steps_wanted = tc.checkpoint_steps()
     wanted = {k: checkpoint_dir(run_dir, train_fp, seed, k) for k in steps_wanted}
     done = [k for k, p in wanted.items() if _complete(p, train_fp)]
 
-    def result() -> list[dict[str, Any]]:
+    def result() -> list[Checkpoint]:
         return [
-            {
-                "seed": seed,
-                "step": k,
-                "path": str(wanted[k].relative_to(run_dir)),
-                "fingerprint": fingerprint(train_fp, seed, k),
-            }
+            Checkpoint(seed, k, str(wanted[k].relative_to(run_dir)), fingerprint(train_fp, seed, k))
             for k in steps_wanted
         ]
 
@@ -228,4 +227,52 @@ def train_proxy(
             progress(step, tc.steps, losses[-1])
         if step in wanted and not _complete(wanted[step], train_fp):
             save(step)
+            fault_point(f"train:seed{seed}:step{step}")
     return result()
+
+
+# Dropout draws from torch's process-wide RNG, so two seeds training in threads of one process
+# would interleave their draws and neither would be reproducible: within a process, seeds train
+# one after another (each with all the torch threads). On Ray each task is its own process.
+_TRAIN_LOCK = threading.Lock()
+
+
+def _train_lock() -> threading.Lock:
+    # Tasks are pickled by value for Ray (their module name points at the Task object, not the
+    # function), so they must reach the lock through a function that pickles by reference.
+    return _TRAIN_LOCK
+
+
+@register_step
+class TrainStep(Step):
+    """One seed's proxy (``train``): its checkpoints under ``RUN/checkpoints/<train fp12>/seed-S/``."""
+
+    name = "train"
+    result = Checkpoint
+    many = True
+
+    def fingerprint(self, ctx: RunContext, train_fp: str = "", seed: int = 0) -> str:
+        return fingerprint(train_fp, seed, ctx.config.train.checkpoint_steps())
+
+    def run(self, ctx: RunContext, fp: str, seed: int = 0, train_fp: str = "") -> list[dict[str, Any]]:
+        recipe = ctx.setup(ctx.all_threads)
+        feat, tok, n = ctx.featurizer()
+        bar = progress(f"train seed {seed}", recipe.train.steps, "step")
+
+        def cb(step: int, total: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+        try:
+            with _train_lock():
+                if ctx.all_threads:
+                    torch.set_num_threads(ctx.all_threads)
+                ckpts = train_proxy(
+                    recipe, ctx.root, ctx.input_shards(), feat, seed, train_fp, tok, n, progress=cb
+                )
+        finally:
+            bar.close()
+        return self.dump(ckpts)
+
+    def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
+        return all((ctx.root / c.path / "state.json").exists() for c in self.load(result))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -30,8 +29,8 @@ import polars as pl
 
 from winnow.errors import WinnowError
 from winnow.pipeline.atomic import atomic_path, write_json
-
-_NAME = re.compile(r"^v(\d{4,})$")
+from winnow.pipeline.layout import VERSION_FILE, VERSIONED_FILES, RunLayout, version_name
+from winnow.pipeline.steps import RunContext, Step, register_step
 
 
 def list_versions(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -40,14 +39,11 @@ def list_versions(run_dir: str | Path) -> list[dict[str, Any]]:
     out = []
     if not run_dir.is_dir():
         return out
-    for d in run_dir.iterdir():
-        m = _NAME.match(d.name)
-        if not m or not d.is_dir() or not (d / "version.json").exists():
-            continue
+    for _, d in RunLayout(run_dir).versions():
         try:
-            info = json.loads((d / "version.json").read_text())
+            info = json.loads((d / VERSION_FILE).read_text())
         except ValueError:
-            raise WinnowError(f"{d / 'version.json'}: not valid JSON") from None
+            raise WinnowError(f"{d / VERSION_FILE}: not valid JSON") from None
         out.append(dict(info, path=str(d)))
     return sorted(out, key=lambda v: v["version"])
 
@@ -69,9 +65,10 @@ def _link_tree(src: Path, dst: Path) -> None:
 def _changes(sel: pl.DataFrame, prev_dir: Path | None) -> dict[str, int]:
     kept_now = set(sel.filter(pl.col("kept"))["id"].to_list())
     ids_now = set(sel["id"].to_list())
-    if prev_dir is None or not (prev_dir / "selection.parquet").exists():
+    prev_sel = RunLayout(prev_dir).selection if prev_dir is not None else None
+    if prev_sel is None or not prev_sel.exists():
         return {"new_rows": len(ids_now), "removed_rows": 0, "entered": len(kept_now), "left": 0}
-    prev = pl.read_parquet(prev_dir / "selection.parquet")
+    prev = pl.read_parquet(prev_sel)
     kept_before = set(prev.filter(pl.col("kept"))["id"].to_list())
     ids_before = set(prev["id"].to_list())
     return {
@@ -92,18 +89,19 @@ def write_version(
     flow_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Freeze the run folder's current outputs as the next version (unless they are the latest one's)."""
-    from winnow.pipeline.report import write_report
+    from winnow.report import write_report
 
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     versions = list_versions(run_dir)
     latest = versions[-1] if versions else None
     if latest is not None and latest.get("emit_fingerprint") == emit_fingerprint:
         return dict(latest, new=False)
     n = (latest["version"] if latest else 0) + 1
-    name = f"v{n:04d}"
+    name = version_name(n)
     prev_dir = Path(latest["path"]) if latest else None
-    sel = pl.read_parquet(run_dir / "selection.parquet")
-    man = json.loads((run_dir / "manifest.json").read_text())
+    sel = pl.read_parquet(layout.selection)
+    man = json.loads(layout.manifest.read_text())
     info: dict[str, Any] = {
         "version": n,
         "name": name,
@@ -119,16 +117,44 @@ def write_version(
         "emit_fingerprint": emit_fingerprint,
         "flow_run_id": flow_run_id,
     }
-    with atomic_path(run_dir / name) as tmp:
+    with atomic_path(layout.version(n)) as tmp:
         tmp.mkdir(parents=True)
-        for f in ("manifest.json", "selection.parquet", "mixture.json"):
+        frozen = RunLayout(tmp)
+        for f in VERSIONED_FILES:
             if (run_dir / f).exists():
                 shutil.copy2(run_dir / f, tmp / f)
-        if (run_dir / "shards").is_dir():
-            _link_tree(run_dir / "shards", tmp / "shards")
-        write_report(run_dir, fingerprint=report_fingerprint, out=tmp / "report.html", previous=prev_dir)
-        write_json(tmp / "version.json", info)
-    return dict(info, path=str(run_dir / name), new=True)
+        if layout.shards.is_dir():
+            _link_tree(layout.shards, frozen.shards)
+        write_report(run_dir, fingerprint=report_fingerprint, out=frozen.report, previous=prev_dir)
+        write_json(tmp / VERSION_FILE, info)
+    return dict(info, path=str(layout.version(n)), new=True)
 
 
-__all__ = ["list_versions", "write_version"]
+@register_step
+class VersionStep(Step):
+    """A new version ``RUN/v000N/`` when the outputs changed (``version``); never cached: it compares
+    with the versions on disk. ``flow_run_id``: the scheduled (root) flow run's id, which it records."""
+
+    name = "version"
+    cached = False
+
+    def fingerprint(self, ctx: RunContext, **_: Any) -> str:
+        return "version"
+
+    def run(
+        self,
+        ctx: RunContext,
+        fp: str,
+        emit_fp: str = "",
+        input_fp: str = "",
+        scored: int = 0,
+        reused: int = 0,
+        report_fp: str | None = None,
+        flow_run_id: str | None = None,
+    ) -> dict[str, Any]:
+        return write_version(
+            ctx.root, emit_fp, input_fp, scored, reused, report_fingerprint=report_fp, flow_run_id=flow_run_id
+        )
+
+
+__all__ = ["VersionStep", "list_versions", "write_version"]
