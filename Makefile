@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-latest lock check-lock lint format typecheck bench-smoke ci clean server
+.PHONY: install demo test test-faults test-latest lock check-lock lint format typecheck bench-smoke ci clean server
 
 install: $(STAMP)
 
@@ -74,6 +74,11 @@ test-latest:
 	@echo "versions that differ from $(LOCK):"
 	@$(LATEST)/bin/python requirements/lock.py --diff $(LOCK) $(LATEST)/versions.txt
 	$(LATEST)/bin/python $(PYTEST)
+
+# The whole fault test: 20 SIGKILLs at random moments (each then rerun) and 10 races on one folder
+# (make test runs the first 4 and 3 of them).
+test-faults: $(STAMP)
+	WINNOW_FAULT_KILLS=20 WINNOW_FAULT_RACES=10 $(BIN)/python -m pytest -q tests/test_faults.py -p no:randomly
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

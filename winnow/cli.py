@@ -106,6 +106,8 @@ def _run(args: argparse.Namespace) -> int:
             f"  {s['step']:<28} {s['state']:<24} {s['finished_s']:>7.1f}s", markup=False, highlight=False
         )
     con.print(f"report: {summary['report']}", markup=False, highlight=False)
+    for w in summary.get("warnings", []):
+        con.print(f"warning: {w}", markup=False, highlight=False)
     return 0
 
 
@@ -229,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     except WinnowError as e:
         print(f"winnow: error: {e}", file=sys.stderr)
         return e.exit_code
-    except FileNotFoundError as e:
-        print(f"winnow: error: {e}", file=sys.stderr)
+    except OSError as e:  # the user's storage: not a folder, no permission, read-only, disk full
+        from winnow.errors import os_error_line
+
+        print(f"winnow: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("winnow: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -17,110 +17,97 @@ User errors (``WinnowError``) are not retried; other failures are retried once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
-from prefect.cache_policies import NO_CACHE, CachePolicy
 
-from winnow.errors import WinnowError
+from winnow.errors import WinnowError, is_user_os_error
 from winnow.pipeline.atomic import fingerprint, write_text
+from winnow.pipeline.display import markdown_cell
+from winnow.pipeline.faults import fault_point
 from winnow.pipeline.layout import RunLayout
-from winnow.pipeline.preflight import preflight, prepare_run_dir
+from winnow.pipeline.preflight import check_run_dir, preflight, prepare_run_dir
 from winnow.pipeline.recipe import Recipe
+from winnow.pipeline.run_lock import RunLock
 from winnow.pipeline.sources import InputShard, shards_fingerprint
-from winnow.pipeline.steps import RunContext, ScorePart, all_steps
+from winnow.pipeline.steps import RunContext, ScorePart, all_steps, read_record, write_record
 
 
-# -- caching -------------------------------------------------------------------------------------
-def _fp_key(context: Any, parameters: dict[str, Any]) -> str:
-    return f"{context.task.name}-{parameters['fp']}"
-
-
+# -- running steps ------------------------------------------------------------------------------
 def _no_retry_for_user_errors(task: Any, task_run: Any, state: Any) -> bool:
     try:
         state.result()
     except WinnowError:
         return False
+    except OSError as e:  # a full disk or a read-only folder is not fixed by trying again
+        return not is_user_os_error(e)
     except Exception:
         return True
     return True
 
 
-def _policy(run_dir: Path) -> CachePolicy:
-    return CachePolicy.from_cache_key_fn(_fp_key).configure(key_storage=str(RunLayout(run_dir).prefect))
-
-
-def _run_settings(run_dir: Path, api_url: str | None) -> dict[Any, Any]:
-    """Prefect settings for one run: task results in the run folder beside their cache records, so one
-    folder's results never stand in for another's (the keys are fingerprints of inputs, and two
-    folders, or two tests, can share them) and the folder carries what resuming it needs."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
-
-    out: dict[Any, Any] = {PREFECT_LOCAL_STORAGE_PATH: str(RunLayout(run_dir).prefect_results)}
-    if api_url:
-        out[PREFECT_API_URL] = api_url
-    return out
-
-
-@task(persist_result=True, retries=1, retry_delay_seconds=1, retry_condition_fn=_no_retry_for_user_errors)
+@task(persist_result=False, retries=1, retry_delay_seconds=1, retry_condition_fn=_no_retry_for_user_errors)
 def step_task(step: str, ctx: dict[str, Any], fp: str, inputs: dict[str, Any]) -> Any:
     """Run one step (threads or Ray workers: steps are reached by name, so they pickle by reference)."""
     return all_steps()[step].run(RunContext.from_dict(ctx), fp, **inputs)
 
 
 class _Graph:
-    """Submits steps with the run's cache policy, and records each step's final state and finish time."""
+    """Runs steps, each at most once per fingerprint: a step whose record (``RUN/.winnow/steps/``) says it
+    finished under this fingerprint, and whose files are still there, is not run again ("Cached").
+
+    The records are winnow's, not Prefect's result cache: Prefect's records name absolute result paths
+    (a moved folder, another ``PREFECT_HOME``, another machine cannot read them) and the serializer to
+    load them with (a planted record could name pickle); these are plain JSON, with paths relative to
+    the run folder, read as data and rebuilt when unusable."""
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.steps = all_steps()
-        self.policy = _policy(ctx.root)
         self.log: list[dict[str, Any]] = []
         self.t0 = time.time()
         self.done: dict[int, float] = {}
 
-    def _task(self, name: str, label: str, **extra: Any) -> Any:
-        step = self.steps[name]
-        opts: dict[str, Any] = dict(
-            name=name, task_run_name=label, result_serializer="json", retries=step.retries
-        )
-        if step.cached:
-            opts["cache_policy"] = self.policy
-        else:
-            opts.update(cache_policy=NO_CACHE, persist_result=False)
-        return step_task.with_options(**opts, **extra)
+    def _task(self, name: str, label: str) -> Any:
+        return step_task.with_options(name=name, task_run_name=label, retries=self.steps[name].retries)
 
-    def submit(self, name: str, label: str, fp: str, ctx: RunContext | None = None, **inputs: Any):
-        ctx = ctx or self.ctx
+    def submit(self, name: str, label: str, fp: str, **inputs: Any):
+        step, ctx = self.steps[name], self.ctx
+        had_record = False
+        if step.cached:
+            rec = read_record(ctx.layout, step, fp)
+            had_record = rec is not None
+            if rec is not None and step.present(ctx, step.dump(rec), fp):
+                return ("cached", name, label, fp, step.on_cached(rec))
         args = {"step": name, "ctx": ctx.to_dict(), "fp": fp, "inputs": inputs}
         fut = self._task(name, label).submit(**args)
         try:
             fut.add_done_callback(lambda f, k=id(fut): self.done.setdefault(k, time.time()))
         except Exception:  # a runner whose futures take no callbacks: fall back to when we read it
             pass
-        return (fut, name, label, args, ctx)
+        return ("run" if not had_record else "stale", name, label, fp, fut)
 
     def result(self, handle) -> Any:
-        """The step's typed result; a cached result whose files are gone or stale is made again."""
-        fut, name, label, args, ctx = handle
+        """The step's typed result (made now, or recorded by an earlier run)."""
+        kind, name, label, fp, payload = handle
         step = self.steps[name]
-        res = fut.result()
-        state_name = fut.state.name
-        if state_name == "Cached" and not step.present(ctx, res, args["fp"]):
-            res = self._task(name, label, refresh_cache=True)(**args)
-            state_name = "Completed (cache stale)"
-            self.done[id(fut)] = time.time()
-        out = step.load(res)
-        if state_name == "Cached":
-            out = step.on_cached(out)
-        finished = self.done.get(id(fut), time.time())
-        self.log.append({"step": label, "state": state_name, "finished_s": round(finished - self.t0, 2)})
-        return out
+        if kind == "cached":
+            self.log.append({"step": label, "state": "Cached", "finished_s": round(time.time() - self.t0, 2)})
+            return payload
+        res = payload.result()
+        if step.cached:
+            write_record(self.ctx.layout, step, fp, res)
+        state = payload.state.name if kind == "run" else "Completed (cache stale)"
+        finished = self.done.get(id(payload), time.time())
+        self.log.append({"step": label, "state": state, "finished_s": round(finished - self.t0, 2)})
+        return step.load(res)
 
     def run(self, name: str, label: str, fp: str, **inputs: Any) -> Any:
         return self.result(self.submit(name, label, fp, **inputs))
@@ -156,7 +143,11 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
     tok_dir: str | None = None
     if recipe.model.task != "image_classification":
         if recipe.model.tokenizer.train is not None:
-            tok_dir = g.run("tokenizer", "tokenizer", g.fingerprint("tokenizer", input_fp=input_fp))
+            tok_dir = str(
+                ctx.layout.path(
+                    g.run("tokenizer", "tokenizer", g.fingerprint("tokenizer", input_fp=input_fp))
+                )
+            )
         else:
             tok_dir = recipe.model.tokenizer.path or recipe.model.path
     tok_fp = tokenizer_fingerprint(tok_dir) if tok_dir else None
@@ -268,12 +259,14 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
 
     select_fp = g.fingerprint("select", upstream=[parts_fp, emb_fp, infl_fp, mix_fp])
     selected = g.run("select", "select", select_fp)
-    recipe_fp = fingerprint("recipe", recipe.model_dump(exclude={"runner"}))
+    for w in selected.get("warnings", []):
+        logger.warning(w)
+    recipe_fp = fingerprint("recipe", recipe.model_dump(exclude={"runner": True, "output": {"dir"}}))
     fps = {"recipe": recipe_fp, "input": input_fp, "model": model_fp}
     emit_fp = g.fingerprint("emit", select_fp=select_fp, fingerprints=fps)
     emitted = g.run("emit", "emit shards", emit_fp, fingerprints=fps)
     report_fp = g.fingerprint("report", emit_fp=emit_fp)
-    report = g.run("report", "report", report_fp)
+    report = str(ctx.layout.path(g.run("report", "report", report_fp)))
     scored = sum(p.scored for p in parts)
     reused = sum(p.reused for p in parts)
     logger.info(f"scored {scored} row(s), {reused} read back from the score cache")
@@ -313,6 +306,7 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
         "report": report,
         "version": version,
         "steps": g.log,
+        "warnings": list(selected.get("warnings", [])),
     }
     _artifact(recipe, Path(run_dir), summary)
     return summary
@@ -349,11 +343,11 @@ def _artifact(recipe: Recipe, run_dir: Path, summary: dict[str, Any]) -> None:
     if man["domains"]:
         lines += ["| domain | input | kept | proportion |", "|---|---:|---:|---:|"]
         lines += [
-            f"| {k} | {v['input_rows']} | {v['kept_rows']} | {v['proportion']:.3f} |"
+            f"| {markdown_cell(k)} | {v['input_rows']} | {v['kept_rows']} | {v['proportion']:.3f} |"
             for k, v in man["domains"].items()
         ]
     lines += ["", "| step | state | finished at (s after start) |", "|---|---|---:|"]
-    lines += [f"| {s['step']} | {s['state']} | {s['finished_s']} |" for s in summary["steps"]]
+    lines += [f"| {markdown_cell(s['step'])} | {s['state']} | {s['finished_s']} |" for s in summary["steps"]]
     key = "winnow-" + "".join(c if c.isalnum() else "-" for c in recipe.name.lower())
     create_markdown_artifact("\n".join(lines), key=key[:100], description=f"winnow run {recipe.name}")
     if version:
@@ -398,31 +392,67 @@ def task_runner(recipe: Recipe, settings: dict[Any, Any] | None = None):
     return ThreadPoolTaskRunner(max_workers=recipe.runner.max_workers)
 
 
-def _api_for_workers(recipe: Recipe) -> str | None:
-    """Ray workers are other processes: without a Prefect server each would start its own temporary
-    one on the same database. Start the temporary server here, once, and point the workers at it."""
+def _die_with_parent() -> None:
+    """In a child process, before exec: SIGKILL it when the process that started it dies (Linux
+    PR_SET_PDEATHSIG), however that one dies (a SIGKILL of winnow included)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: the server is stopped at exit instead
+        pass
+
+
+@contextlib.contextmanager
+def _prefect_api(recipe: Recipe) -> Iterator[str | None]:
+    """The Prefect API the run talks to: ``PREFECT_API_URL`` when set (a ``make server``, a team's
+    server); else a temporary server on 127.0.0.1 for this run alone, which dies with the run (also
+    on SIGKILL: it is started with PR_SET_PDEATHSIG) and is stopped when the run ends. Ray workers are
+    other processes and are pointed at the same server."""
+    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
-    if url or recipe.runner.kind != "ray":
-        return url or None
+    if url:
+        yield url
+        return
     if recipe.runner.ray_address:
         raise WinnowError(
             "runner.ray_address: a Ray cluster's workers need a Prefect server they can reach; "
             "start one (prefect server start) and set PREFECT_API_URL"
         )
-    from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()
+    class LinkedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> Any:
+            import subprocess
+
+            popen = subprocess.Popen
+
+            def linked(*args: Any, **kwargs: Any) -> Any:
+                return popen(*args, preexec_fn=_die_with_parent, **kwargs)
+
+            subprocess.Popen = linked  # type: ignore[misc]
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = popen  # type: ignore[misc]
+
+    server = LinkedServer()
     server.start()
-    return server.api_url
+    try:
+        yield server.api_url
+    finally:
+        server.stop()
 
 
 class _OneLineUserErrors(logging.Filter):
     """Prefect logs a failed task's traceback; for a user error the one-line message says it all."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], WinnowError):
+        if record.exc_info and (
+            isinstance(record.exc_info[1], WinnowError) or is_user_os_error(record.exc_info[1])
+        ):
             record.exc_info = None
             record.exc_text = None
         return True
@@ -453,12 +483,18 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
         if value is not None and Path(value).exists():  # workers (Ray) may run elsewhere
             setattr(holder, key, str(Path(value).absolute()))
     shards = preflight(recipe)
-    run_dir = prepare_run_dir(recipe).absolute()
+    run_dir = check_run_dir(recipe).absolute()
     _quiet_user_errors()
-    from prefect.settings import temporary_settings
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    settings = _run_settings(run_dir, _api_for_workers(recipe))
-    f = run_flow.with_options(task_runner=task_runner(recipe, settings), flow_run_name=f"{recipe.name}")
-    args = (recipe.model_dump(mode="json"), str(run_dir), [s.to_dict() for s in shards])
-    with temporary_settings(settings):
-        return f(*args)
+    with RunLock(run_dir):
+        fault_point("locked")
+        prepare_run_dir(recipe)
+        args = (recipe.model_dump(mode="json"), str(run_dir), [s.to_dict() for s in shards])
+        with _prefect_api(recipe) as url:
+            settings = {PREFECT_API_URL: url}
+            f = run_flow.with_options(
+                task_runner=task_runner(recipe, settings), flow_run_name=f"{recipe.name}"
+            )
+            with temporary_settings(settings):
+                return f(*args)

@@ -44,12 +44,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        if isinstance(e, OSError) and e.filename is not None and TMP_MARK in str(e.filename):
+            # name the file the user knows, not its temporary name
+            raise type(e)(e.errno, e.strerror, str(path)) from None
         raise
 
 

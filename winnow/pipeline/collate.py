@@ -17,6 +17,7 @@ from winnow.errors import WinnowError
 from winnow.pipeline.recipe import Recipe
 from winnow.pipeline.sources import check_columns, content_id
 
+CHARS_PER_TOKEN = 64  # characters kept per token of max_length before tokenizing
 PREVIEW_CHARS = 500
 
 
@@ -104,7 +105,13 @@ class Featurizer:
                         f"{type(t).__name__}, expected text"
                     )
                 texts.append(t)
-            enc = self.tok(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)
+            # truncate by characters before tokenizing: a 5 MB row is not tokenized whole to keep its
+            # first max_length tokens (CHARS_PER_TOKEN characters a token is far more than any real text
+            # needs; the id and the preview still come from the whole text)
+            cap = self.max_length * CHARS_PER_TOKEN
+            enc = self.tok(
+                [t[:cap] for t in texts], truncation=True, max_length=self.max_length, add_special_tokens=True
+            )
             token_lists = enc["input_ids"]
         for i in range(n):
             w = f"{where} row {row_offset + i}"
@@ -195,6 +202,8 @@ def _image_array(raw: Any, shape: list[int] | None, where: str, col: str) -> np.
         arr = np.asarray(raw, dtype=np.float32)
     except (TypeError, ValueError) as e:
         raise WinnowError(f"{where}: column {col!r} does not hold a numeric pixel array ({e})") from None
+    if not np.isfinite(arr).all():
+        raise WinnowError(f"{where}: column {col!r} holds NaN or infinite pixel values")
     if shape is not None:
         if arr.size != int(np.prod(shape)):
             raise WinnowError(

@@ -81,7 +81,7 @@ def embed_shard(
     assert e is not None
     vec_path, ids_path = RunLayout(run_dir).embedding_part(shard.index, fp)
     if vec_path.exists() and ids_path.exists():
-        return EmbeddingPart(shard.index, str(vec_path), str(ids_path))
+        return EmbeddingPart(shard.index, RunLayout(run_dir).rel(vec_path), RunLayout(run_dir).rel(ids_path))
     ids: list[str] = []
     chunks: list[np.ndarray] = []
     model = tok = None
@@ -158,13 +158,17 @@ def embed_shard(
     vecs = np.concatenate(chunks).astype(np.float16) if chunks else np.zeros((0, 1), np.float16)
     save_npy(vec_path, vecs)
     write_parquet(pl.DataFrame({"id": ids}, schema={"id": pl.Utf8}), ids_path)
-    return EmbeddingPart(shard.index, str(vec_path), str(ids_path))
+    return EmbeddingPart(shard.index, RunLayout(run_dir).rel(vec_path), RunLayout(run_dir).rel(ids_path))
 
 
 def merge_embeddings(run_dir: Path, parts: list[EmbeddingPart], step_fingerprint: str) -> dict[str, Any]:
     parts = sorted(parts, key=lambda p: p.shard)
-    ids = pl.concat([read_parquet(p.ids) for p in parts], how="vertical")
-    vecs = np.concatenate([np.load(p.vectors) for p in parts]) if parts else np.zeros((0, 1), np.float16)
+    ids = pl.concat([read_parquet(run_dir / p.ids) for p in parts], how="vertical")
+    vecs = (
+        np.concatenate([np.load(run_dir / p.vectors) for p in parts])
+        if parts
+        else np.zeros((0, 1), np.float16)
+    )
     first = ids.with_row_index("_i").unique(subset="id", keep="first", maintain_order=True)
     vecs = vecs[first["_i"].to_numpy()]
     layout = RunLayout(run_dir)
@@ -174,7 +178,7 @@ def merge_embeddings(run_dir: Path, parts: list[EmbeddingPart], step_fingerprint
         layout.embedding_ids,
         {"step_fingerprint": step_fingerprint, "dim": int(vecs.shape[1]), "rows": int(len(vecs))},
     )
-    return {"rows": int(len(vecs)), "dim": int(vecs.shape[1]), "files": [str(layout.embedding_ids)]}
+    return {"rows": int(len(vecs)), "dim": int(vecs.shape[1]), "files": [layout.rel(layout.embedding_ids)]}
 
 
 def load_embeddings(run_dir: Path, ids: list[str]) -> np.ndarray:
@@ -217,7 +221,7 @@ class EmbedStep(Step):
 
     def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
         part = self.load(result)
-        return Path(part.vectors).exists() and Path(part.ids).exists()
+        return (ctx.root / part.vectors).exists() and (ctx.root / part.ids).exists()
 
 
 @register_step
@@ -233,9 +237,6 @@ class MergeEmbeddingsStep(Step):
         return merge_embeddings(ctx.root, [EmbeddingPart.of(p) for p in parts], fp)
 
     def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
-        from winnow.pipeline.store import read_provenance
+        from winnow.pipeline.store import made_by
 
-        return all(
-            Path(p).exists() and (read_provenance(p) or {}).get("step_fingerprint") == fp
-            for p in result["files"]
-        )
+        return made_by(ctx.root, result["files"], fp)

@@ -127,7 +127,13 @@ def _adam_state(ckpt_dir: Path, model: torch.nn.Module) -> tuple[dict[str, torch
             f"{path}: not found; scoring.influence.precondition 'adam' needs the optimizer "
             f"state the proxy training saves (or set precondition: none)"
         )
-    st = torch.load(path, map_location="cpu", weights_only=False)["optimizer"]
+    try:  # tensors and plain values only: a run folder is data, never code
+        st = torch.load(path, map_location="cpu", weights_only=True)["optimizer"]
+    except Exception:
+        raise WinnowError(
+            f"{path}: does not load as a tensor-only optimizer state (corrupt, or holding objects); "
+            f"delete that checkpoint folder and rerun"
+        ) from None
     named = list(model.named_parameters())
     order = [n for n, p in named if p.ndim >= 2] + [n for n, p in named if p.ndim < 2]
     ids = [i for g in st["param_groups"] for i in g["params"]]
@@ -225,7 +231,9 @@ def features_shard(
     """Write one shard's features and metadata (module docstring); skip if already written."""
     vec_path, meta_path = RunLayout(run_dir).influence_part(role, shard.index, fp)
     if vec_path.exists() and meta_path.exists():
-        return FeaturePart(shard.index, role, str(vec_path), str(meta_path))
+        return FeaturePart(
+            shard.index, role, RunLayout(run_dir).rel(vec_path), RunLayout(run_dir).rel(meta_path)
+        )
     t0 = time.time()
     f = compute_features(recipe, run_dir, shard, feat, ickpts, progress)
     if role == "target" and not f["ids"]:
@@ -245,13 +253,19 @@ def features_shard(
             "checkpoints": [c.to_dict() for c in ickpts],
         },
     )
-    return FeaturePart(shard.index, role, str(vec_path), str(meta_path), rows=meta.height)
+    return FeaturePart(
+        shard.index,
+        role,
+        RunLayout(run_dir).rel(vec_path),
+        RunLayout(run_dir).rel(meta_path),
+        rows=meta.height,
+    )
 
 
-def _load_parts(parts: list[FeaturePart]) -> tuple[pl.DataFrame, np.ndarray]:
+def _load_parts(run_dir: Path, parts: list[FeaturePart]) -> tuple[pl.DataFrame, np.ndarray]:
     parts = sorted(parts, key=lambda p: p.shard)
-    metas = [read_parquet(p.meta) for p in parts]
-    vecs = [np.load(p.vectors) for p in parts]
+    metas = [read_parquet(run_dir / p.meta) for p in parts]
+    vecs = [np.load(run_dir / p.vectors) for p in parts]
     meta = pl.concat(metas, how="vertical") if metas else pl.DataFrame()
     units = np.concatenate(vecs, axis=1) if vecs else np.zeros((0, 0, 0), np.float16)
     return meta, units
@@ -287,11 +301,11 @@ def merge_influence(
 
     cfg = recipe.scoring.influence
     assert cfg is not None
-    meta, units = _load_parts(parts)
+    meta, units = _load_parts(run_dir, parts)
     first = meta.with_row_index("_i").unique(subset="id", keep="first", maintain_order=True)
     keep = first["_i"].to_numpy()
     meta, units = first.drop("_i"), units[:, keep]
-    tmeta, tunits = _load_parts(target_parts)
+    tmeta, tunits = _load_parts(run_dir, target_parts)
     C = len(ickpts)
     w = [c.weight for c in ickpts]
     train = [torch.from_numpy(units[i]) for i in range(C)]
@@ -345,7 +359,7 @@ def merge_influence(
         "target_rows": tmeta.height,
         "subtasks": uniq,
         "faiss": faiss_where,
-        "files": [str(path), str(layout.neighbours)],
+        "files": [layout.rel(path), layout.rel(layout.neighbours)],
     }
 
 
@@ -439,7 +453,7 @@ class FeaturesStep(Step):
 
     def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
         part = self.load(result)
-        return Path(part.vectors).exists() and Path(part.meta).exists()
+        return (ctx.root / part.vectors).exists() and (ctx.root / part.meta).exists()
 
 
 @register_step

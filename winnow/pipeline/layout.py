@@ -19,7 +19,8 @@ here too, with the parser the report uses.
       mixture.json  mixture_trajectory.parquet  mixture/model
       selection.parquet  shards/  manifest.json  report.html  summary.md
       v0001/ ...                                  frozen versions (version.json, ...)
-      .prefect/                                   cache records; .prefect/results: their JSON results
+      .winnow/steps/<step>-<fp>.json              what each finished step returned (JSON, relative paths)
+      .winnow/lock                                held (flock) by the run writing the folder
 """
 
 from __future__ import annotations
@@ -74,14 +75,25 @@ class RunLayout:
     def run_json(self) -> Path:
         return self.root / "run.json"
 
-    # -- Prefect's cache records and results
+    # -- the steps' records (what a finished step returned; JSON, paths relative to the run folder)
     @property
-    def prefect(self) -> Path:
-        return self.root / ".prefect"
+    def step_records(self) -> Path:
+        return self.root / ".winnow" / "steps"
+
+    def step_record(self, step: str, fp: str) -> Path:
+        return self.step_records / f"{step}-{fp}.json"
 
     @property
-    def prefect_results(self) -> Path:
-        return self.prefect / "results"
+    def lock(self) -> Path:
+        return self.root / ".winnow" / "lock"
+
+    def path(self, rel: str | Path) -> Path:
+        """A path recorded relative to the run folder (absolute ones, outside it, are kept)."""
+        return self.root / rel
+
+    def rel(self, path: str | Path) -> str:
+        """A path inside the run folder as the folder records it: relative, so that the folder can move."""
+        return str(Path(path).relative_to(self.root))
 
     # -- tokenizer and proxy checkpoints
     def tokenizer(self, fp: str) -> Path:

@@ -260,12 +260,11 @@ class TokenizerStep(Step):
 
         recipe = ctx.setup()
         out = ctx.layout.tokenizer(fp)
-        if (out / "tokenizer.json").exists():
-            return str(out)
-        cfg = recipe.model.tokenizer.train
-        assert cfg is not None
-        train_tokenizer(sample_texts(recipe.data, ctx.input_shards(), cfg.max_rows), recipe, out)
-        return str(out)
+        if not (out / "tokenizer.json").exists():
+            cfg = recipe.model.tokenizer.train
+            assert cfg is not None
+            train_tokenizer(sample_texts(recipe.data, ctx.input_shards(), cfg.max_rows), recipe, out)
+        return out.name  # relative to the run folder
 
     def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
-        return (Path(result) / "tokenizer.json").exists()
+        return (ctx.layout.path(result) / "tokenizer.json").exists()

@@ -53,13 +53,19 @@ def preflight(recipe: Recipe) -> list[InputShard]:
     return shards
 
 
-def prepare_run_dir(recipe: Recipe) -> Path:
-    """Create or reopen the run folder; refuse one that holds a different run."""
+def _identity(recipe: Recipe) -> dict[str, object]:
+    return {"name": recipe.name, "source": recipe.data.source, "task": recipe.model.task}
+
+
+def check_run_dir(recipe: Recipe) -> Path:
+    """The run folder, checked without writing anything: new, empty, or holding this recipe's run."""
     run_dir = recipe.run_dir()
-    ident = {"name": recipe.name, "source": recipe.data.source, "task": recipe.model.task}
+    ident = _identity(recipe)
     layout = RunLayout(run_dir)
     marker = layout.run_json
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and not run_dir.is_dir():
+        raise WinnowError(f"output.dir: {run_dir} is a file, not a folder; choose another output.dir")
+    if run_dir.exists() and any(p.name != ".winnow" for p in run_dir.iterdir()):
         if not marker.exists():
             raise WinnowError(
                 f"output.dir: {run_dir} is not empty and holds no winnow run (no run.json); "
@@ -78,6 +84,16 @@ def prepare_run_dir(recipe: Recipe) -> Path:
                 f"output.dir: {run_dir} holds a different run ({k} {old.get(k)!r}, this recipe "
                 f"has {ident[k]!r}); choose another output.dir or delete the folder"
             )
+    return run_dir
+
+
+def prepare_run_dir(recipe: Recipe) -> Path:
+    """Create or reopen the run folder (under its lock: ``run_lock.RunLock``); refuse one that holds a
+    different run; remove leftovers of crashed writes; record the run's identity and recipe."""
+    run_dir = check_run_dir(recipe)
+    layout = RunLayout(run_dir)
+    marker = layout.run_json
+    ident = _identity(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_temporaries(run_dir)
     write_json(marker, dict(ident, winnow_version=winnow.__version__))

@@ -431,7 +431,7 @@ class Recipe(Strict):
         return cols
 
     def run_dir(self) -> Path:
-        return Path(self.output.dir or f"runs/{self.name}")
+        return Path(self.output.dir or f"runs/{self.name}").expanduser()
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -488,7 +488,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise WinnowError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = getattr(e, "context", None)
+        raise WinnowError(f"{where}: not valid YAML: {what}" + (f" ({context})" if context else "")) from None
     if not isinstance(raw, dict):
         raise WinnowError(f"{path}: expected a mapping of sections (name, data, model, ...)")
     raw = copy.deepcopy(raw)

@@ -35,7 +35,7 @@ from winnow.pipeline.models import load_checkpoint, resolve_device
 from winnow.pipeline.recipe import Recipe
 from winnow.pipeline.sources import InputShard, iter_raw_batches
 from winnow.pipeline.steps import Checkpoint, RunContext, ScorePart, Step, progress, register_step
-from winnow.pipeline.store import ScoreStore, read_parquet, write_parquet
+from winnow.pipeline.store import ScoreStore, made_by, read_parquet, write_parquet
 from winnow.scorers import get_scorer
 
 
@@ -119,7 +119,15 @@ def score_shard(
     scores_path, rows_path = part_paths(run_dir, shard, fp)
     if scores_path.exists() and rows_path.exists():
         n = read_parquet(rows_path).height
-        return ScorePart(shard.index, n, str(scores_path), str(rows_path), skipped=True, scored=0, reused=n)
+        return ScorePart(
+            shard.index,
+            n,
+            RunLayout(run_dir).rel(scores_path),
+            RunLayout(run_dir).rel(rows_path),
+            skipped=True,
+            scored=0,
+            reused=n,
+        )
     scorers = build_scorers(recipe)
     task = recipe.model.task
     bs = recipe.scoring.batch_size
@@ -218,8 +226,8 @@ def score_shard(
     return ScorePart(
         shard.index,
         rows_df.height,
-        str(scores_path),
-        str(rows_path),
+        RunLayout(run_dir).rel(scores_path),
+        RunLayout(run_dir).rel(rows_path),
         skipped=False,
         scored=scored,
         reused=len(keys) - scored,
@@ -266,8 +274,8 @@ def merge_parts(
 ) -> dict[str, Any]:
     """Concatenate the shards' parts (in shard order) into scores/<scorer>.parquet and rows.parquet."""
     parts = sorted(parts, key=lambda p: p.shard)
-    rows = pl.concat([read_parquet(p.rows_file) for p in parts], how="vertical")
-    scores = pl.concat([read_parquet(p.scores) for p in parts], how="vertical")
+    rows = pl.concat([read_parquet(run_dir / p.rows_file) for p in parts], how="vertical")
+    scores = pl.concat([read_parquet(run_dir / p.scores) for p in parts], how="vertical")
     if rows.height == 0:
         raise WinnowError(f"data.source: {recipe.data.source!r} holds no rows")
     n_all = rows.height
@@ -302,13 +310,11 @@ def merge_parts(
             old == RunLayout(run_dir).influence_scores and recipe.scoring.influence
         ):
             old.unlink()
-    return {"rows": rows.height, "duplicate_rows": n_all - rows.height, "files": [str(p) for p in written]}
-
-
-def _merge_files_ok(files: list[str], fp: str) -> bool:
-    from winnow.pipeline.store import read_provenance
-
-    return all(Path(p).exists() and (read_provenance(p) or {}).get("step_fingerprint") == fp for p in files)
+    return {
+        "rows": rows.height,
+        "duplicate_rows": n_all - rows.height,
+        "files": [RunLayout(run_dir).rel(p) for p in written],
+    }
 
 
 @register_step
@@ -347,7 +353,7 @@ class ScoreStep(Step):
 
     def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
         part = self.load(result)
-        return Path(part.scores).exists() and Path(part.rows_file).exists()
+        return (ctx.root / part.scores).exists() and (ctx.root / part.rows_file).exists()
 
     def on_cached(self, result: ScorePart) -> ScorePart:
         from dataclasses import replace
@@ -370,7 +376,7 @@ class MergeScoresStep(Step):
         )
 
     def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
-        return _merge_files_ok(result["files"], fp)
+        return made_by(ctx.root, result["files"], fp)
 
 
 def parts_fingerprint(parts: list[ScorePart]) -> str:

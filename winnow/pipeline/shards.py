@@ -24,9 +24,10 @@ import winnow
 from winnow.errors import WinnowError
 from winnow.pipeline.atomic import atomic_path, fingerprint, sha256_file, write_json
 from winnow.pipeline.collate import Featurizer
+from winnow.pipeline.faults import fault_point
 from winnow.pipeline.layout import RunLayout
 from winnow.pipeline.recipe import Recipe
-from winnow.pipeline.sources import InputShard, iter_raw_batches
+from winnow.pipeline.sources import InputShard, check_unchanged, iter_raw_batches
 from winnow.pipeline.steps import RunContext, Step, register_step
 from winnow.pipeline.store import ScoreStore, read_parquet, read_provenance
 
@@ -98,6 +99,7 @@ def emit_shards(
         roller = _Roller(tmp, out.shard_max_rows, out.shard_max_bytes)
         try:
             for shard in shards:
+                check_unchanged(shard)
                 n_shard = 0
                 for raw in iter_raw_batches(recipe.data, shard):
                     ids = feat.row_ids(raw, shard.location)
@@ -246,9 +248,11 @@ class EmitStep(Step):
     name = "emit"
 
     def fingerprint(self, ctx: RunContext, select_fp: str = "", fingerprints: Any = None) -> str:
-        return fingerprint("emit", select_fp, ctx.config.output.model_dump(), fingerprints)
+        # where the run folder is (output.dir) is not what it holds: a moved folder's outputs stay current
+        return fingerprint("emit", select_fp, ctx.config.output.model_dump(exclude={"dir"}), fingerprints)
 
     def run(self, ctx: RunContext, fp: str, fingerprints: Any = None, **_: Any) -> dict[str, Any]:
+        fault_point("emit")
         recipe = ctx.setup()
         feat, _, _ = ctx.featurizer()
         return emit_shards(

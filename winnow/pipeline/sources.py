@@ -111,30 +111,14 @@ def list_shards(data: DataConfig) -> list[InputShard]:
     patterns = [p.strip() for p in src.split(",") if p.strip()]
     files: list[str] = []
     for pat in patterns:
-        if os.path.isdir(pat):
-            raise WinnowError(
-                f"data.source: {pat} is a folder but not a `save_to_disk` dataset "
-                f"(no dataset_info.json); give a glob such as {pat.rstrip('/')}/*.jsonl"
-            )
-        hits = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
-        files.extend(os.path.abspath(h) for h in hits if os.path.isfile(h))
-    if not files:
-        if (
-            data.format == "auto"
-            and len(patterns) == 1
-            and "/" not in src
-            and not any(c in src for c in "*?[")
-        ):
-            raise WinnowError(
-                f"data.source: no file matches {src!r} (for a hub dataset set data.format: hub)"
-            )
-        raise WinnowError(f"data.source: no file matches {src!r}")
-    seen: set[str] = set()
+        files.extend(_match(pat, data, single=len(patterns) == 1))
+    seen: dict[str, str] = {}
     shards = []
     for f in files:
-        if f in seen:
+        real = os.path.realpath(f)
+        if real in seen:  # one file reached twice (a symlink, overlapping globs): read once
             continue
-        seen.add(f)
+        seen[real] = f
         if os.path.getsize(f) == 0:
             raise WinnowError(f"{f}: the file is empty")
         fmt = _format_of(f, data.format)
@@ -142,6 +126,52 @@ def list_shards(data: DataConfig) -> list[InputShard]:
             InputShard(index=len(shards), kind="file", location=f, format=fmt, fingerprint=sha256_file(f))
         )
     return shards
+
+
+def _loop_link(path: str) -> str | None:
+    """The first symbolic link on ``path`` that points at one of its own parent folders (a loop that a
+    recursive glob walks round until the path is too long), or None."""
+    parts = Path(path).parts
+    for i in range(1, len(parts)):
+        p = os.path.join(*parts[: i + 1])
+        if os.path.islink(p) and os.path.isdir(p):
+            target = os.path.realpath(p)
+            parent = os.path.realpath(os.path.dirname(p) or ".")
+            if parent == target or parent.startswith(target.rstrip(os.sep) + os.sep):
+                return p
+    return None
+
+
+def _match(pat: str, data: DataConfig, single: bool) -> list[str]:
+    """The files one comma-separated part of ``data.source`` names; every part must name at least one,
+    and a broken link or a symbolic-link loop is an error, never a silently missing file."""
+    path = os.path.expanduser(pat)
+    if os.path.isdir(path):
+        raise WinnowError(
+            f"data.source: {pat} is a folder but not a `save_to_disk` dataset "
+            f"(no dataset_info.json); give a glob such as {pat.rstrip('/')}/*.jsonl"
+        )
+    hits = sorted(glob.glob(path, recursive=True))
+    out = []
+    for h in hits:
+        if os.path.islink(h) and not os.path.exists(h):
+            raise WinnowError(f"data.source: {h} is a broken symbolic link (to {os.readlink(h)})")
+        loop = _loop_link(h)
+        if loop is not None:
+            raise WinnowError(
+                f"data.source: {pat!r} runs round a symbolic-link loop at {loop} (it points at one of its "
+                f"own parent folders); narrow the glob or remove the link"
+            )
+        if os.path.isfile(h):
+            out.append(os.path.abspath(h))
+    if not out:
+        if single and data.format == "auto" and "/" not in pat and not any(c in pat for c in "*?["):
+            raise WinnowError(
+                f"data.source: no file matches {pat!r} (for a hub dataset set data.format: hub)"
+            )
+        what = "no file matches" if not hits else "only folders match"
+        raise WinnowError(f"data.source: {what} {pat!r}" + ("" if single else f" (in {data.source!r})"))
+    return out
 
 
 def _disk_shards(data: DataConfig) -> list[InputShard]:
@@ -281,6 +311,24 @@ def check_columns(data: DataConfig, columns: list[str], where: str) -> None:
     for key, col in wanted.items():
         if col is not None and col not in columns:
             raise WinnowError(f"{where}: no column {col!r} ({key}); columns are: {', '.join(columns)}")
+
+
+def check_unchanged(shard: InputShard) -> None:
+    """Stop when an input file's bytes differ from when the run listed (and scored) it: its rows would be
+    written under scores of other text, and the manifest would name the old sha256."""
+    if shard.kind != "file":
+        return
+    try:
+        now = sha256_file(shard.location)
+    except OSError as e:
+        raise WinnowError(
+            f"{shard.location}: cannot be read again to write the shards ({e.strerror})"
+        ) from None
+    if now != shard.fingerprint:
+        raise WinnowError(
+            f"{shard.location}: changed since this run scored it (sha256 {shard.fingerprint[:12]} then, "
+            f"{now[:12]} now); rerun `winnow run` to score the new rows"
+        )
 
 
 def shards_fingerprint(shards: list[InputShard], data: DataConfig) -> str:

@@ -179,7 +179,10 @@ def progress(desc: str, total: int | None, unit: str) -> Any:
     """A tqdm bar for a step's work (left behind by nothing: closed by the caller)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, mininterval=1.0, leave=False, dynamic_ncols=True)
+    # a bar in a terminal only: logs and captured output get no cursor-control codes
+    return tqdm(
+        total=total, desc=desc, unit=unit, mininterval=1.0, leave=False, dynamic_ncols=True, disable=None
+    )
 
 
 # -- the protocol --------------------------------------------------------------------------------
@@ -253,3 +256,31 @@ def all_steps() -> dict[str, Step]:
     import winnow.report.step  # noqa: F401
 
     return STEPS
+
+
+# -- step records ------------------------------------------------------------------------------
+def read_record(layout: RunLayout, step: Step, fp: str) -> Any | None:
+    """The typed result a finished step recorded under this fingerprint, or None when there is none or
+    it is unusable (unreadable, another step's, another fingerprint's, fields that do not fit): a record
+    is data (JSON), and a bad one means the step runs again, never that the run fails."""
+    import json
+
+    path = layout.step_record(step.name, fp)
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rec, dict) or rec.get("step") != step.name or rec.get("fingerprint") != fp:
+            return None
+        return step.load(rec["result"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def write_record(layout: RunLayout, step: Step, fp: str, result: Any) -> None:
+    """Record a finished step's JSON result (atomically), after its outputs are on disk."""
+    import json
+
+    import winnow
+    from winnow.pipeline.atomic import write_text
+
+    rec = {"step": step.name, "fingerprint": fp, "winnow_version": winnow.__version__, "result": result}
+    write_text(layout.step_record(step.name, fp), json.dumps(rec, indent=1, default=str) + "\n")

@@ -88,5 +88,13 @@ class ScoreStore:
         return {p.stem: read_provenance(p) for p in self.score_files()}
 
 
+def made_by(run_dir: str | Path, files: list[str], fp: str) -> bool:
+    """Whether every file (relative to the run folder) exists and records ``fp`` as its step fingerprint."""
+    root = Path(run_dir)
+    return all(
+        (root / f).exists() and (read_provenance(root / f) or {}).get("step_fingerprint") == fp for f in files
+    )
+
+
 def empty_table_like(schema: pa.Schema) -> pa.Table:
     return schema.empty_table()

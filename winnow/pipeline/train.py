@@ -14,8 +14,10 @@ shuffle buffer, so a corpus stored one domain per file still trains on mixed bat
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +37,8 @@ from winnow.pipeline.steps import Checkpoint, RunContext, Step, progress, regist
 
 SHUFFLE_BUFFER = 4096
 MAX_OPEN_SHARDS = 8
+
+log = logging.getLogger("winnow")
 
 
 def shard_examples(recipe: Recipe, shard: InputShard, feat: Featurizer) -> Iterator[Example]:
@@ -123,6 +127,19 @@ def _complete(path: Path, train_fp: str) -> bool:
         return False
 
 
+def _training_state(ckpt: Path, device: torch.device) -> dict[str, Any] | None:
+    """The optimizer, scheduler and RNG state of a checkpoint, loaded with torch's tensor-only unpickler
+    (``weights_only=True``: tensors, numbers, strings and containers; nothing is imported or called);
+    None when it does not load so, or lacks a key."""
+    try:
+        st = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+    except Exception:  # UnpicklingError for anything but data, or a truncated / corrupt file
+        return None
+    if not isinstance(st, dict) or not {"optimizer", "scheduler", "rng"} <= set(st):
+        return None
+    return st
+
+
 def train_proxy(
     recipe: Recipe,
     run_dir: Path,
@@ -160,17 +177,26 @@ def train_proxy(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, tc.steps))
     torch.manual_seed(seed)
     start = 0
-    if done:  # resume from the latest complete checkpoint
-        start = max(done)
+    # resume from the latest complete checkpoint whose state loads as data; an unusable one (corrupt, or
+    # holding anything but tensors and plain values: a run folder is data, never code) is removed and
+    # trained again
+    for k in sorted(done, reverse=True):
+        st = _training_state(wanted[k], device)
+        if st is None:
+            log.warning(f"{wanted[k]}: its training state does not load as data; training that step again")
+            shutil.rmtree(wanted[k], ignore_errors=True)
+            done.remove(k)
+            continue
         from safetensors.torch import load_model
 
+        start = k
         load_model(model, str(wanted[start] / "model.safetensors"), strict=False, device=str(device))
-        st = torch.load(wanted[start] / "optimizer.pt", map_location=device, weights_only=False)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         torch.set_rng_state(st["rng"])
         if device.type == "cuda" and st.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(st["cuda_rng"])
+        break
     stream = example_stream(recipe, shards, feat, seed)
     for _ in range(start * tc.batch_size):
         next(stream)
@@ -215,6 +241,14 @@ def train_proxy(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model_loss(model, batch, recipe.model.task)
         if not torch.isfinite(loss):
+            if recipe.model.task == "causal_lm" and "attention_mask" in batch:
+                am = batch["attention_mask"]
+                if int((am[:, :-1] * am[:, 1:]).sum()) == 0:
+                    col = recipe.data.text_column or recipe.data.input_ids_column
+                    raise WinnowError(
+                        f"train: none of the {len(exs)} examples of step {step} has two tokens to learn "
+                        f"from: is data column {col!r} empty?"
+                    )
             raise WinnowError(f"train: loss is {loss.item()} at step {step} (seed {seed}); lower train.lr")
         loss.backward()
         if tc.grad_clip > 0:

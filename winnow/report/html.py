@@ -11,6 +11,7 @@ import html
 import json
 from typing import Any
 
+from winnow.pipeline.display import visible
 from winnow.report.text import _fmt
 
 
@@ -19,7 +20,8 @@ class _Raw(str):
 
 
 def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
+    """HTML for text from the data or the recipe: control and bidi characters made visible, then escaped."""
+    return html.escape(visible(x), quote=True)
 
 
 def _cell(x: Any) -> str:

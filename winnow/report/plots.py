@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from winnow.pipeline.display import visible
 from winnow.report.stats import MAX_GROUPS, NO_GROUP
 from winnow.report.text import _rows
 
@@ -35,7 +36,7 @@ _HORIZONTAL_BXP = (
 
 def _plain(s: Any, width: int = 32) -> str:
     """Text for a matplotlib label: shortened, and `$` escaped so it is never parsed as mathtext."""
-    s = str(s)
+    s = visible(s)
     if len(s) > width:  # keep both ends: names often differ only in their suffix
         head = (width - 1) // 2
         s = s[:head] + "…" + s[len(s) - (width - 1 - head) :]

@@ -19,9 +19,9 @@ class ReportStep(Step):
     def run(self, ctx: RunContext, fp: str, **_: Any) -> str:
         from winnow.report import write_report
 
-        return str(write_report(ctx.root, fingerprint=fp))
+        return ctx.layout.rel(write_report(ctx.root, fingerprint=fp))
 
     def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
         from winnow.report import report_fingerprint
 
-        return report_fingerprint(result) == fp
+        return report_fingerprint(ctx.layout.path(result)) == fp

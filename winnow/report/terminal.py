@@ -17,11 +17,13 @@ def print_summary(run_dir: str | Path, console: Any = None) -> dict:
     from rich.table import Table
     from rich.text import Text
 
+    from winnow.pipeline.display import visible
+
     s = _summarize(_load(run_dir))
     con = console if console is not None else Console()
     info, counts = s["run"], s["counts"]
 
-    head = Table(title=Text(f"winnow run {info['name']}"), show_header=False, box=None)
+    head = Table(title=Text(f"winnow run {visible(info['name'])}"), show_header=False, box=None)
     head.add_column(style="bold")
     head.add_column()
     for k, v in (
@@ -35,7 +37,7 @@ def print_summary(run_dir: str | Path, console: Any = None) -> dict:
         ("kept rows", f"{counts['kept_rows']:,} ({_pct(counts['kept_fraction'])})"),
         ("pruned rows", f"{counts['pruned_rows']:,}"),
     ):
-        head.add_row(k, Text(str(v)))
+        head.add_row(k, Text(visible(v)))
     bad = s["selection_score_not_finite"]
     if bad and bad["rows"]:
         head.add_row(
@@ -55,7 +57,7 @@ def print_summary(run_dir: str | Path, console: Any = None) -> dict:
             t.add_column(h, justify="left" if h == name else "right")
         for g, st in list(stats.items())[:MAX_GROUPS]:
             t.add_row(
-                Text(g),
+                Text(visible(g)),
                 f"{st['input_rows']:,}",
                 f"{st['kept_rows']:,}",
                 f"{st['pruned_rows']:,}",
@@ -80,7 +82,7 @@ def print_summary(run_dir: str | Path, console: Any = None) -> dict:
         for c, st in s["scores"].items():
             bad = st["nan"] + st["inf"] + st["null"]
             t.add_row(
-                Text(c),
+                Text(visible(c)),
                 f"{st['finite']:,}",
                 Text(f"{bad:,}", style="yellow" if bad else ""),
                 *(_short(st[k]) for k in ("mean", "min", "median", "max", "kept_mean", "pruned_mean")),
@@ -94,7 +96,7 @@ def print_summary(run_dir: str | Path, console: Any = None) -> dict:
         for name, a in s["agreement"].items():
             p = a["pairs"]
             t.add_row(
-                Text(name),
+                Text(visible(name)),
                 str(len(a["columns"])),
                 f"{a['rows']:,}",
                 _fmt(p["all_pairs"]),
@@ -103,5 +105,5 @@ def print_summary(run_dir: str | Path, console: Any = None) -> dict:
             )
         con.print(t)
     for msg in s["notes"]:
-        con.print(Text(msg, style="yellow"))
+        con.print(Text(visible(msg), style="yellow"))
     return s

@@ -98,7 +98,12 @@ def write_selection(recipe: Recipe, run_dir: Path, step_fingerprint: str | None 
         },
     )
     kept = int(table["kept"].sum())
-    return {"rows": table.height, "kept": kept, "dpp": dpp}
+    warnings = []
+    if recipe.select.count is not None and recipe.select.count > table.height:
+        warnings.append(
+            f"select.count {recipe.select.count} is more than the data's {table.height} rows: every row is kept"
+        )
+    return {"rows": table.height, "kept": kept, "dpp": dpp, "warnings": warnings}
 
 
 @register_step
