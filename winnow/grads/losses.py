@@ -28,7 +28,7 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------
-# batch helpers (the same as winnow.scorers.base's, which the scorers use; grads cannot import scorers)
+# batch helpers (the scorers use them too, through winnow.scorers.base)
 
 
 def classification_inputs(batch: Mapping[str, torch.Tensor], task: str, who: str) -> dict[str, torch.Tensor]:

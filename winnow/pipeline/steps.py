@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -111,7 +111,6 @@ class RunContext:
     tok_dir: str | None = None
     threads: int | None = None
     all_threads: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from winnow.grads.losses import classification_inputs, model_logits, next_token_positions  # noqa: F401
+
 TASKS: frozenset[str] = frozenset({"causal_lm", "sequence_classification", "image_classification"})
 
 
@@ -164,27 +166,3 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def classification_inputs(batch: dict[str, torch.Tensor], task: str, who: str) -> dict[str, torch.Tensor]:
-    """The model inputs of a classification batch (docs/ARCHITECTURE.md, "Batches"); `who` names the
-    caller in the error for a batch without labels."""
-    if "labels" not in batch:
-        raise ValueError(f"{who}: task {task!r} needs 'labels' in the batch")
-    if task == "image_classification":
-        return {"pixel_values": batch["pixel_values"]}
-    keys = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-    return {k: batch[k] for k in keys if k in batch}
-
-
-def model_logits(out: Any) -> torch.Tensor:
-    """The logits of a transformers output (or of a plain tensor / tuple output)."""
-    return out.logits if hasattr(out, "logits") else (out if isinstance(out, torch.Tensor) else out[0])
-
-
-def next_token_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """(B, T-1) bool: position t predicts token t+1 and counts when both are real (mask 1)."""
-    if attention_mask is None:
-        return torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
-    am = attention_mask.bool()
-    return am[:, :-1] & am[:, 1:]
