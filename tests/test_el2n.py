@@ -509,3 +509,19 @@ def test_register_rejects_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         register(Other)
     assert SCORERS["el2n"] is EL2N
+
+
+def test_classification_el2n_keeps_its_digits_on_confident_examples():
+    """Near-certain predictions: the plain ||softmax(z) - e_y|| in fp32 lost up to 68% at EL2N ~ 3e-9;
+    the stable form (the causal-LM path's) matches a float64 reference to fp32 precision."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 10, generator=g) * 3
+    y = torch.randint(0, 10, (64,), generator=g)
+    z[torch.arange(64), y] += torch.linspace(0, 40, 64)  # from unsure to p_y = 1 - 1e-17
+    # float64 reference without cancellation: ||p - e_y||^2 = sum_{i != y} p_i^2 + (sum_{i != y} p_i)^2
+    # (1 - p_y directly would lose its digits in float64 too, below 1e-15)
+    q = torch.softmax(z.double(), -1).scatter(1, y[:, None], 0.0)
+    ref = (q.square().sum(1) + q.sum(1).square()).sqrt()
+    got = el2n_from_logits(z, y).double()
+    assert float(ref.min()) < 1e-8
+    assert float(((got - ref).abs() / ref).max()) < 1e-5

@@ -13,6 +13,7 @@ This package imports torch (and transformers' model types by name only); nothing
 winnow, so that scorers, selectors and the pipeline can all build on it.
 """
 
+from winnow.grads.accumulators import AdamUpdate
 from winnow.grads.engine import SQNORM_METHODS, GradEngine
 from winnow.grads.fast_paths import fast_paths
 from winnow.grads.losses import next_token_losses, per_example_loss, token_nll
@@ -21,6 +22,7 @@ from winnow.grads.projection import PROJ_KINDS, projection_factors
 from winnow.grads.rules import Dense, Outer, Record, Rule, register_rule
 
 __all__ = [
+    "AdamUpdate",
     "PROJ_KINDS",
     "SQNORM_METHODS",
     "Dense",

@@ -29,6 +29,7 @@ from winnow.grads.kernels import (
     LOW_PRECISION,
     _dense_project,
     _dense_weighted_sum,
+    _direct_grads,
     _outer_groups,
     _outer_project,
     _outer_sqnorm,
@@ -109,9 +110,60 @@ class SquaredNorms:
         self.total += self.per[p.name]
 
 
+@dataclass(frozen=True)
+class AdamUpdate:
+    """The per-example Adam update direction of one parameter, as LESS computes its training-side features
+    (Xia et al. 2024, arXiv:2402.04333, Section 3.1; ``obtain_gradients_with_adam`` in the authors' code):
+
+        Γ(g) = (β1 m + (1 − β1) g) / sqrt(β2 v + (1 − β2) g² + ε)       elementwise,
+
+    with m, v the checkpoint's Adam moments (``exp_avg``, ``exp_avg_sq``, in the parameter's layout) and, as
+    in that code, no bias correction and ε inside the square root. Γ is not linear in g (the example's own
+    g² enters the denominator), so the engine materialises each example's gradient of the parameter, a few
+    examples at a time, to apply it."""
+
+    m: torch.Tensor
+    v: torch.Tensor
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __call__(self, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (self.beta1 * m + (1 - self.beta1) * g) / (
+            self.beta2 * v + (1 - self.beta2) * g * g + self.eps
+        ).sqrt()
+
+
+def _adam_project(
+    p: ParamFactors, upd: AdamUpdate, PL: torch.Tensor, PR: torch.Tensor, budget: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """(B, k) P vec(Γ(grad_b)) for one parameter, its per-example gradients materialised c at a time."""
+    m_, n_ = PL.shape[1], PR.shape[1]  # the parameter's (m, n) view, zero-padded for vectors
+    numel = upd.m.numel()
+    pad = m_ * n_ - numel
+    M = torch.nn.functional.pad(upd.m.reshape(-1).to(PL.device, dtype), (0, pad)).view(m_, n_)
+    V = torch.nn.functional.pad(upd.v.reshape(-1).to(PL.device, dtype), (0, pad)).view(m_, n_)
+    if p.value is not None:
+        B = p.value.shape[0]
+        G = torch.nn.functional.pad(p.value.to(dtype), (0, pad)).view(B, m_, n_)
+        gam = upd(G, M, V)
+        if pad:  # padding is not part of the parameter: its Γ (β1 m / sqrt(ε) with m = 0) is 0 anyway
+            gam.view(B, -1)[:, numel:] = 0
+        return torch.matmul(torch.matmul(PL, gam), PR.t()).reshape(B, -1)
+    B = p.uses[0].right.shape[0]
+    out = torch.zeros(B, PL.shape[0] * PR.shape[0], dtype=dtype, device=PL.device)
+    c = max(1, budget // max(1, m_ * n_))
+    for lo in range(0, B, c):
+        hi = min(B, lo + c)
+        G = _direct_grads(p.uses, lo, hi, m_, n_).to(dtype)
+        out[lo:hi] = torch.matmul(torch.matmul(PL, upd(G, M, V)), PR.t()).reshape(hi - lo, -1)
+    return out
+
+
 class Projections:
     """``proj`` (B, k): sum_p P_p vec(D_p * grad_{b,p}), ``factors(name)`` giving (P_L, P_R) and
-    ``pre`` the optional preconditioner (:meth:`GradEngine.compute`, ``precondition``)."""
+    ``pre`` the optional preconditioner (:meth:`GradEngine.compute`, ``precondition``): a scale D_p, or an
+    :class:`AdamUpdate` (then the sum is over P_p vec(Γ_p(grad_{b,p})))."""
 
     def __init__(
         self,
@@ -121,12 +173,18 @@ class Projections:
         device: torch.device,
         factors: ProjFactors,
         pre: Mapping[str, Any] | None,
+        budget: int = 1 << 26,
     ) -> None:
         self.dtype, self.device, self.factors, self.pre = dtype, device, factors, pre
+        self.budget = budget
         self.proj = torch.zeros(B, k, dtype=dtype, device=device)
 
     def add(self, p: ParamFactors) -> None:
         dtype, device, pre = self.dtype, self.device, self.pre
+        if pre is not None and isinstance(pre[p.name], AdamUpdate):
+            if p.value is not None or p.uses:
+                self.proj += _adam_project(p, pre[p.name], *self.factors(p.name), self.budget, dtype)
+            return
         if p.value is not None:
             pv = p.value if pre is None else p.value * pre[p.name].to(device, dtype)
             self.proj += _dense_project(pv, *self.factors(p.name))

@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from winnow.grads.accumulators import (
+    AdamUpdate,
     ConsistencyCheck,
     GradCoeffs,
     GroupSums,
@@ -367,7 +368,9 @@ class GradEngine:
         is then ``P (D * grad_b)`` with D the elementwise scale of each parameter: for a parameter of
         ``Outer`` kind a rank-one ``(row (m,), col (n,))`` pair, D = row col^T (applied to the factors:
         L * row, R * col, so nothing of size m x n per example exists), for a vector parameter a tensor
-        of its numel. Squared norms and group sums stay those of the plain gradients.
+        of its numel; or an :class:`~winnow.grads.accumulators.AdamUpdate` (LESS's per-example Adam update
+        direction, not linear in the gradient: the example's gradient of that parameter is materialised, a
+        few examples at a time). Squared norms and group sums stay those of the plain gradients.
 
         ``grad_coeffs``: a function of the results (the dict described above, before returning) that gives
         (B,) coefficients c; the engine then ADDS ``sum_b c_b grad_b`` to each selected parameter's
@@ -451,6 +454,13 @@ class GradEngine:
             if alias is None:
                 raise ValueError(f"precondition has no entry for selected parameter {name!r}")
             d = pre[alias]
+            if isinstance(d, AdamUpdate):
+                if d.m.numel() != p.numel() or d.v.numel() != p.numel():
+                    raise ValueError(
+                        f"precondition[{alias!r}]: Adam moments of {p.numel()} elements expected"
+                    )
+                out[name] = d
+                continue
             if self.kinds[name] == "outer":
                 m, n = self.views[name]
                 ok = (
@@ -528,7 +538,9 @@ class GradEngine:
         proj = None
         if project:
             assert self.proj_dim is not None
-            proj = Projections(B, self.proj_dim, dtype, device, lambda n: self._proj(n, device, dtype), pre)
+            proj = Projections(
+                B, self.proj_dim, dtype, device, lambda n: self._proj(n, device, dtype), pre, budget
+            )
         sums = None
         if layout is not None:
             sums = GroupSums(layout, targets, group_coeffs is not None, budget, dtype, device)

@@ -117,14 +117,16 @@ def features_fingerprint(
 
 
 # -- features --------------------------------------------------------------------------------------
-def _adam_state(ckpt_dir: Path, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], int, float, float]:
-    """exp_avg_sq by parameter name, the step, beta2 and eps from the checkpoint's optimizer.pt (the
-    training loop's parameter groups: matrices and embeddings first, then vectors, each in
-    named_parameters order)."""
+def _adam_state(
+    ckpt_dir: Path, model: torch.nn.Module, what: str = "exp_avg_sq"
+) -> tuple[dict[str, torch.Tensor], int, float, float]:
+    """``what`` (``exp_avg_sq`` or ``exp_avg``) by parameter name, the step, beta2 and eps from the
+    checkpoint's optimizer.pt (the training loop's parameter groups: matrices and embeddings first, then
+    vectors, each in named_parameters order)."""
     path = ckpt_dir / "optimizer.pt"
     if not path.exists():
         raise WinnowError(
-            f"{path}: not found; scoring.influence.precondition 'adam' needs the optimizer "
+            f"{path}: not found; scoring.influence.precondition 'less' and 'adam' need the optimizer "
             f"state the proxy training saves (or set precondition: none)"
         )
     try:  # tensors and plain values only: a run folder is data, never code
@@ -144,8 +146,8 @@ def _adam_state(ckpt_dir: Path, model: torch.nn.Module) -> tuple[dict[str, torch
     step = 0
     for name, i in zip(order, ids, strict=True):
         s = st["state"].get(i)
-        if s and "exp_avg_sq" in s:
-            sq[name] = s["exp_avg_sq"].float()
+        if s and what in s:
+            sq[name] = s[what].float()
             step = max(step, int(torch.as_tensor(s["step"]).item()))
     return sq, step, float(group["betas"][1]), float(group["eps"])
 
@@ -157,9 +159,16 @@ def compute_features(
     feat: Featurizer,
     ickpts: list[dict[str, Any]],
     progress: Any = None,
+    role: str = "train",
 ) -> dict[str, Any]:
-    """ids, domains, units (C, n, k) float16, norms (C, n), sqnorms (C, n) of one shard."""
-    from winnow.grads import GradEngine, parse_params, per_example_loss
+    """ids, domains, units (C, n, k) float16, norms (C, n), sqnorms (C, n) of one shard.
+
+    ``scoring.influence.precondition``: ``less`` (default) gives training examples LESS's Adam update
+    direction (:class:`winnow.grads.AdamUpdate`: the checkpoint's moments, the example's own g², as the
+    authors' code) and target examples their plain gradients, as LESS does; ``adam`` scales both sides'
+    gradients by the rank-one Adafactor form of 1 / (sqrt(v_hat) + eps) (:func:`adam_preconditioner`, the
+    variant winnow had before: linear in g, no momentum); ``none``: plain gradients on both sides."""
+    from winnow.grads import AdamUpdate, GradEngine, parse_params, per_example_loss
     from winnow.scorers.influence import adam_preconditioner
 
     cfg = recipe.scoring.influence
@@ -184,7 +193,14 @@ def compute_features(
         except ValueError as e:
             raise WinnowError(f"scoring.influence.parameters: {e}") from None
         pre = None
-        if cfg.precondition == "adam":
+        if cfg.precondition == "less" and role == "train":
+            sq, _, _, _ = _adam_state(run_dir / ck.path, model)
+            avg, _, _, _ = _adam_state(run_dir / ck.path, model, "exp_avg")
+            pre = {}
+            for nm, p_ in eng.params.items():
+                zero = torch.zeros_like(p_, dtype=torch.float32, device="cpu")
+                pre[nm] = AdamUpdate(avg.get(nm, zero).to(device), sq.get(nm, zero).to(device))
+        elif cfg.precondition == "adam":
             sq, step, beta2, eps = _adam_state(run_dir / ck.path, model)
             pre = adam_preconditioner(
                 eng.views, eng.kinds, {nm: p.numel() for nm, p in eng.params.items()}, sq, step, beta2, eps
@@ -235,7 +251,7 @@ def features_shard(
             shard.index, role, RunLayout(run_dir).rel(vec_path), RunLayout(run_dir).rel(meta_path)
         )
     t0 = time.time()
-    f = compute_features(recipe, run_dir, shard, feat, ickpts, progress)
+    f = compute_features(recipe, run_dir, shard, feat, ickpts, progress, role=role)
     if role == "target" and not f["ids"]:
         raise WinnowError(f"scoring.influence.target: {shard.location} holds no rows")
     cols: dict[str, Any] = {"id": f["ids"], "domain": f["domains"], "preview": f["previews"]}

@@ -192,9 +192,10 @@ class InfluenceConfig(Strict):
     proj_dim: int = Field(default=8192, gt=0, description="dimensions of the projected gradient features")
     proj_seed: int = Field(default=0, description="seed of the projection (same features in every process)")
     parameters: str = Field(default="all", description="all | last_layer | lora | comma-separated names")
-    precondition: Literal["adam", "none"] = Field(
-        default="adam",
-        description="adam: scale by the checkpoint's Adam second moments (rank-one for matrices)",
+    precondition: Literal["less", "adam", "none"] = Field(
+        default="less",
+        description="less: training examples' Adam update direction, target examples' plain gradients (LESS "
+        "and its code); adam: both sides scaled by the second moments (rank-one for matrices); none: plain",
     )
     checkpoints: Literal["all", "last"] = Field(
         default="all", description="the first seed's checkpoints above step 0, or only its last"

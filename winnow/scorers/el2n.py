@@ -49,7 +49,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from winnow.scorers.base import (
     Param,
@@ -95,9 +94,17 @@ def el2n_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
         raise ValueError(f"label {bad} out of range for {num_classes} classes")
     ignored = labels < 0
     safe = labels.clamp(min=0)
-    p = torch.softmax(logits.float(), dim=-1)
-    diff = p - F.one_hot(safe, num_classes).to(p.dtype)
-    out = torch.linalg.vector_norm(diff, dim=-1)
+    # the causal-LM path's stable form (module docstring): the target excluded from the max and both
+    # sums, the norm kept in logs; the plain ||softmax(z) - e_y|| loses every digit when p_y is near 1
+    z = logits.float().reshape(-1, num_classes)
+    y = safe.reshape(-1, 1)
+    z_y = z.gather(1, y).squeeze(1)
+    rest = z.scatter(1, y, -math.inf)
+    run_max = rest.amax(dim=1)
+    shift = torch.where(torch.isneginf(run_max), 0.0, run_max)
+    e = (rest - shift.unsqueeze(1)).exp()
+    s1, s2 = e.sum(dim=1), e.square().sum(dim=1)
+    out = finish_el2n(run_max, s1, s2, z_y).reshape(labels.shape)
     return out.masked_fill(ignored, float("nan"))
 
 
