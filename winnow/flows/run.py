@@ -443,6 +443,14 @@ def _prefect_api(recipe: Recipe) -> Iterator[str | None]:
     try:
         yield server.api_url
     finally:
+        # send what the run's events and logs still hold while their server lives: otherwise each is
+        # retried against the stopped server when the process exits (seconds an item)
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for worker in (EventsWorker, APILogWorker):
+            with contextlib.suppress(Exception):
+                worker.drain_all(timeout=10)
         server.stop()
 
 

@@ -139,11 +139,10 @@ def strip_roff(src: str) -> str:
     return "\n".join(out)
 
 
-def man_rows(lang: str, limit: int) -> Iterator[tuple[str, str]]:
-    base = Path("/usr/share/man") / (lang if lang != "en" else "") / "man1"
-    if not base.is_dir():
-        return
-    for p in sorted(base.glob("*.gz")):
+def man_rows(lang: str, limit: int, sections: tuple[str, ...] = ("man1",)) -> Iterator[tuple[str, str]]:
+    root = Path("/usr/share/man") / (lang if lang != "en" else "")
+    pages = [p for sec in sections for p in sorted((root / sec).glob("*.gz"))]
+    for p in pages:
         try:
             src = gzip.decompress(p.read_bytes()).decode("utf-8", errors="replace")
         except (OSError, EOFError):
@@ -155,6 +154,62 @@ def man_rows(lang: str, limit: int) -> Iterator[tuple[str, str]]:
             limit -= 1
             if limit <= 0:
                 return
+
+
+def changelog_rows(limit: int) -> Iterator[tuple[str, str]]:
+    """Debian package changelogs (/usr/share/doc/*/changelog.Debian.gz): release notes in a fixed format."""
+    for p in sorted(Path("/usr/share/doc").glob("*/changelog.Debian.gz")):
+        try:
+            text = gzip.decompress(p.read_bytes()).decode("utf-8", errors="replace")
+        except (OSError, EOFError):
+            continue
+        for c in list(_chunks(text))[:2]:
+            yield c, f"doc/{p.parent.name}/changelog.Debian.gz"
+            limit -= 1
+            if limit <= 0:
+                return
+
+
+def test_code_rows(limit: int) -> Iterator[tuple[str, str]]:
+    """The standard library's test suite (Python of another kind than the library itself)."""
+    files = sorted((Path(sysconfig.get_paths()["stdlib"]) / "test").glob("test_*.py"))
+    for p in files:
+        try:
+            chunks = list(_chunks(p.read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, OSError):
+            continue
+        for c in chunks[len(chunks) // 2 : len(chunks) // 2 + 2]:
+            yield c, f"stdlib/test/{p.name}"
+            limit -= 1
+            if limit <= 0:
+                return
+
+
+def noise_rows(
+    kind: str, limit: int, seed: int = 0, words: list[str] | None = None, size: int = CHUNK_CHARS
+) -> Iterator[tuple[str, str]]:
+    """Text nothing can be learned from: ``hex`` (random hexadecimal digits in groups), ``words`` (words
+    drawn uniformly from ``words``) or ``shuffled`` (the characters of real text in random order)."""
+    import random
+
+    rng = random.Random(seed)
+    pool = words or ["data", "winnow", "text"]
+    real = "".join(t for t, _ in prose_rows(200))
+    for i in range(limit):
+        if kind == "hex":
+            text = " ".join(
+                "".join(rng.choice("0123456789abcdef") for _ in range(8)) for _ in range(size // 9)
+            )
+        elif kind == "words":
+            text = " ".join(rng.choice(pool) for _ in range(size // 6))
+        elif kind == "shuffled":
+            lo = rng.randrange(0, max(1, len(real) - size))
+            chars = list(real[lo : lo + size])
+            rng.shuffle(chars)
+            text = "".join(chars)
+        else:
+            raise ValueError(f"noise kind must be hex, words or shuffled, got {kind!r}")
+        yield text, f"noise/{kind}/{i}"
 
 
 def license_rows(limit: int) -> Iterator[tuple[str, str]]:
