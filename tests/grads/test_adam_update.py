@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.grads._harness import K, RTOL, _note, flat, rel_rows, text_batch
+from tests.grads._harness import RTOL, K, _note, flat, rel_rows, text_batch
 from winnow.grads import AdamUpdate, GradEngine, per_example_loss
 
 
@@ -29,8 +29,12 @@ def test_adam_update_features_match_the_plain_formula(causal_cases):
         mom = _moments(ref, seed=4)
         with GradEngine(model, "all", proj_dim=K, proj_seed=5) as eng:
             pre = {n: AdamUpdate(mom[n][0].float(), mom[n][1].float()) for n in eng.param_names}
-            out = eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), sqnorm=False, project=True,
-                              precondition=pre)
+            out = eng.compute(
+                lambda: per_example_loss(model, batch, "causal_lm"),
+                sqnorm=False,
+                project=True,
+                precondition=pre,
+            )
             P = eng.projection_matrix()
             names = eng.param_names
         gam = {}
@@ -42,6 +46,11 @@ def test_adam_update_features_match_the_plain_formula(causal_cases):
         err = _note(f"{arch}: Adam-update projection", rel_rows(out["proj"], want))
         assert err <= 10 * RTOL, err
         # not the linear map of the gradient: the example's own g^2 is in the denominator
-        lin = flat({n: (0.9 * mom[n][0] + 0.1 * ref[n]) / (0.999 * mom[n][1] + 1e-8).sqrt() for n in names},
-                   names) @ P.t()
+        lin = (
+            flat(
+                {n: (0.9 * mom[n][0] + 0.1 * ref[n]) / (0.999 * mom[n][1] + 1e-8).sqrt() for n in names},
+                names,
+            )
+            @ P.t()
+        )
         assert rel_rows(lin, want) > 1e-3
