@@ -30,7 +30,7 @@ def test_adam_update_features_match_the_plain_formula(causal_cases):
         with GradEngine(model, "all", proj_dim=K, proj_seed=5) as eng:
             pre = {n: AdamUpdate(mom[n][0].float(), mom[n][1].float()) for n in eng.param_names}
             out = eng.compute(
-                lambda: per_example_loss(model, batch, "causal_lm"),
+                lambda m=model, b=batch: per_example_loss(m, b, "causal_lm"),
                 sqnorm=False,
                 project=True,
                 precondition=pre,
