@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--less-examples", type=int, default=32, help="examples timed in the LESS loop")
     ap.add_argument("--block", type=int, default=1 << 15, help="columns per Rademacher block")
     ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--kinds", default="tensor_sketch,rademacher", help="projection kinds, default first")
     a = ap.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -153,8 +154,32 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # ---------------- the engine
-    eng = GradEngine(model, params="all", proj_dim=k, proj_seed=0, check=False)
+    # ---------------- the engine, with each projection kind (the first is the default)
+    for kind in a.kinds.split(","):
+        _engine(a, res, model, ids, g, amp, device, k, kind, exact, scale)
+    best = max(
+        v["examples_per_s"] for kk, v in res.items() if kk.startswith("engine_b") and "examples_per_s" in v
+    )
+    best_adam = max(
+        v["examples_per_s"]
+        for kk, v in res.items()
+        if kk.startswith("engine_adam_b") and "examples_per_s" in v
+    )
+    res["engine_vs_less_way"] = best / res["less_way"]["examples_per_s"]
+    res["engine_adam_vs_less_way"] = best_adam / res["less_way"]["examples_per_s"]
+    res["engine_vs_less_backward_only"] = best / res["less_way_backward_only"]["examples_per_s"]
+    print(json.dumps({kk: v for kk, v in res.items() if not isinstance(v, dict)}, indent=2), flush=True)
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "bench_influence.json").write_text(json.dumps(res, indent=2))
+
+
+def _engine(a, res, model, ids, g, amp, device, k, kind, exact, scale) -> None:
+    """The engine's examples/s at B = 16, 32, 64 with projection ``kind``, plain and Adam-preconditioned,
+    and its inner-product error on the first 16 examples; keys ``engine[_adam][_<kind>]_b<B>`` (no suffix
+    for the first kind of --kinds, the default)."""
+    suffix = "" if kind == a.kinds.split(",")[0] else f"_{kind}"
+    eng = GradEngine(model, params="all", proj_dim=k, proj_seed=0, check=False, proj_kind=kind)
     fake = {
         n: torch.rand(p.shape, generator=g, dtype=torch.float32) ** 2 * 1e-6 for n, p in eng.params.items()
     }
@@ -190,32 +215,19 @@ def main() -> None:
                     sync(device)
                     times.append(time.perf_counter() - t)
                 times.sort()
-                res[f"{name}_b{B}"] = {"examples_per_s": B / times[2], "peak_gib": _peak(device)}
+                key = f"{name}{suffix}_b{B}"
+                res[key] = {"examples_per_s": B / times[2], "peak_gib": _peak(device)}
                 if name == "engine" and B == (4 if a.smoke else 16):
                     P = out.double()
-                    res["engine_ip_rel_err_rms"] = float(
+                    res[f"engine{suffix}_ip_rel_err_rms"] = float(
                         (((P @ P.t()) - exact[:B, :B]) / scale[:B, :B]).square().mean().sqrt()
                     )
             except torch.OutOfMemoryError as e:
-                res[f"{name}_b{B}"] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+                key = f"{name}{suffix}_b{B}"
+                res[key] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
                 torch.cuda.empty_cache()
-            print(f"{name}_b{B}", res[f"{name}_b{B}"], flush=True)
+            print(key, res[key], flush=True)
     eng.close()
-    best = max(
-        v["examples_per_s"] for kk, v in res.items() if kk.startswith("engine_b") and "examples_per_s" in v
-    )
-    best_adam = max(
-        v["examples_per_s"]
-        for kk, v in res.items()
-        if kk.startswith("engine_adam_b") and "examples_per_s" in v
-    )
-    res["engine_vs_less_way"] = best / res["less_way"]["examples_per_s"]
-    res["engine_adam_vs_less_way"] = best_adam / res["less_way"]["examples_per_s"]
-    res["engine_vs_less_backward_only"] = best / res["less_way_backward_only"]["examples_per_s"]
-    print(json.dumps({kk: v for kk, v in res.items() if not isinstance(v, dict)}, indent=2), flush=True)
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "bench_influence.json").write_text(json.dumps(res, indent=2))
 
 
 def _peak(device) -> float | None:

@@ -30,7 +30,7 @@ def test_projection_is_reproducible_across_processes():
     assert not torch.equal(mine[0], other[0])
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("kind", ["tensor_sketch", "rademacher", "gaussian"])
 def test_projection_is_unbiased(kind):
     """E[P^T P] = I: the mean of ||P x||^2 and <P x, P y> over seeds approach ||x||^2 and <x, y>."""
     model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5))

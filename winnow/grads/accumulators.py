@@ -35,7 +35,9 @@ from winnow.grads.kernels import (
     _outer_sqnorm,
     _outer_weighted_sum,
     _scale_uses,
+    _sketch_outer_project,
 )
+from winnow.grads.projection import SketchHashes, sketch_dense
 from winnow.grads.rules import Dense, Outer
 
 __all__ = [
@@ -50,7 +52,7 @@ __all__ = [
     "group_layout",
 ]
 
-ProjFactors = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
+ProjFactors = Callable[[str], Any]  # (P_L, P_R) of a Kronecker map, or SketchHashes
 
 
 @dataclass
@@ -134,29 +136,48 @@ class AdamUpdate:
         ).sqrt()
 
 
+def _project_matrices(G: torch.Tensor, proj: Any) -> torch.Tensor:
+    """(B, k) P vec(G_b) of materialised per-example matrices G (B, m, n) in the parameter's view."""
+    if isinstance(proj, SketchHashes):
+        return sketch_dense(G, proj)
+    PL, PR = proj
+    return torch.matmul(torch.matmul(PL, G), PR.t()).reshape(G.shape[0], -1)
+
+
+def _view_of(proj: Any) -> tuple[int, int]:
+    if isinstance(proj, SketchHashes):
+        return proj.h1.numel(), proj.h2.numel()
+    return proj[0].shape[1], proj[1].shape[1]
+
+
+def _proj_dim(proj: Any) -> int:
+    return proj.k if isinstance(proj, SketchHashes) else proj[0].shape[0] * proj[1].shape[0]
+
+
 def _adam_project(
-    p: ParamFactors, upd: AdamUpdate, PL: torch.Tensor, PR: torch.Tensor, budget: int, dtype: torch.dtype
+    p: ParamFactors, upd: AdamUpdate, proj: Any, budget: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """(B, k) P vec(Γ(grad_b)) for one parameter, its per-example gradients materialised c at a time."""
-    m_, n_ = PL.shape[1], PR.shape[1]  # the parameter's (m, n) view, zero-padded for vectors
+    m_, n_ = _view_of(proj)  # the parameter's (m, n) view, zero-padded for vectors
     numel = upd.m.numel()
     pad = m_ * n_ - numel
-    M = torch.nn.functional.pad(upd.m.reshape(-1).to(PL.device, dtype), (0, pad)).view(m_, n_)
-    V = torch.nn.functional.pad(upd.v.reshape(-1).to(PL.device, dtype), (0, pad)).view(m_, n_)
+    dev = proj.h1.device if isinstance(proj, SketchHashes) else proj[0].device
+    M = torch.nn.functional.pad(upd.m.reshape(-1).to(dev, dtype), (0, pad)).view(m_, n_)
+    V = torch.nn.functional.pad(upd.v.reshape(-1).to(dev, dtype), (0, pad)).view(m_, n_)
     if p.value is not None:
         B = p.value.shape[0]
         G = torch.nn.functional.pad(p.value.to(dtype), (0, pad)).view(B, m_, n_)
         gam = upd(G, M, V)
         if pad:  # padding is not part of the parameter: its Γ (β1 m / sqrt(ε) with m = 0) is 0 anyway
             gam.view(B, -1)[:, numel:] = 0
-        return torch.matmul(torch.matmul(PL, gam), PR.t()).reshape(B, -1)
+        return _project_matrices(gam, proj)
     B = p.uses[0].right.shape[0]
-    out = torch.zeros(B, PL.shape[0] * PR.shape[0], dtype=dtype, device=PL.device)
+    out = torch.zeros(B, _proj_dim(proj), dtype=dtype, device=dev)
     c = max(1, budget // max(1, m_ * n_))
     for lo in range(0, B, c):
         hi = min(B, lo + c)
         G = _direct_grads(p.uses, lo, hi, m_, n_).to(dtype)
-        out[lo:hi] = torch.matmul(torch.matmul(PL, upd(G, M, V)), PR.t()).reshape(hi - lo, -1)
+        out[lo:hi] = _project_matrices(upd(G, M, V), proj)
     return out
 
 
@@ -181,16 +202,26 @@ class Projections:
 
     def add(self, p: ParamFactors) -> None:
         dtype, device, pre = self.dtype, self.device, self.pre
+        proj = self.factors(p.name)
         if pre is not None and isinstance(pre[p.name], AdamUpdate):
             if p.value is not None or p.uses:
-                self.proj += _adam_project(p, pre[p.name], *self.factors(p.name), self.budget, dtype)
+                self.proj += _adam_project(p, pre[p.name], proj, self.budget, dtype)
             return
+        sketch = isinstance(proj, SketchHashes)
         if p.value is not None:
             pv = p.value if pre is None else p.value * pre[p.name].to(device, dtype)
-            self.proj += _dense_project(pv, *self.factors(p.name))
+            if sketch:
+                m_, n_ = _view_of(proj)
+                V = torch.nn.functional.pad(pv, (0, m_ * n_ - pv.shape[1])).view(-1, m_, n_)
+                self.proj += sketch_dense(V, proj).to(dtype)
+            else:
+                self.proj += _dense_project(pv, *proj)
         elif p.uses:
             pu = p.uses if pre is None else _scale_uses(p.uses, *(t.to(device, dtype) for t in pre[p.name]))
-            self.proj += _outer_project(pu, *self.factors(p.name))
+            if sketch:
+                self.proj += _sketch_outer_project(pu, proj).to(dtype)
+            else:
+                self.proj += _outer_project(pu, *proj)
 
 
 @dataclass

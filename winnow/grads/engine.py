@@ -74,7 +74,14 @@ from winnow.grads.accumulators import (
 from winnow.grads.fast_paths import fast_paths
 from winnow.grads.kernels import LOW_PRECISION
 from winnow.grads.params import aliases, select_parameters
-from winnow.grads.projection import PROJ_KINDS, derived_seed, projection_factors, vector_view
+from winnow.grads.projection import (
+    DEFAULT_PROJ_KIND,
+    PROJ_KINDS,
+    SketchHashes,
+    derived_seed,
+    projection_factors,
+    vector_view,
+)
 from winnow.grads.rules import RULES, Dense, Outer, Record, Rule, find_rule
 
 __all__ = ["SQNORM_METHODS", "GradEngine"]
@@ -117,7 +124,8 @@ class GradEngine:
 
     ``params``: which parameters (see :func:`select_parameters`): ``"all"``, ``"last_layer"``,
     ``"lora"`` or a list of names / prefixes / globs. ``proj_dim``: k of the random projection (None: no
-    projection); ``proj_seed`` and ``proj_kind`` (``"rademacher"`` or ``"gaussian"``) define it
+    projection); ``proj_seed`` and ``proj_kind`` (``"tensor_sketch"``, the default, or the Kronecker
+    maps ``"rademacher"`` and ``"gaussian"``) define it
     (:mod:`winnow.grads.projection`). ``sqnorm_method``: ``"auto"`` (cheaper of Gram and direct per
     parameter, the sparse form for embeddings), or force ``"gram"`` / ``"direct"``. ``check``: compare the
     per-example factors summed over the batch with the batch gradient (a safety net against uses of a
@@ -148,7 +156,7 @@ class GradEngine:
         params: str | Sequence[str] = "all",
         proj_dim: int | None = None,
         proj_seed: int = 0,
-        proj_kind: str = "rademacher",
+        proj_kind: str = DEFAULT_PROJ_KIND,
         *,
         sqnorm_method: str = "auto",
         check: bool = True,
@@ -303,12 +311,16 @@ class GradEngine:
         """Selected parameters, in the order of the flattened gradient (and of :meth:`projection_matrix`)."""
         return list(self.params)
 
-    def _proj(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _proj(self, name: str, device: torch.device, dtype: torch.dtype) -> Any:
         key = (name, device, dtype)
         if key not in self._proj_cache:
             assert self.proj_dim is not None
-            PL, PR = projection_factors(name, self.views[name], self.proj_dim, self.proj_seed, self.proj_kind)
-            self._proj_cache[key] = (PL.to(device, dtype), PR.to(device, dtype))
+            f = projection_factors(name, self.views[name], self.proj_dim, self.proj_seed, self.proj_kind)
+            self._proj_cache[key] = (
+                f.to(device, dtype)
+                if isinstance(f, SketchHashes)
+                else (f[0].to(device, dtype), f[1].to(device, dtype))
+            )
         return self._proj_cache[key]
 
     def _probes(
@@ -325,14 +337,15 @@ class GradEngine:
 
     def projection_matrix(self) -> torch.Tensor:
         """The dense k x D projection P (float64, CPU) that ``compute(project=True)`` applies: column block
-        p is ``kron(P_L, P_R)[:, :numel_p]``, the blocks in :attr:`param_names` order, each parameter
+        p is the sketch's matrix (:meth:`SketchHashes.dense`) or ``kron(P_L, P_R)``, cut to ``numel_p``, the blocks in :attr:`param_names` order, each parameter
         flattened row-major (``p.flatten()``). For small models and tests: it has k x D entries."""
         if self.proj_dim is None:
             raise ValueError("projection_matrix: the engine was built without proj_dim")
         blocks = []
         for name, p in self.params.items():
-            PL, PR = projection_factors(name, self.views[name], self.proj_dim, self.proj_seed, self.proj_kind)
-            blocks.append(torch.kron(PL, PR)[:, : p.numel()])
+            f = projection_factors(name, self.views[name], self.proj_dim, self.proj_seed, self.proj_kind)
+            full = f.dense() if isinstance(f, SketchHashes) else torch.kron(f[0], f[1])
+            blocks.append(full[:, : p.numel()])
         return torch.cat(blocks, dim=1)
 
     # -- compute -------------------------------------------------------------------------------

@@ -157,6 +157,45 @@ def _outer_project(uses: list[Outer], PL: torch.Tensor, PR: torch.Tensor) -> tor
     return acc.reshape(B, -1)
 
 
+def _count_sketch(x: torch.Tensor, h: torch.Tensor, sign: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., k) count sketch of x (..., d): x_i * sign_i added to bucket h_i."""
+    out = torch.zeros(*x.shape[:-1], k, dtype=x.dtype, device=x.device)
+    return out.index_add_(x.dim() - 1, h, x * sign)
+
+
+def _onehot_sketch(ids: torch.Tensor, h: torch.Tensor, sign: torch.Tensor, k: int, dtype) -> torch.Tensor:
+    """(..., k) count sketch of one-hot rows e_id: sign[id] in bucket h[id]."""
+    out = torch.zeros(*ids.shape, k, dtype=dtype, device=ids.device)
+    return out.scatter_(-1, h[ids].unsqueeze(-1), sign[ids].to(dtype).unsqueeze(-1))
+
+
+def _sketch_outer_project(uses: list[Outer], sk, budget: int = 1 << 25) -> torch.Tensor:
+    """(B, k) TensorSketch of sum_t L_t R_t^T over every use (:mod:`winnow.grads.projection`): per token
+    the product of the two count sketches' spectra, summed over tokens, one inverse FFT per example. The
+    FFTs run in fp32 (fp64 for fp64 factors); tokens are taken in chunks of B x c x k <= ``budget``."""
+    B, k = uses[0].right.shape[0], sk.k
+    work = torch.float64 if uses[0].right.dtype == torch.float64 else torch.float32
+    h1, s1, h2, s2 = sk.h1, sk.s1.to(work), sk.h2, sk.s2.to(work)
+    spec = torch.zeros(
+        B,
+        k // 2 + 1,
+        dtype=torch.complex128 if work == torch.float64 else torch.complex64,
+        device=uses[0].right.device,
+    )
+    for f in uses:
+        T = f.right.shape[1]
+        c = max(1, budget // max(1, B * k))
+        for lo in range(0, T, c):
+            hi = min(T, lo + c)
+            if f.onehot:
+                cl = _onehot_sketch(f.left[:, lo:hi], h1, s1, k, work)
+            else:
+                cl = _count_sketch(f.left[:, lo:hi].to(work), h1, s1, k)
+            cr = _count_sketch(f.right[:, lo:hi].to(work), h2, s2, k)
+            spec += (torch.fft.rfft(cl, dim=-1) * torch.fft.rfft(cr, dim=-1)).sum(1)
+    return torch.fft.irfft(spec, n=k, dim=-1)
+
+
 def _scale_uses(uses: list[Outer], row: torch.Tensor, col: torch.Tensor) -> list[Outer]:
     """The factors of (row col^T) * grad_b: L * row and R * col (a one-hot L scales R by row[id])."""
     out = []

@@ -105,7 +105,11 @@ def embed_shard(
         model = load_checkpoint(run_dir / ck.path, recipe.model.task, recipe.model.trust_remote_code)
         model = model.to(device).eval()
         engine = GradEngine(
-            model, params=parse_params(e.parameters), proj_dim=e.proj_dim, proj_seed=e.proj_seed
+            model,
+            params=parse_params(e.parameters),
+            proj_dim=e.proj_dim,
+            proj_seed=e.proj_seed,
+            proj_kind=e.proj_kind,
         )
     for raw in iter_raw_batches(recipe.data, shard):
         if engine is not None:

@@ -189,7 +189,13 @@ def compute_features(
     for ci, ck in enumerate(ickpts):
         model = load_checkpoint(run_dir / ck.path, task, recipe.model.trust_remote_code).to(device).eval()
         try:
-            eng = GradEngine(model, params=parse_params(cfg.parameters), proj_dim=k, proj_seed=cfg.proj_seed)
+            eng = GradEngine(
+                model,
+                params=parse_params(cfg.parameters),
+                proj_dim=k,
+                proj_seed=cfg.proj_seed,
+                proj_kind=cfg.proj_kind,
+            )
         except ValueError as e:
             raise WinnowError(f"scoring.influence.parameters: {e}") from None
         pre = None
