@@ -84,6 +84,17 @@ def test_top_influence_is_the_target_domain(infl_run, capsys):
     assert set(sel["id"]) == set(df.sort("influence", descending=True).head(n)["id"])
     # typicality: every example's gradient is closer to its own domain's mean than to the average domain's
     assert float(df["gradsim_domain"].mean()) > 0
+    # the signal check: half of the target, scored against the other half, ranks above the training rows
+    import pyarrow.parquet as pq
+
+    from winnow.pipeline.layout import PROVENANCE_KEY
+    from winnow.report import summarize
+
+    prov = json.loads(pq.read_schema(run / "scores" / "influence.parquet").metadata[PROVENANCE_KEY])
+    with capsys.disabled():
+        print(f"[influence] held-out target AUROC {prov['heldout_target_auroc']:.3f}")
+    assert prov["heldout_target_auroc"] > 0.8
+    assert not [m for m in summarize(run)["signal"] if m.startswith("influence")]
 
 
 def test_neighbours_features_and_report(infl_run):

@@ -319,7 +319,13 @@ def merge_influence(
     ickpts: list[WeightedCheckpoint],
     step_fingerprint: str,
 ) -> dict[str, Any]:
-    from winnow.scorers.influence import gradient_similarity, influence_scores, mean_direction, self_influence
+    from winnow.scorers.influence import (
+        gradient_similarity,
+        heldout_target_auroc,
+        influence_scores,
+        mean_direction,
+        self_influence,
+    )
 
     cfg = recipe.scoring.influence
     assert cfg is not None
@@ -336,6 +342,7 @@ def merge_influence(
     uniq = sorted(set(sub_names))
     sub = torch.tensor([uniq.index(s) for s in sub_names])
     infl = influence_scores(train, target, w, sub)
+    heldout = heldout_target_auroc(train, target, w, sub)
     selfi = self_influence([torch.tensor(meta[f"sqnorm@{i}"].to_numpy()) for i in range(C)], w)
     tdirs = [mean_direction(target[i].float(), torch.tensor(tmeta[f"norm@{i}"].to_numpy())) for i in range(C)]
     gs_t = gradient_similarity(train, tdirs)
@@ -371,6 +378,7 @@ def merge_influence(
         "params": cfg.model_dump(),
         "target_rows": tmeta.height,
         "subtasks": uniq,
+        "heldout_target_auroc": heldout,
         "faiss": faiss_where,
         "package_version": winnow.__version__,
         "step_fingerprint": step_fingerprint,

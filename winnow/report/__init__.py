@@ -49,7 +49,8 @@ def summarize(run_dir: str | Path) -> dict:
     none; null groups are named "(none)"), ``scores`` ({column: file, base, seed, step, rows,
     finite, nan, inf, null, mean, std, min, p05, median, p95, max, kept_mean, pruned_mean}),
     ``weights`` (of kept rows), ``agreement`` ({score: Spearman matrix between its checkpoint
-    columns and pair means}) and ``notes``. NaN statistics are None.
+    columns and pair means}), ``signal`` (one line per signal check that fired:
+    :mod:`winnow.report.signal`) and ``notes``. NaN statistics are None.
 
     Raises FileNotFoundError when run_dir, run_dir/scores or run_dir/selection.parquet is missing.
     """

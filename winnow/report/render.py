@@ -72,6 +72,8 @@ def _overview(s: dict) -> str:
                 "warn",
             )
         )
+    for msg in s["signal"]:
+        body.append(_note("Signal check: " + msg, "warn"))
     for msg in s["notes"]:
         body.append(_note(msg, "warn"))
     return "".join(body)

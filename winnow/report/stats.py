@@ -17,6 +17,7 @@ import polars as pl
 
 import winnow
 from winnow.report.load import _Previous, _Run
+from winnow.report.signal import signal_warnings
 
 NO_GROUP = "(none)"  # rows whose domain or label is null
 MAX_GROUPS = 20  # domains / labels drawn in a plot or printed in a terminal table
@@ -254,7 +255,7 @@ def _summarize(run: _Run) -> dict:
             "kept": int(bad["kept"].sum()),
             "pruned": bad.height - int(bad["kept"].sum()),
         }
-    return {
+    out = {
         "run": {
             "name": str(name),
             "dir": str(run.dir),
@@ -289,6 +290,8 @@ def _summarize(run: _Run) -> dict:
         "agreement": agreement,
         "notes": list(run.notes),
     }
+    out["signal"] = signal_warnings(run, out)
+    return out
 
 
 def _changes(run: _Run, prev: _Previous, s: dict) -> dict | None:

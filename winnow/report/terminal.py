@@ -104,6 +104,8 @@ def print_summary(run_dir: str | Path, console: Any = None) -> dict:
                 _fmt(p["between_steps_same_seed"]),
             )
         con.print(t)
+    for msg in s["signal"]:
+        con.print(Text("signal check: " + visible(msg), style="bold yellow"))
     for msg in s["notes"]:
         con.print(Text(visible(msg), style="yellow"))
     return s
