@@ -120,10 +120,11 @@ class _Graph:
 @flow(name="winnow-run", log_prints=True, validate_parameters=False)
 def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, Any]]) -> dict[str, Any]:
     from winnow.pipeline.influence import influence_checkpoints, target_shards
-    from winnow.pipeline.models import model_source_fingerprint, tokenizer_fingerprint
+    from winnow.pipeline.models import model_source_fingerprint, tokenizer_fingerprint, warm_imports
     from winnow.pipeline.scoring import cache_fingerprint, parts_fingerprint
     from winnow.pipeline.train import train_fingerprint
 
+    warm_imports()  # before any task thread: transformers' lazy imports race between threads
     logger = get_run_logger()
     recipe = RunContext(recipe_d, run_dir, shard_ds).config
     workers = recipe.runner.max_workers
@@ -410,7 +411,6 @@ def _prefect_api(recipe: Recipe) -> Iterator[str | None]:
     server); else a temporary server on 127.0.0.1 for this run alone, which dies with the run (also
     on SIGKILL: it is started with PR_SET_PDEATHSIG) and is stopped when the run ends. Ray workers are
     other processes and are pointed at the same server."""
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
@@ -422,6 +422,17 @@ def _prefect_api(recipe: Recipe) -> Iterator[str | None]:
             "runner.ray_address: a Ray cluster's workers need a Prefect server they can reach; "
             "start one (prefect server start) and set PREFECT_API_URL"
         )
+
+    with temporary_prefect_server() as api:
+        yield api
+
+
+@contextlib.contextmanager
+def temporary_prefect_server() -> Iterator[str]:
+    """A Prefect server on 127.0.0.1 for this process alone: it dies with the process (also on SIGKILL:
+    started with PR_SET_PDEATHSIG), and on exit the events and logs still queued are sent before it stops.
+    Yields its API URL. (The runs' own, and the benchmarks' that drive several runs.)"""
+    from prefect.server.api.server import SubprocessASGIServer
 
     class LinkedServer(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> Any:

@@ -44,6 +44,25 @@ def _quiet_transformers() -> None:
     tf_logging.disable_progress_bar()
 
 
+def warm_imports() -> None:
+    """Resolve, in the calling thread, the transformers names that tasks use. transformers' lazy module is
+    not safe for two threads resolving names at once: two scoring tasks of the thread runner starting
+    together got ``ImportError: cannot import name 'AutoTokenizer' from 'transformers'`` (seen 2026-12-01;
+    Prefect's retry hid it). The flow calls this before it submits any task."""
+    import transformers as tf
+
+    for name in (
+        "AutoConfig",
+        "AutoModel",
+        "AutoTokenizer",
+        "PreTrainedTokenizerFast",
+        "AutoModelForCausalLM",
+        "AutoModelForSequenceClassification",
+        "AutoModelForImageClassification",
+    ):
+        getattr(tf, name)
+
+
 def auto_class(task: str):
     import transformers as tf
 
