@@ -204,7 +204,7 @@ class GradEngine:
         self._records: dict[str, list[Record]] = {}
         self._outputs: list[torch.Tensor] = []
         self._active = False
-        self._proj_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # projection and probe factors
+        self._proj_cache: dict[tuple, Any] = {}  # projections (factors or sketch hashes) and probe factors
         self._handles = [
             module.register_forward_hook(partial(self._on_forward, key), with_kwargs=True)
             for key, (module, _, _) in self._modules.items()

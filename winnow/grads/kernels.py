@@ -32,6 +32,8 @@ T = sum over uses of the positions T_u:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -163,13 +165,15 @@ def _count_sketch(x: torch.Tensor, h: torch.Tensor, sign: torch.Tensor, k: int) 
     return out.index_add_(x.dim() - 1, h, x * sign)
 
 
-def _onehot_sketch(ids: torch.Tensor, h: torch.Tensor, sign: torch.Tensor, k: int, dtype) -> torch.Tensor:
+def _onehot_sketch(
+    ids: torch.Tensor, h: torch.Tensor, sign: torch.Tensor, k: int, dtype: torch.dtype
+) -> torch.Tensor:
     """(..., k) count sketch of one-hot rows e_id: sign[id] in bucket h[id]."""
     out = torch.zeros(*ids.shape, k, dtype=dtype, device=ids.device)
     return out.scatter_(-1, h[ids].unsqueeze(-1), sign[ids].to(dtype).unsqueeze(-1))
 
 
-def _sketch_outer_project(uses: list[Outer], sk, budget: int = 1 << 25) -> torch.Tensor:
+def _sketch_outer_project(uses: list[Outer], sk: Any, budget: int = 1 << 25) -> torch.Tensor:
     """(B, k) TensorSketch of sum_t L_t R_t^T over every use (:mod:`winnow.grads.projection`): per token
     the product of the two count sketches' spectra, summed over tokens, one inverse FFT per example. The
     FFTs run in fp32 (fp64 for fp64 factors); tokens are taken in chunks of B x c x k <= ``budget``."""
