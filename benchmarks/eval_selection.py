@@ -175,16 +175,26 @@ def _lm(root: Path, name: str, source: str, smoke: bool) -> dict[str, Any]:
     }
 
 
+def _example_mixture() -> dict[str, Any]:
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "mixture-doremi.yaml"
+    return dict(yaml.safe_load(path.read_text())["mixture"])
+
+
 def mixture_case(method: str, root: Path, comp: dict[str, Any], seed: int, smoke: bool) -> dict[str, Any]:
     tgt = comp["target"]
     sources = f"{root}/data/*.jsonl" + (f",{root}/held/*.jsonl" if method in ("doge", "dga") else "")
     r = _lm(root, f"{method}-{seed}", sources, smoke)
     mix: dict[str, Any] = {"method": method, "seed": seed}
-    # configs/mixture-doremi.yaml's proxy settings (steps, reference steps, batch, lr)
-    mix.update({"steps": 4 if smoke else 200, "batch_size": 16, "lr": 3e-3})
-    if method == "doremi":
-        mix["reference_steps"] = 8 if smoke else 400
-    else:
+    # configs/mixture-doremi.yaml's proxy settings (steps, batch, lr; everything else the defaults)
+    example = _example_mixture()
+    mix.update({k: example[k] for k in ("steps", "batch_size", "lr") if k in example})
+    if method != "doremi":
+        mix["steps"] = 200  # doge / dga: the 200 steps their tests and README measure
+    if smoke:
+        mix["steps"] = 4
+    if method != "doremi":
         mix["target_domains"] = [f"{tgt}-held"]
     r["mixture"] = mix
     _run(r, root / f"{method}-{seed}.yaml")
@@ -329,17 +339,16 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # as the CLI: a busy box
     comps = a.compositions.split(",")
     methods = a.methods.split(",")
     if a.smoke:
         comps, a.seeds = ["small3"], [0]
-    from prefect.server.api.server import SubprocessASGIServer
+    from winnow.flows.run import temporary_prefect_server
 
-    server = SubprocessASGIServer()
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
     results: list[dict[str, Any]] = []
-    try:
+    with temporary_prefect_server() as api:
+        os.environ["PREFECT_API_URL"] = api
         for name in comps:
             comp = COMPOSITIONS[name]
             for seed in a.seeds:
@@ -361,13 +370,6 @@ def main() -> None:
                         json.dumps({k: v for k, v in res.items() if k not in ("weights", "rows")}), flush=True
                     )
                     (out / "eval_selection.json").write_text(json.dumps(results, indent=1))
-    finally:
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-
-        for worker in (EventsWorker, APILogWorker):
-            worker.drain_all(timeout=10)
-        server.stop()
     print(summary(results))
 
 

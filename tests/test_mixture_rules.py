@@ -194,3 +194,37 @@ def test_dga_rule_equals_a_plain_loop():
         ref_a = [0.8 * ref_a[i] + 0.2 * ref_h[i] for i in range(K)]
         torch.testing.assert_close(alpha, torch.tensor(ref_a, dtype=torch.float64), rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(ah, torch.tensor(ref_h, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+
+
+def test_doge_mu_auto_is_the_papers_mu_scaled_to_the_schedule():
+    from winnow.pipeline.mixtures.doge import DoGEConfig, resolve_mu
+
+    # the authors' own schedule length and lr give back about their mu = 0.05 (winnow's cosine ends at 0.1x
+    # the peak, theirs at 0.2x: a few per cent apart)
+    paper = resolve_mu(DoGEConfig(method="doge", steps=10_000, lr=5e-4, warmup_steps=500))
+    assert 0.045 < paper < 0.05
+    short = DoGEConfig(method="doge", steps=200, lr=3e-3, warmup_steps=10)
+    mu = resolve_mu(short)
+    # plain reference: sum of the proxy's lr_t (linear warm-up, cosine to 0.1x) over the paper's budget
+    lrs = [
+        3e-3 * ((t + 1) / 10 if t < 10 else 0.1 + 0.45 * (1 + math.cos(math.pi * (t - 10) / 190)))
+        for t in range(200)
+    ]
+    budget = (
+        sum(
+            (
+                5e-4 * (t + 1) / 500
+                if t < 500
+                else 1e-4 + 4e-4 * 0.5 * (1 + math.cos(math.pi * (t - 500) / 9500))
+            )
+            for t in range(10_000)
+        )
+        / 0.05
+    )
+    assert mu == pytest.approx(sum(lrs) / budget, rel=1e-9)
+    assert resolve_mu(DoGEConfig(method="doge", steps=200, lr=1.5e-3, warmup_steps=10)) == pytest.approx(
+        mu / 2
+    )
+    assert resolve_mu(DoGEConfig(method="doge", mu=0.05)) == 0.05
+    with pytest.raises(ValueError, match="mixture.mu"):
+        DoGEConfig(method="doge", mu=-1.0)

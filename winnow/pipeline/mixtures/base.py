@@ -92,6 +92,10 @@ class MixtureMethod:
         the optimizer) and return the weights α_t (float64, over the training domains)."""
         raise TypeError(f"mixture method {self.name!r} has static weights; it takes no steps")
 
+    def average_from(self, run: MixtureRun) -> int:
+        """The first step whose weights count in the average output (1: every step)."""
+        return 1
+
     def close(self, run: MixtureRun) -> None:
         """After the last step, also when the loop fails."""
 

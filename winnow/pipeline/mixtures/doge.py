@@ -8,19 +8,57 @@ gradients and the model's update Σ_i α_i g_i with the weights updated on this 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from winnow.pipeline.mixtures.base import MixtureCommon, MixtureMethod, MixtureRun, register
 
 
 class DoGEConfig(MixtureCommon):
     method: Literal["doge"]
-    mu: float = Field(default=0.05, gt=0, description="doge: Bregman step parameter")
+    mu: float | Literal["auto"] = Field(
+        default="auto",
+        description="doge: Bregman step parameter; auto: the paper's 0.05 scaled to this proxy's learning-rate "
+        "schedule (the same sum of lr_t / mu as the authors' 10,000-step run)",
+    )
     w_min: float = Field(default=0.0, description="doge: score clip, lower (times the lr)")
     w_max: float = Field(default=5.0, description="doge: score clip, upper (times the lr)")
     smoothing_doge: float = Field(default=0.0, ge=0, lt=1, description="doge: mix with uniform")
+
+    @field_validator("mu")
+    @classmethod
+    def _positive(cls, v: float | str) -> float | str:
+        if v != "auto" and not (isinstance(v, (int, float)) and v > 0):
+            raise ValueError(f"mixture.mu must be > 0 or 'auto', got {v!r}")
+        return v
+
+
+def _paper_lr(step: int) -> float:
+    """The learning rate of the authors' DoGE proxy at ``step`` (config/doge*.json: 5e-4, 500 warm-up steps,
+    cosine to 1e-4 at step 10,000)."""
+    peak, end, warm, total = 5e-4, 1e-4, 500, 10_000
+    if step < warm:
+        return peak * (step + 1) / warm
+    p = (step - warm) / (total - warm)
+    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+# sum over the authors' run of lr_t / mu (mu = 0.05): how far, in log-weight per unit of score, their
+# weights could travel in all
+PAPER_BUDGET = sum(_paper_lr(t) for t in range(10_000)) / 0.05
+
+
+def resolve_mu(m: DoGEConfig) -> float:
+    """``mu``, or with ``auto`` the mu that gives this proxy's schedule the paper's sum of lr_t / mu: a
+    200-step proxy at lr 3e-3 moves its weights as far in all as the authors' 10,000 steps at 5e-4."""
+    if m.mu != "auto":
+        return float(m.mu)
+    from winnow.pipeline.train import lr_lambda
+
+    f = lr_lambda(m.warmup_steps, m.steps)
+    return sum(m.lr * f(t) for t in range(m.steps)) / PAPER_BUDGET
 
 
 def engine_step(run: MixtureRun, which: list[int], update) -> None:
@@ -77,6 +115,7 @@ class DoGE(MixtureMethod):
     trains = True
 
     def setup(self, run: MixtureRun) -> None:
+        run.state["mu"] = resolve_mu(run.config)
         open_engine(run)
 
     def step(self, run: MixtureRun, step: int, alpha, lr: float):
@@ -92,7 +131,7 @@ class DoGE(MixtureMethod):
                 G[tr][:, tr],
                 lr,
                 target_dots=dots,
-                mu=m.mu,
+                mu=run.state["mu"],
                 w_min=m.w_min,
                 w_max=m.w_max,
                 smoothing=m.smoothing_doge,

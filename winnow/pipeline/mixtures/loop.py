@@ -194,6 +194,7 @@ def run_mixture(
         alpha = torch.full((k,), 1.0 / k, dtype=torch.float64)
         total = torch.zeros(k, dtype=torch.float64)
         record(0, alpha)
+        start = min(max(1, method.average_from(run)), m.steps)
         try:
             method.setup(run)
             for step in range(1, m.steps + 1):
@@ -204,14 +205,15 @@ def run_mixture(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), m.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                total += alpha
+                if step >= start:
+                    total += alpha
                 record(step, alpha)
                 if progress is not None:
                     progress(m.method, step, m.steps)
         finally:
             method.close(run)
         final = alpha.numpy()
-        avg = (total / m.steps).numpy()
+        avg = (total / (m.steps - start + 1)).numpy()
         with atomic_path(layout.mixture_model) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)
     output = m.output if m.output != "auto" else method.default_output
