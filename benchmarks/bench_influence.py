@@ -46,7 +46,11 @@ def main() -> None:
     ap.add_argument("--less-examples", type=int, default=32, help="examples timed in the LESS loop")
     ap.add_argument("--block", type=int, default=1 << 15, help="columns per Rademacher block")
     ap.add_argument("--out", default=os.environ.get("OUT"))
-    ap.add_argument("--kinds", default="tensor_sketch,rademacher", help="projection kinds, default first")
+    ap.add_argument(
+        "--kinds",
+        default="tensor_sketch,rademacher",
+        help="projection kinds, default first; tensor_sketch_fft: TensorSketch by its earlier FFT-only path",
+    )
     a = ap.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -178,7 +182,11 @@ def _engine(a, res, model, ids, g, amp, device, k, kind, exact, scale) -> None:
     """The engine's examples/s at B = 16, 32, 64 with projection ``kind``, plain and Adam-preconditioned,
     and its inner-product error on the first 16 examples; keys ``engine[_adam][_<kind>]_b<B>`` (no suffix
     for the first kind of --kinds, the default)."""
+    from winnow.grads import kernels
+
     suffix = "" if kind == a.kinds.split(",")[0] else f"_{kind}"
+    kernels.SKETCH_METHOD["method"] = "fft" if kind == "tensor_sketch_fft" else "auto"
+    kind = "tensor_sketch" if kind == "tensor_sketch_fft" else kind
     eng = GradEngine(model, params="all", proj_dim=k, proj_seed=0, check=False, proj_kind=kind)
     fake = {
         n: torch.rand(p.shape, generator=g, dtype=torch.float32) ** 2 * 1e-6 for n, p in eng.params.items()

@@ -50,3 +50,50 @@ def test_projection_is_unbiased(kind):
     assert float((acc - torch.eye(D, dtype=torch.float64)).abs().max()) < 0.2
     assert abs(float(x @ acc @ x) / float(x @ x) - 1) < 0.05
     assert abs(float(x @ acc @ y) - float(x @ y)) < 0.05 * float(x.norm() * y.norm())
+
+
+@pytest.mark.parametrize("method", ["fft", "direct", "auto"])
+def test_sketch_evaluations_equal_the_map(method):
+    """The FFT and the materialised-gradient evaluations of TensorSketch are the same linear map
+    (SketchHashes.dense() applied to the per-example gradient), for dense and one-hot (embedding) uses
+    together, in chunks smaller than the batch."""
+    from winnow.grads.kernels import _direct_grads, _sketch_outer_project
+    from winnow.grads.projection import projection_factors
+    from winnow.grads.rules import Outer
+
+    g = torch.Generator().manual_seed(3)
+    B, m, n, k = 5, 11, 7, 32
+    uses = [
+        Outer(
+            torch.randn(B, 6, m, generator=g, dtype=torch.float64),
+            torch.randn(B, 6, n, generator=g, dtype=torch.float64),
+        ),
+        Outer(
+            torch.randint(0, m, (B, 9), generator=g), torch.randn(B, 9, n, generator=g, dtype=torch.float64)
+        ),
+        Outer(
+            torch.randn(B, 4, m, generator=g, dtype=torch.float64),
+            torch.randn(B, 4, n, generator=g, dtype=torch.float64),
+        ),
+    ]
+    sk = projection_factors("w", (m, n), k, seed=1, kind="tensor_sketch")
+    want = _direct_grads(uses, 0, B, m, n).reshape(B, -1) @ sk.dense().t()
+    got = _sketch_outer_project(uses, sk, budget=3 * m * n, method=method)
+    assert torch.allclose(got, want, atol=1e-10)
+    with pytest.raises(ValueError, match="method must be one of"):
+        _sketch_outer_project(uses, sk, method="fast")
+
+
+def test_sketch_csr_equals_index_add():
+    """sketch_dense by the sketch's CSR matrix (the CUDA path) equals the index_add_ path."""
+    import dataclasses
+
+    from winnow.grads.projection import projection_factors, sketch_dense
+
+    sk = projection_factors("w", (9, 13), 16, seed=2, kind="tensor_sketch")
+    assert not sk.to("cpu", torch.float64).use_csr
+    V = torch.randn(4, 9, 13, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = sketch_dense(V, sk)
+    got = sketch_dense(V, dataclasses.replace(sk, use_csr=True))
+    assert torch.allclose(got, want, atol=1e-12)
+    assert torch.allclose(want, V.reshape(4, -1) @ sk.dense().t(), atol=1e-12)

@@ -20,7 +20,8 @@ T = sum over uses of the positions T_u:
   - an embedding-only parameter (every L one-hot): the rows of grad_b are the sums of g over equal ids,
     so ||grad_b||^2 comes from one ``unique`` + ``index_add`` over (example, id) keys: O(B T n) time.
   ``Dense``: O(B numel).
-* projection, ``Outer``: O(B T (k1 m + k2 n) + B T k) (one-hot L: a gather instead of k1 m);
+* projection, ``Outer``: Kronecker O(B T (k1 m + k2 n) + B T k) (one-hot L: a gather instead of k1 m);
+  TensorSketch O(B T m n + B m n) materialised, or O(B T k log k) by FFT (:func:`_sketch_outer_project`);
   ``Dense``: O(B (k1 d1 d2 + k1 d2 k2)) (:mod:`winnow.grads.projection`).
 * group sums: one C x m x n_slice block of group gradients at a time (the columns of the (m, n) view
   are sliced so that C m n_slice <= ``chunk_elements``), O(B T m n) time, the cost of the weight gradient
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from winnow.grads.projection import sketch_dense
 from winnow.grads.rules import Dense, Outer
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -173,12 +175,64 @@ def _onehot_sketch(
     return out.scatter_(-1, h[ids].unsqueeze(-1), sign[ids].to(dtype).unsqueeze(-1))
 
 
-def _sketch_outer_project(uses: list[Outer], sk: Any, budget: int = 1 << 25) -> torch.Tensor:
-    """(B, k) TensorSketch of sum_t L_t R_t^T over every use (:mod:`winnow.grads.projection`): per token
-    the product of the two count sketches' spectra, summed over tokens, one inverse FFT per example. The
-    FFTs run in fp32 (fp64 for fp64 factors); tokens are taken in chunks of B x c x k <= ``budget``."""
+SKETCH_METHODS = ("auto", "fft", "direct")
+# "auto" takes the materialised gradient (``direct``) for a dense-factor parameter of view (m, n) when
+# m n <= _SKETCH_DIRECT_RATIO * T k, T the positions of its uses: the direct path's cost is a GEMM of
+# T m n (at matrix-product speed) plus one scatter of m n entries, the FFT path's two k-long spectra per
+# position (memory-bound). Set from benchmarks/bench_sketch.py on an H200 (benchmarks/RESULTS.md): the two
+# paths tie near m n = 4.5 T k (GPT-2's MLP at T = 512, k = 1024); not measured on CPUs.
+_SKETCH_DIRECT_RATIO = 4.0
+SKETCH_METHOD = {"method": "auto"}  # the engine's choice; benchmarks set "fft" to time the earlier path
+
+
+def _sketch_outer_project(
+    uses: list[Outer], sk: Any, budget: int = 1 << 25, method: str | None = None
+) -> torch.Tensor:
+    """(B, k) TensorSketch of sum_t L_t R_t^T over every use (:mod:`winnow.grads.projection`), by one of
+    two exact evaluations of the same map (equal up to rounding):
+
+    * ``fft``: per position the product of the two count sketches' spectra, summed over positions, one
+      inverse FFT per example; O(B T k log k) time, memory-bound.
+    * ``direct``: the per-example gradient L_b^T R_b materialised (c examples at a time, c m n <=
+      ``budget``; a matrix product accumulating in fp32) and every entry added with its sign s1(i) s2(j)
+      to its bucket (h1(i) + h2(j)) mod k; O(B T m n) at matrix-product speed plus O(B m n) scattered adds.
+      One-hot uses (embeddings) never form the (vocabulary x n) matrix: each position's R_t goes straight
+      to the buckets (h1(id_t) + h2(j)) mod k, O(B T n).
+
+    ``auto`` (the default, ``SKETCH_METHOD``) takes ``direct`` for one-hot uses always and for dense ones
+    when m n <= 4 T k, else ``fft``. Both work in fp32 (fp64 for fp64 factors)."""
+    method = method or SKETCH_METHOD["method"]
+    if method not in SKETCH_METHODS:
+        raise ValueError(f"method must be one of {', '.join(SKETCH_METHODS)}, got {method!r}")
     B, k = uses[0].right.shape[0], sk.k
     work = torch.float64 if uses[0].right.dtype == torch.float64 else torch.float32
+    m, n = sk.h1.numel(), sk.h2.numel()
+    dense = [f for f in uses if not f.onehot]
+    onehot = [f for f in uses if f.onehot]
+    T = sum(f.right.shape[1] for f in dense)
+    direct = method == "direct" or (method == "auto" and m * n <= _SKETCH_DIRECT_RATIO * T * k)
+    out = torch.zeros(B, k, dtype=work, device=uses[0].right.device)
+    if onehot and method != "fft":
+        out += _sketch_onehot_direct(onehot, sk, work, budget)
+    elif onehot:
+        dense = uses
+    if dense and direct and method != "fft":
+        c = max(1, budget // max(1, m * n))
+        for lo in range(0, B, c):
+            hi = min(B, lo + c)
+            G = torch.zeros(hi - lo, m, n, dtype=work, device=out.device)
+            for f in dense:
+                G += _mm_acc(f.left[lo:hi].transpose(1, 2), f.right[lo:hi], work)
+            out[lo:hi] += sketch_dense(G, sk)
+    elif dense:
+        out += _sketch_fft(dense, sk, work, budget)
+    return out
+
+
+def _sketch_fft(uses: list[Outer], sk: Any, work: torch.dtype, budget: int) -> torch.Tensor:
+    """The ``fft`` evaluation of :func:`_sketch_outer_project`: positions in chunks of B x c x k <=
+    ``budget``."""
+    B, k = uses[0].right.shape[0], sk.k
     h1, s1, h2, s2 = sk.h1, sk.s1.to(work), sk.h2, sk.s2.to(work)
     spec = torch.zeros(
         B,
@@ -198,6 +252,25 @@ def _sketch_outer_project(uses: list[Outer], sk: Any, budget: int = 1 << 25) -> 
             cr = _count_sketch(f.right[:, lo:hi].to(work), h2, s2, k)
             spec += (torch.fft.rfft(cl, dim=-1) * torch.fft.rfft(cr, dim=-1)).sum(1)
     return torch.fft.irfft(spec, n=k, dim=-1)
+
+
+def _sketch_onehot_direct(uses: list[Outer], sk: Any, work: torch.dtype, budget: int) -> torch.Tensor:
+    """(B, k) TensorSketch of sum_t e_{id_t} R_t^T: R_t[j] s1(id_t) s2(j) added to bucket
+    (h1(id_t) + h2(j)) mod k, positions in chunks of B x c x n <= ``budget``."""
+    B, k = uses[0].right.shape[0], sk.k
+    n = sk.h2.numel()
+    out = torch.zeros(B * k, dtype=work, device=uses[0].right.device)
+    base = (torch.arange(B, device=out.device) * k).view(B, 1, 1)
+    s2 = sk.s2.to(work)
+    for f in uses:
+        T = f.right.shape[1]
+        c = max(1, budget // max(1, B * n))
+        for lo in range(0, T, c):
+            ids = f.left[:, lo : lo + c]
+            idx = (sk.h1[ids].unsqueeze(-1) + sk.h2) % k + base
+            val = f.right[:, lo : lo + ids.shape[1]].to(work) * s2 * sk.s1.to(work)[ids].unsqueeze(-1)
+            out.index_add_(0, idx.reshape(-1), val.reshape(-1))
+    return out.view(B, k)
 
 
 def _scale_uses(uses: list[Outer], row: torch.Tensor, col: torch.Tensor) -> list[Outer]:
