@@ -7,6 +7,7 @@ previews, and tokenizes; `collate` pads a list of examples into the tensors the 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,15 +182,18 @@ class Featurizer:
         if self.task == "image_classification":
             px = torch.from_numpy(np.stack([e.features for e in examples]).astype(np.float32))
             return {"pixel_values": px, "labels": torch.tensor([e.label for e in examples], dtype=torch.long)}
-        T = max(1, max(len(e.features) for e in examples))
-        ids = torch.full((len(examples), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(examples), T), dtype=torch.long)
-        for i, e in enumerate(examples):
-            L = len(e.features)
-            if L:
-                ids[i, :L] = torch.tensor(e.features, dtype=torch.long)
-                mask[i, :L] = 1
-        batch = {"input_ids": ids, "attention_mask": mask}
+        lens = np.fromiter((len(e.features) for e in examples), dtype=np.int64, count=len(examples))
+        T = max(1, int(lens.max()) if len(lens) else 1)
+        flat = np.fromiter(
+            itertools.chain.from_iterable(e.features for e in examples), dtype=np.int64, count=int(lens.sum())
+        )
+        valid = np.arange(T) < lens[:, None]  # row-major: the True cells in order are each row's tokens
+        ids = np.full((len(examples), T), self.pad_id, dtype=np.int64)
+        ids[valid] = flat
+        batch = {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(valid.astype(np.int64)),
+        }
         if self.task == "sequence_classification":
             batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
         return batch

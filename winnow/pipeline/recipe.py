@@ -216,8 +216,26 @@ class ScoringConfig(Strict):
     batch_size: int = Field(default=32, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = Field(default=False, description="torch.compile the model's body (GPU only)")
+    loader_workers: int | Literal["auto"] = Field(
+        default="auto",
+        description="threads that read, tokenize and key read batches ahead of the model (0: inline); "
+        "auto: min(8, cores - 1) on CUDA, 0 on CPU",
+    )
+    bucket_rows: int | Literal["auto"] = Field(
+        default="auto",
+        description="rows length-sorted together into batches (more rows, less padding); "
+        "auto: 8192 on CUDA, data.read_batch_size on CPU",
+    )
     embeddings: EmbeddingsConfig | None = None
     influence: InfluenceConfig | None = None
+
+    @field_validator("loader_workers", "bucket_rows")
+    @classmethod
+    def _non_negative(cls, v: Any, info: Any) -> Any:
+        least = 0 if info.field_name == "loader_workers" else 1
+        if isinstance(v, int) and v < least:
+            raise ValueError(f"scoring.{info.field_name} must be 'auto' or an integer >= {least}, got {v}")
+        return v
 
     @field_validator("scorers", mode="before")
     @classmethod

@@ -16,9 +16,14 @@ tokenizer is a new fingerprint, so everything is scored again.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import os
+import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +101,63 @@ def part_paths(run_dir: Path, shard: InputShard, fp: str) -> tuple[Path, Path]:
     return layout.score_part(shard.index, fp), layout.rows_part(shard.index, fp)
 
 
-def _stream(recipe: Recipe, shard: InputShard, feat: Featurizer):
-    offset = 0
-    for raw in iter_raw_batches(recipe.data, shard):
-        exs = feat.featurize(raw, shard.location, offset)
-        offset += len(exs)
-        yield exs
+def loader_workers(recipe: Recipe, device: torch.device) -> int:
+    """``scoring.loader_workers`` resolved: auto is min(8, cores - 1) on CUDA, 0 (inline) on CPU."""
+    w = recipe.scoring.loader_workers
+    if w == "auto":
+        return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+    return int(w)
+
+
+def bucket_rows(recipe: Recipe, device: torch.device) -> int:
+    """``scoring.bucket_rows`` resolved: auto is 8192 on CUDA, ``data.read_batch_size`` on CPU."""
+    b = recipe.scoring.bucket_rows
+    if b == "auto":
+        return 8192 if device.type == "cuda" else recipe.data.read_batch_size
+    return int(b)
+
+
+def _stream(
+    recipe: Recipe, shard: InputShard, feat: Featurizer, workers: int = 0
+) -> Iterator[list[tuple[Example, str]]]:
+    """The shard's read batches as (example, cache key) pairs, in order. With ``workers`` > 0, threads
+    featurize (validate, tokenize, key) up to 2 x ``workers`` read batches ahead of the consumer, each
+    with its own copy of the featurizer (a fast tokenizer is not safe to call from two threads at once;
+    its Rust encoder runs without the GIL, so the threads tokenize in parallel)."""
+
+    def work(f: Featurizer, raw: dict[str, list], offset: int) -> list[tuple[Example, str]]:
+        return [(e, example_key(e)) for e in f.featurize(raw, shard.location, offset)]
+
+    def batches() -> Iterator[tuple[dict[str, list], int]]:
+        offset = 0
+        for raw in iter_raw_batches(recipe.data, shard):
+            n = len(next(iter(raw.values()))) if raw else 0
+            yield raw, offset
+            offset += n
+
+    if workers <= 0:
+        for raw, offset in batches():
+            yield work(feat, raw, offset)
+        return
+    local = threading.local()
+
+    def threaded(raw: dict[str, list], offset: int) -> list[tuple[Example, str]]:
+        if not hasattr(local, "feat"):
+            local.feat = copy.deepcopy(feat)
+        return work(local.feat, raw, offset)
+
+    pending: deque[Future[list[tuple[Example, str]]]] = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="winnow-featurize") as pool:
+        try:
+            for raw, offset in batches():
+                pending.append(pool.submit(threaded, raw, offset))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def score_shard(
@@ -141,13 +197,14 @@ def score_shard(
     per_ckpt: dict[str, list[np.ndarray]] = {}
     device = resolve_device(recipe.scoring.device)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    workers, window = loader_workers(recipe, device), bucket_rows(recipe, device)
     for ci, ck in enumerate(ckpts):
         if ci > 0 and not todo:
             break  # the first pass found nothing new: no other checkpoint needs loading
         model = None  # loaded at the first example that needs scoring
         chunks: dict[str, list[np.ndarray]] = {}
-        for exs in _stream(recipe, shard, feat):
-            exs_k = [(e, example_key(e)) for e in exs]
+        waiting: list[Example] = []  # examples to score, length-sorted together once `window` are here
+        for exs_k in _stream(recipe, shard, feat, workers):
             if ci == 0:
                 for e, k in exs_k:
                     rows["id"].append(e.id)
@@ -159,23 +216,20 @@ def score_shard(
                     if k not in known:
                         todo.add(k)
                         new_keys.append(k)
-            new = [e for e, k in exs_k if k in todo]
-            if new:
+            waiting.extend(e for e, k in exs_k if k in todo)
+            if len(waiting) >= window:
                 if model is None:
-                    model = (
-                        load_checkpoint(run_dir / ck.path, task, recipe.model.trust_remote_code)
-                        .to(device)
-                        .eval()
-                    )
-                    if use_bf16:
-                        model = model.to(torch.bfloat16)
-                    if recipe.scoring.compile and device.type == "cuda":
-                        getattr(model, model.base_model_prefix, model).compile(dynamic=True)
-                out = _score_examples(scorers, model, new, feat, task, device, bs)
-                for col, arr in out.items():
+                    model = _scoring_model(recipe, run_dir / ck.path, device, use_bf16)
+                for col, arr in _score_examples(scorers, model, waiting, feat, task, device, bs).items():
                     chunks.setdefault(col + ckpt_suffix(ck), []).append(arr)
+                waiting = []
             if progress is not None:
-                progress(len(exs))
+                progress(len(exs_k))
+        if waiting:
+            if model is None:
+                model = _scoring_model(recipe, run_dir / ck.path, device, use_bf16)
+            for col, arr in _score_examples(scorers, model, waiting, feat, task, device, bs).items():
+                chunks.setdefault(col + ckpt_suffix(ck), []).append(arr)
         for col, arrs in chunks.items():
             per_ckpt[col] = [np.concatenate(arrs)] if arrs else [np.zeros(0)]
         del model
@@ -217,6 +271,7 @@ def score_shard(
     prov = {
         "shard": shard.to_dict(),
         "fingerprint": fp,
+        "started": round(t0, 3),
         "seconds": round(time.time() - t0, 3),
         "scored": scored,
         "reused": len(keys) - scored,
@@ -234,6 +289,17 @@ def score_shard(
     )
 
 
+def _scoring_model(recipe: Recipe, path: Path, device: torch.device, use_bf16: bool) -> Any:
+    """A checkpoint loaded for scoring: on ``device``, in eval mode, bf16 where the GPU has it, compiled
+    when ``scoring.compile``."""
+    model = load_checkpoint(path, recipe.model.task, recipe.model.trust_remote_code).to(device).eval()
+    if use_bf16:
+        model = model.to(torch.bfloat16)
+    if recipe.scoring.compile and device.type == "cuda":
+        getattr(model, model.base_model_prefix, model).compile(dynamic=True)
+    return model
+
+
 def _score_examples(
     scorers: list[Any],
     model: Any,
@@ -247,8 +313,10 @@ def _score_examples(
     n = len(exs)
     pos = {id(e): i for i, e in enumerate(exs)}
     out: dict[str, np.ndarray] = {}
+    pin = device.type == "cuda"
     for group in length_batches(exs, bs):
-        batch = {k: v.to(device) for k, v in feat.collate(group).items()}
+        cpu = feat.collate(group)
+        batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in cpu.items()}
         idx = np.array([pos[id(e)] for e in group])
         for s in scorers:
             # gradient scorers (GraNd, ...) run their own backward; the rest need no autograd graph

@@ -1,0 +1,382 @@
+"""The whole product on the GPU: ``winnow run`` (the CLI, a fresh run folder) on 10^5-10^6 rows of real
+text with a GPT-2-small proxy, against the kernels' own speed measured in the same process on the same
+model.
+
+``prepare`` (any machine with the full install) writes ``corpus.parquet``: about 70k rows (~480
+characters) of this machine's real text, eight domains (English, German and French manual pages, the
+standard library's sources and tests, Debian changelogs, licences, pydoc prose; the domains of
+benchmarks/gpu_downstream.py without its noise). ``run`` (the GPU machine, wheels from
+benchmarks/gpu_wheels.py) replicates it to ``--rows`` rows (a row past the corpus's end gets a
+``[copy k]`` suffix, so every row is distinct), writes them as ``--shards`` parquet files and runs
+
+    winnow run: GPT-2-small (12 x 768, 12 heads), a 32k BPE trained on the data, max_length --max-length,
+    one seed, --train-steps proxy steps (batch 16), one checkpoint, the --scorer (EL2N by default,
+    batch --batch-size), score selection of half, weighted shards
+
+sampling GPU utilisation (NVML) and the run's RSS (its process tree) every 0.2 s. Then, in this process,
+on the run's own checkpoint and tokenizer: the EL2N (or GraNd) kernel alone on pre-collated,
+length-sorted batches already on the GPU (real tokens/s), and the plain training step (AdamW, bf16
+autocast, batch 16 x max_length) for the proxy's step time. Reported: for the scoring step (the score
+parts' own start and duration) and for the whole run, rows/s, real tokens/s, mean GPU utilisation,
+peak RSS and the ratios to the kernels.
+
+    .venv/bin/python benchmarks/bench_pipeline.py prepare --out .bench/pipe
+    python3 benchmarks/bench_pipeline.py run --corpus .bench/pipe/corpus.parquet --rows 100000 --out $OUT
+    .venv/bin/python benchmarks/bench_pipeline.py --smoke --out DIR      # CPU, tiny: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DOMAINS = {
+    "man-en": 24000,
+    "code": 16000,
+    "changelogs": 12000,
+    "licenses": 6000,
+    "tests": 6000,
+    "man-de": 2500,
+    "man-fr": 2500,
+    "prose": 2000,
+}
+
+
+def prepare(out: Path, scale: float) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from benchmarks.gpu_downstream import corpus_rows
+
+    want = {d: max(10, int(n * scale)) for d, n in DOMAINS.items()}
+    rows = corpus_rows(want, held=0)
+    texts, doms = [], []
+    for d, (train, _) in rows.items():
+        texts += train
+        doms += [d] * len(train)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "corpus.parquet"
+    pq.write_table(pa.table({"text": texts, "domain": doms}), path, compression="zstd")
+    print(f"{path}: {len(texts)} rows, {sum(map(len, texts)) / 1e6:.1f}M characters", flush=True)
+    return path
+
+
+def _write_inputs(corpus: Path, rows: int, shards: int, where: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(corpus)
+    text, dom = t.column("text").to_pylist(), t.column("domain").to_pylist()
+    n = len(text)
+    where.mkdir(parents=True, exist_ok=True)
+    per = -(-rows // shards)
+    for s in range(shards):
+        lo, hi = s * per, min(rows, (s + 1) * per)
+        if lo >= hi:
+            break
+        tx = [text[i % n] if i < n else f"{text[i % n]} [copy {i // n}]" for i in range(lo, hi)]
+        pq.write_table(
+            pa.table({"text": tx, "domain": [dom[i % n] for i in range(lo, hi)]}),
+            where / f"part-{s:03d}.parquet",
+            compression="zstd",
+        )
+    return where
+
+
+def _recipe(a: argparse.Namespace, inputs: Path, run_dir: Path, smoke: bool) -> dict[str, Any]:
+    L = a.max_length
+    model = (
+        {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": max(64, L)}
+        if smoke
+        else {"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": max(1024, L)}
+    )
+    scorer = {"name": a.scorer}
+    if a.scorer == "el2n":
+        scorer["params"] = {"reduction": "mean"}
+    return {
+        "name": "bench-pipeline",
+        "data": {"source": str(inputs / "*.parquet"), "text_column": "text", "domain_column": "domain"},
+        "model": {
+            "task": "causal_lm",
+            "config": model,
+            "tokenizer": {"train": {"vocab_size": 512 if smoke else 32000, "max_rows": 50_000}},
+            "max_length": L,
+        },
+        "train": {"steps": a.train_steps, "batch_size": 16, "lr": 5e-4, "warmup_steps": 10, "seeds": [0]},
+        "scoring": {
+            "scorers": [scorer],
+            "batch_size": a.batch_size,
+            "compile": a.compile,
+            "loader_workers": a.loader_workers,
+            "bucket_rows": a.bucket_rows,
+        },
+        "select": {"method": "score", "score": a.scorer, "fraction": 0.5, "keep": "highest"},
+        "output": {"dir": str(run_dir), "shard_max_rows": 100_000},
+        "runner": {"kind": "thread", "max_workers": 1},
+    }
+
+
+def tree_rss(pid: int) -> float:
+    """RSS in bytes of process ``pid`` and all its descendants (from /proc; 0 where there is none)."""
+    kids: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = dict(
+                line.split(":", 1) for line in (d / "status").read_text().splitlines() if ":" in line
+            )
+        except OSError:
+            continue
+        p = int(d.name)
+        kids.setdefault(int(fields.get("PPid", "0")), []).append(p)
+        rss[p] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo += kids.get(p, [])
+    return float(total)
+
+
+class Sampler:
+    """GPU utilisation (NVML, where there is a GPU) and the RSS of a process tree, every ``dt`` seconds."""
+
+    def __init__(self, pid: int, dt: float = 0.2):
+        self.pid, self.dt = pid, dt
+        self.samples: list[tuple[float, float | None, float]] = []  # (time, gpu %, rss bytes)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # noqa: BLE001  (no GPU, no NVML: RSS only)
+            handle = None
+        while not self._stop.is_set():
+            rss = tree_rss(self.pid)
+            util = float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu) if handle is not None else None
+            self.samples.append((time.time(), util, float(rss)))
+            time.sleep(self.dt)
+
+    def __enter__(self) -> Sampler:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._t.join()
+
+    def window(self, lo: float, hi: float) -> dict[str, float | None]:
+        s = [x for x in self.samples if lo <= x[0] <= hi]
+        utils = [u for _, u, _ in s if u is not None]
+        return {
+            "gpu_util_mean": float(np.mean(utils)) if utils else None,
+            "samples": len(s),
+            "peak_rss_gib": max((r for _, _, r in s), default=0.0) / 2**30,
+        }
+
+
+def _kernels(a: argparse.Namespace, run_dir: Path, corpus_texts: list[str], device: Any) -> dict[str, Any]:
+    """The scorer alone and the plain training step, on the run's checkpoint and tokenizer."""
+    import torch
+
+    from winnow.grads import per_example_loss
+    from winnow.pipeline.models import load_checkpoint, load_tokenizer
+    from winnow.scorers import get_scorer
+
+    tok_dir = sorted(run_dir.glob("tokenizer-*"))[0]
+    ck = sorted((run_dir / "checkpoints").glob("*/seed-*/step-*"))[-1]
+    tok = load_tokenizer(tok_dir)
+    n = min(len(corpus_texts), 256 if a.smoke else 16384)
+    enc = tok(corpus_texts[:n], truncation=True, max_length=a.max_length)["input_ids"]
+    order = sorted(range(n), key=lambda i: len(enc[i]))
+    pad = tok.pad_token_id or 0
+    batches = []
+    for k in range(0, n, a.batch_size):
+        grp = [enc[i] for i in order[k : k + a.batch_size]]
+        T = max(1, max(map(len, grp)))
+        ids = torch.full((len(grp), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(grp), T), dtype=torch.long)
+        for j, e in enumerate(grp):
+            ids[j, : len(e)] = torch.tensor(e)
+            mask[j, : len(e)] = 1
+        batches.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+    real = sum(len(e) for e in enc)
+    model = load_checkpoint(ck, "causal_lm").to(device).eval()
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    scorer = get_scorer(a.scorer, **({"reduction": "mean"} if a.scorer == "el2n" else {}))
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def score_all() -> None:
+        for b in batches:
+            with torch.set_grad_enabled(bool(getattr(scorer, "needs_grad", False))):
+                scorer.score_batch(model, b, "causal_lm")
+
+    score_all()  # warm-up (and cuBLAS plans)
+    sync()
+    t = time.perf_counter()
+    score_all()
+    sync()
+    s = time.perf_counter() - t
+    out: dict[str, Any] = {"score_kernel": {"rows": n, "real_tokens": real, "seconds": s}}
+    out["score_kernel"]["rows_per_s"] = n / s
+    out["score_kernel"]["real_tokens_per_s"] = real / s
+    # the plain training step: AdamW, bf16 autocast, batch 16 x max_length of real tokens, fp32 weights
+    model = load_checkpoint(ck, "causal_lm").to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    flat = torch.tensor([t for e in enc for t in e], dtype=torch.long)
+    L = a.max_length
+    need = 16 * L
+    flat = flat.repeat(-(-need * 4 // max(1, len(flat))))
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step(i: int) -> None:
+        ids = flat[(i % 4) * need : (i % 4 + 1) * need].view(16, L).to(device)
+        with torch.autocast(**amp):
+            loss = per_example_loss(
+                model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "causal_lm"
+            )
+        loss.mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(3):
+        step(i)
+    sync()
+    steps = 3 if a.smoke else 20
+    t = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    sync()
+    out["train_step_s"] = (time.perf_counter() - t) / steps
+    return out
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+    import torch
+    import yaml
+
+    from winnow.pipeline.store import read_provenance
+
+    out = Path(a.out or tempfile.mkdtemp(prefix="bench-pipeline-"))
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work or tempfile.mkdtemp(prefix="bench-pipeline-work-"))
+    inputs = _write_inputs(Path(a.corpus), a.rows, a.shards, work / "inputs")
+    run_dir = work / "run"
+    recipe = _recipe(a, inputs, run_dir, a.smoke)
+    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    env = dict(os.environ)
+    env.setdefault("PREFECT_HOME", str(work / "prefect"))
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")])
+    )
+    cmd = [sys.executable, "-m", "winnow", "run", str(work / "recipe.yaml")]
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.time()
+    with open(out / "run.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with Sampler(proc.pid) as smp:
+            rc = proc.wait()
+    wall = time.time() - t0
+    if rc != 0:
+        print((out / "run.log").read_text()[-4000:], file=sys.stderr)
+        raise SystemExit(f"winnow run failed (exit {rc})")
+    parts = sorted((run_dir / "scores" / "parts").glob("scores-*.parquet"))
+    provs = [read_provenance(p) or {} for p in parts]
+    lo = min(p["started"] for p in provs)
+    hi = max(p["started"] + p["seconds"] for p in provs)
+    from winnow.pipeline.layout import RunLayout
+
+    rows_t = pq.read_table(RunLayout(run_dir).rows, columns=["n_tokens"])
+    real = int(np.asarray(rows_t.column("n_tokens")).sum())
+    score_s = sum(p["seconds"] for p in provs)
+    res: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "rows": a.rows,
+        "max_length": a.max_length,
+        "scorer": a.scorer,
+        "batch_size": a.batch_size,
+        "train_steps": a.train_steps,
+        "loader_workers": a.loader_workers,
+        "bucket_rows": a.bucket_rows,
+        "whole_run": {"wall_s": wall, "rows_per_s": a.rows / wall, **smp.window(t0, t0 + wall)},
+        "scoring": {
+            "seconds": score_s,
+            "window_s": hi - lo,
+            "rows_per_s": a.rows / score_s,
+            "real_tokens": real,
+            "real_tokens_per_s": real / score_s,
+            **smp.window(lo, hi),
+        },
+    }
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    texts = pq.read_table(a.corpus, columns=["text"]).column("text").to_pylist()
+    res.update(_kernels(a, run_dir, texts, device))
+    k = res["score_kernel"]["real_tokens_per_s"]
+    res["scoring"]["vs_kernel"] = res["scoring"]["real_tokens_per_s"] / k
+    kernel_sum = a.train_steps * res["train_step_s"] + real / k
+    res["whole_run"]["kernel_sum_s"] = kernel_sum
+    res["whole_run"]["vs_kernel_sum"] = wall / kernel_sum
+    (out / "bench_pipeline.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2), flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", nargs="?", choices=["prepare", "run"], default="run")
+    ap.add_argument("--out", default=os.environ.get("OUT") or None)
+    ap.add_argument("--work", default=None, help="inputs and the run folder (default: a temporary folder)")
+    ap.add_argument("--corpus", default=None)
+    ap.add_argument("--scale", type=float, default=1.0, help="prepare: corpus size against the default")
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--scorer", default="el2n", choices=["el2n", "grand"])
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--train-steps", type=int, default=100)
+    ap.add_argument("--compile", action="store_true", help="scoring.compile: torch.compile the model")
+    ap.add_argument("--loader-workers", default="auto", type=lambda v: v if v == "auto" else int(v))
+    ap.add_argument("--bucket-rows", default="auto", type=lambda v: v if v == "auto" else int(v))
+    ap.add_argument("--smoke", action="store_true", help="tiny corpus, model and run on CPU")
+    a = ap.parse_args()
+    if a.smoke:
+        out = Path(a.out or tempfile.mkdtemp())
+        a.corpus = str(prepare(out / "corpus", 0.004))
+        a.rows, a.shards, a.max_length, a.batch_size, a.train_steps = 300, 2, 64, 16, 4
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        run(a)
+        return
+    if a.mode == "prepare":
+        prepare(Path(a.out or ".bench/pipe"), a.scale)
+    else:
+        if not a.corpus:
+            ap.error("run needs --corpus (made by `prepare`)")
+        run(a)
+
+
+if __name__ == "__main__":
+    main()
