@@ -232,11 +232,14 @@ def _kernels(a: argparse.Namespace, run_dir: Path, corpus_texts: list[str], devi
                 scorer.score_batch(model, b, "causal_lm")
 
     score_all()  # warm-up (and cuBLAS plans)
-    sync()
-    t = time.perf_counter()
-    score_all()
-    sync()
-    s = time.perf_counter() - t
+    times = []
+    for _ in range(1 if a.smoke else 3):
+        sync()
+        t = time.perf_counter()
+        score_all()
+        sync()
+        times.append(time.perf_counter() - t)
+    s = min(times)  # the kernel's best of 3
     out: dict[str, Any] = {"score_kernel": {"rows": n, "real_tokens": real, "seconds": s}}
     out["score_kernel"]["rows_per_s"] = n / s
     out["score_kernel"]["real_tokens_per_s"] = real / s

@@ -110,10 +110,7 @@ class Featurizer:
             # first max_length tokens (CHARS_PER_TOKEN characters a token is far more than any real text
             # needs; the id and the preview still come from the whole text)
             cap = self.max_length * CHARS_PER_TOKEN
-            enc = self.tok(
-                [t[:cap] for t in texts], truncation=True, max_length=self.max_length, add_special_tokens=True
-            )
-            token_lists = enc["input_ids"]
+            token_lists = self.encode([t[:cap] for t in texts])
         for i in range(n):
             w = f"{where} row {row_offset + i}"
             if texts is not None:
@@ -161,6 +158,23 @@ class Featurizer:
                 dom = None if v is None else str(v)
             out.append(Example(ident, dom, label, label_name, feats, preview, n_tok))
         return out
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of ``texts``, truncated to ``max_length``, with the tokenizer's special tokens. A fast
+        tokenizer's Rust encoder is called directly (the ids transformers' ``__call__`` returns, without
+        its per-row conversion to Python dicts: about 55 us a row, under the GIL, in a 32k BPE's
+        featurize); any other tokenizer through ``__call__``."""
+        backend = getattr(self.tok, "_tokenizer", None)
+        if backend is None or not hasattr(backend, "encode_batch"):
+            enc = self.tok(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)
+            return enc["input_ids"]
+        want = {"max_length": self.max_length, "stride": 0, "strategy": "longest_first", "direction": "right"}
+        have = backend.truncation
+        if have is None or any(have.get(k) != v for k, v in want.items()):
+            backend.enable_truncation(**want)
+        if backend.padding is not None:
+            backend.no_padding()
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
 
     def row_ids(self, batch: dict[str, list], where: str) -> list[str]:
         """The ids `featurize` gives these rows, without tokenizing (for re-reading the source)."""

@@ -219,7 +219,7 @@ class ScoringConfig(Strict):
     loader_workers: int | Literal["auto"] = Field(
         default="auto",
         description="threads that read, tokenize and key read batches ahead of the model (0: inline); "
-        "auto: min(8, cores - 1) on CUDA, 0 on CPU",
+        "auto: min(4, cores - 1) on CUDA, 0 on CPU",
     )
     bucket_rows: int | Literal["auto"] = Field(
         default="auto",

@@ -102,10 +102,10 @@ def part_paths(run_dir: Path, shard: InputShard, fp: str) -> tuple[Path, Path]:
 
 
 def loader_workers(recipe: Recipe, device: torch.device) -> int:
-    """``scoring.loader_workers`` resolved: auto is min(8, cores - 1) on CUDA, 0 (inline) on CPU."""
+    """``scoring.loader_workers`` resolved: auto is min(4, cores - 1) on CUDA, 0 (inline) on CPU."""
     w = recipe.scoring.loader_workers
     if w == "auto":
-        return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+        return min(4, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
     return int(w)
 
 
@@ -309,11 +309,13 @@ def _score_examples(
     device: torch.device,
     bs: int,
 ) -> dict[str, np.ndarray]:
-    """Score examples in length-sorted batches; return columns in the examples' order."""
+    """Score examples in length-sorted batches; return columns in the examples' order. On CUDA the
+    batches are copied from pinned memory without waiting and the scores stay on the GPU until every
+    batch is queued (one copy back at the end), so collating the next batch overlaps the model."""
     n = len(exs)
     pos = {id(e): i for i, e in enumerate(exs)}
-    out: dict[str, np.ndarray] = {}
     pin = device.type == "cuda"
+    parts: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {}
     for group in length_batches(exs, bs):
         cpu = feat.collate(group)
         batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in cpu.items()}
@@ -323,8 +325,12 @@ def _score_examples(
             with torch.set_grad_enabled(bool(getattr(s, "needs_grad", False))):
                 res = s.score_batch(model, batch, task)
             for col, t in res.items():
-                arr = out.setdefault(col, np.full(n, np.nan))
-                arr[idx] = t.detach().float().cpu().numpy()
+                parts.setdefault(col, []).append((idx, t.detach().float()))
+    out: dict[str, np.ndarray] = {}
+    for col, got in parts.items():
+        arr = out.setdefault(col, np.full(n, np.nan))
+        vals = torch.cat([t.reshape(-1) for _, t in got]).cpu().numpy()
+        arr[np.concatenate([i for i, _ in got])] = vals
     return out
 
 
