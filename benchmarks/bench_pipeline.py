@@ -42,16 +42,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DOMAINS = {
-    "man-en": 24000,
-    "code": 16000,
-    "changelogs": 12000,
-    "licenses": 6000,
-    "tests": 6000,
-    "man-de": 2500,
-    "man-fr": 2500,
-    "prose": 2000,
-}
+from benchmarks.gpu_downstream import DOMAINS as _DOWNSTREAM  # noqa: E402
+from benchmarks.gpu_downstream import NOISE
+
+DOMAINS = {d: n for d, n in _DOWNSTREAM.items() if d != NOISE}  # gpu_downstream's corpus without its noise
 
 
 def prepare(out: Path, scale: float) -> Path:
