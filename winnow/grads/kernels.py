@@ -90,17 +90,23 @@ def _gram_sqnorm(uses: list[Outer], B: int, budget: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _direct_grads(uses: list[Outer], lo: int, hi: int, m: int, n: int) -> torch.Tensor:
-    """Per-example gradients (hi - lo, m, n) of examples lo:hi."""
+def _direct_grads(
+    uses: list[Outer], lo: int, hi: int, m: int, n: int, acc: torch.dtype | None = None
+) -> torch.Tensor:
+    """Per-example gradients (hi - lo, m, n) of examples lo:hi, in the factors' dtype or in ``acc``
+    (products then accumulate in ``acc``, :func:`_mm_acc`)."""
     f0 = uses[0].right
-    M = torch.zeros(hi - lo, m, n, dtype=f0.dtype, device=f0.device)
+    dtype = acc or f0.dtype
+    M = torch.zeros(hi - lo, m, n, dtype=dtype, device=f0.device)
     for f in uses:
         R = f.right[lo:hi]
         if f.onehot:
             rows = (torch.arange(hi - lo, device=R.device).unsqueeze(1) * m + f.left[lo:hi]).reshape(-1)
-            M.view(-1, n).index_add_(0, rows, R.reshape(-1, n))
-        else:
+            M.view(-1, n).index_add_(0, rows, R.reshape(-1, n).to(dtype))
+        elif dtype == R.dtype == f.left.dtype:
             M.baddbmm_(f.left[lo:hi].transpose(1, 2), R)
+        else:
+            M += _mm_acc(f.left[lo:hi].transpose(1, 2), R, dtype)
     return M
 
 
@@ -220,10 +226,7 @@ def _sketch_outer_project(
         c = max(1, budget // max(1, m * n))
         for lo in range(0, B, c):
             hi = min(B, lo + c)
-            G = torch.zeros(hi - lo, m, n, dtype=work, device=out.device)
-            for f in dense:
-                G += _mm_acc(f.left[lo:hi].transpose(1, 2), f.right[lo:hi], work)
-            out[lo:hi] += sketch_dense(G, sk)
+            out[lo:hi] += sketch_dense(_direct_grads(dense, lo, hi, m, n, acc=work), sk)
     elif dense:
         out += _sketch_fft(dense, sk, work, budget)
     return out
