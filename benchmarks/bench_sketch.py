@@ -1,5 +1,6 @@
-"""TensorSketch of per-example gradients per parameter shape: the FFT path, the materialised-gradient
-(``direct``) path and the Kronecker map, side by side on GPT-2-small's parameter shapes, in one run.
+"""Projections of per-example gradients per parameter shape: TensorSketch's FFT path and its
+materialised-gradient (``direct``) path, the rotated-and-folded map (``kfjlt``) and the Kronecker map,
+side by side on GPT-2-small's parameter shapes, in one run.
 
 Each case is one parameter's factors as the engine records them (B examples, T positions, bf16 under
 autocast): the attention and MLP matrices (dense left and right), the token embedding's input use
@@ -75,6 +76,17 @@ def case(name: str, m: int, n: int, onehot: bool, B: int, T: int, k: int, device
             row[f"{method}_ms"] = None
             torch.cuda.empty_cache()
     row["kronecker_ms"] = 1e3 * timed(lambda: kernels._outer_project(uses, PL, PR), device)
+    from winnow.grads import projection
+
+    for label, dense_max in (("kfjlt", projection.ROT_DENSE), ("kfjlt_dense4096", 4096)):
+        saved, projection.ROT_DENSE = projection.ROT_DENSE, dense_max  # variant: dense rotations up to 4096
+        rs = projection_factors(name, (m, n), k, seed=0, kind="kfjlt").to(device, torch.float32)
+        projection.ROT_DENSE = saved
+        try:
+            row[f"{label}_ms"] = 1e3 * timed(lambda rs=rs: kernels._rotated_outer_project(uses, rs), device)
+        except torch.OutOfMemoryError:
+            row[f"{label}_ms"] = None
+            torch.cuda.empty_cache()
     a_ = kernels._sketch_outer_project(uses, sk, method="fft")
     b_ = kernels._sketch_outer_project(uses, sk, method="direct")
     row["max_rel_diff"] = float((a_ - b_).abs().max() / a_.abs().max())
@@ -186,12 +198,15 @@ def main() -> None:
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "bench_sketch.json").write_text(json.dumps(res, indent=2))
-    print("| shape | T | k | m n / T k | fft ms | direct ms | Kronecker ms | auto |")
+    print(
+        "| shape | T | k | m n / T k | TS fft ms | TS direct ms | TS auto | kfjlt ms | kfjlt dense<=4096 | Kronecker ms |"
+    )
     for r in rows:
         f = lambda v: "OOM" if v is None else f"{v:.2f}"  # noqa: E731
         print(
             f"| {r['shape']} | {r['T']} | {r['k']} | {r['rule_ratio']:.2f} | {f(r['fft_ms'])} | "
-            f"{f(r['direct_ms'])} | {r['kronecker_ms']:.2f} | {r['auto']} |"
+            f"{f(r['direct_ms'])} | {r['auto']} | {f(r['kfjlt_ms'])} | {f(r['kfjlt_dense4096_ms'])} | "
+            f"{r['kronecker_ms']:.2f} |"
         )
 
 

@@ -6,7 +6,7 @@ topics, the standard library's sources and its tests: 20 rows each), the exact p
 compared with its projection at k = 256, 1024, 4096, 8192 by:
 
 - ``dense``: a dense Gaussian k x D map (the JL reference; applied in column blocks);
-- ``tensor_sketch`` and ``rademacher`` (Kronecker): the engine's own ``compute(project=True)``.
+- ``tensor_sketch``, ``kfjlt`` and ``rademacher`` (Kronecker): the engine's own ``compute(project=True)``.
 
 Reported per k and map, mean over 3 seeds: the Spearman correlation of projected with exact pair products
 (what a ranking sees), the rms relative error of the pair products over ||x|| ||y||, and the projected
@@ -122,6 +122,7 @@ def main() -> None:
         for name, fn in (
             ("dense", dense),
             ("tensor_sketch", engine("tensor_sketch")),
+            ("kfjlt", engine("kfjlt")),
             ("rademacher", engine("rademacher")),
         ):
             sp, err, sq_m, sq_s = [], [], [], []

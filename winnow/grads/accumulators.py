@@ -34,10 +34,11 @@ from winnow.grads.kernels import (
     _outer_project,
     _outer_sqnorm,
     _outer_weighted_sum,
+    _rotated_outer_project,
     _scale_uses,
     _sketch_outer_project,
 )
-from winnow.grads.projection import SketchHashes, sketch_dense
+from winnow.grads.projection import RotatedSample, SketchHashes, sketch_dense
 from winnow.grads.rules import Dense, Outer
 
 __all__ = [
@@ -140,6 +141,8 @@ def _project_matrices(G: torch.Tensor, proj: Any) -> torch.Tensor:
     """(B, k) P vec(G_b) of materialised per-example matrices G (B, m, n) in the parameter's view."""
     if isinstance(proj, SketchHashes):
         return sketch_dense(G, proj)
+    if isinstance(proj, RotatedSample):
+        return proj.project_matrices(G)
     PL, PR = proj
     return torch.matmul(torch.matmul(PL, G), PR.t()).reshape(G.shape[0], -1)
 
@@ -147,11 +150,13 @@ def _project_matrices(G: torch.Tensor, proj: Any) -> torch.Tensor:
 def _view_of(proj: Any) -> tuple[int, int]:
     if isinstance(proj, SketchHashes):
         return proj.h1.numel(), proj.h2.numel()
+    if isinstance(proj, RotatedSample):
+        return proj.view
     return proj[0].shape[1], proj[1].shape[1]
 
 
 def _proj_dim(proj: Any) -> int:
-    return proj.k if isinstance(proj, SketchHashes) else proj[0].shape[0] * proj[1].shape[0]
+    return proj.k if isinstance(proj, (SketchHashes, RotatedSample)) else proj[0].shape[0] * proj[1].shape[0]
 
 
 def _adam_project(
@@ -161,7 +166,13 @@ def _adam_project(
     m_, n_ = _view_of(proj)  # the parameter's (m, n) view, zero-padded for vectors
     numel = upd.m.numel()
     pad = m_ * n_ - numel
-    dev = proj.h1.device if isinstance(proj, SketchHashes) else proj[0].device
+    dev = (
+        proj.h1.device
+        if isinstance(proj, SketchHashes)
+        else proj.device
+        if isinstance(proj, RotatedSample)
+        else proj[0].device
+    )
     M = torch.nn.functional.pad(upd.m.reshape(-1).to(dev, dtype), (0, pad)).view(m_, n_)
     V = torch.nn.functional.pad(upd.v.reshape(-1).to(dev, dtype), (0, pad)).view(m_, n_)
     if p.value is not None:
@@ -210,16 +221,18 @@ class Projections:
         sketch = isinstance(proj, SketchHashes)
         if p.value is not None:
             pv = p.value if pre is None else p.value * pre[p.name].to(device, dtype)
-            if sketch:
+            if sketch or isinstance(proj, RotatedSample):
                 m_, n_ = _view_of(proj)
                 V = torch.nn.functional.pad(pv, (0, m_ * n_ - pv.shape[1])).view(-1, m_, n_)
-                self.proj += sketch_dense(V, proj).to(dtype)
+                self.proj += _project_matrices(V, proj).to(dtype)
             else:
                 self.proj += _dense_project(pv, *proj)
         elif p.uses:
             pu = p.uses if pre is None else _scale_uses(p.uses, *(t.to(device, dtype) for t in pre[p.name]))
             if sketch:
                 self.proj += _sketch_outer_project(pu, proj).to(dtype)
+            elif isinstance(proj, RotatedSample):
+                self.proj += _rotated_outer_project(pu, proj).to(dtype)
             else:
                 self.proj += _outer_project(pu, *proj)
 

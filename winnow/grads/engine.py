@@ -77,6 +77,7 @@ from winnow.grads.params import aliases, select_parameters
 from winnow.grads.projection import (
     DEFAULT_PROJ_KIND,
     PROJ_KINDS,
+    RotatedSample,
     SketchHashes,
     derived_seed,
     projection_factors,
@@ -318,7 +319,7 @@ class GradEngine:
             f = projection_factors(name, self.views[name], self.proj_dim, self.proj_seed, self.proj_kind)
             self._proj_cache[key] = (
                 f.to(device, dtype)
-                if isinstance(f, SketchHashes)
+                if isinstance(f, (SketchHashes, RotatedSample))
                 else (f[0].to(device, dtype), f[1].to(device, dtype))
             )
         return self._proj_cache[key]
@@ -344,7 +345,7 @@ class GradEngine:
         blocks = []
         for name, p in self.params.items():
             f = projection_factors(name, self.views[name], self.proj_dim, self.proj_seed, self.proj_kind)
-            full = f.dense() if isinstance(f, SketchHashes) else torch.kron(f[0], f[1])
+            full = f.dense() if isinstance(f, (SketchHashes, RotatedSample)) else torch.kron(f[0], f[1])
             blocks.append(full[:, : p.numel()])
         return torch.cat(blocks, dim=1)
 
