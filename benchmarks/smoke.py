@@ -3,8 +3,9 @@ none of them rots between GPU sessions. CI runs this (``make bench-smoke``).
 
     .venv/bin/python benchmarks/smoke.py [NAME ...]
 
-Each script runs in its own process with a time limit; the figures it prints mean nothing at these
-sizes, only that it ran to the end. Exit status 1 if any failed, naming it.
+Each script runs in its own process with a time limit, ``SMOKE_JOBS`` of them at once (default 2: CI's
+cores); the figures it prints mean nothing at these sizes, only that it ran to the end. Exit status 1 if
+any failed, naming it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -43,7 +45,8 @@ def main(argv: list[str]) -> int:
             HF_HUB_OFFLINE="1",
             CUDA_VISIBLE_DEVICES="",
         )
-        for p in chosen:
+
+        def one(p: Path) -> None:
             out = Path(tmp) / p.stem
             out.mkdir()
             t = time.time()
@@ -63,6 +66,9 @@ def main(argv: list[str]) -> int:
             if not ok:
                 failed.append(p.name)
                 print(tail, flush=True)
+
+        with ThreadPoolExecutor(max_workers=max(1, int(os.environ.get("SMOKE_JOBS", "2")))) as pool:
+            list(pool.map(one, chosen))
     print(f"{len(chosen) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
