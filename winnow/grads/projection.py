@@ -358,8 +358,6 @@ def _rot_dim(d: int) -> tuple[int, int]:
         d1, d2 = split_dim(dp)
         if 2 * d1 >= math.isqrt(dp) and (d % 16 or (d1 % 16 == 0 and d2 % 16 == 0)):
             return d1, d2
-        if d % 16 == 0:  # keep to multiples of 16: try the next one
-            continue
     raise AssertionError(f"no rotation size for {d}")  # pragma: no cover
 
 
