@@ -1,6 +1,7 @@
 """Where the per-example gradient engine spends its time on a GPT-2-small shape (CUDA profiler).
 
     python3 benchmarks/profile_engine.py --batch 32 [--out $OUT]
+    python3 benchmarks/profile_engine.py --batch 64 --proj-kind kfjlt   (projected features, k = --k)
     python3 benchmarks/profile_engine.py --smoke      (a tiny GPT-2 on the CPU: checks the script)
 Prints the top CUDA kernels of one engine call and the wall time of its stages.
 """
@@ -31,6 +32,8 @@ def main() -> None:
         help="the engine's factor_dtype (GraNd uses 'input')",
     )
     ap.add_argument("--model", default="gpt2")
+    ap.add_argument("--proj-kind", default=None, help="profile projected features of this kind, not norms")
+    ap.add_argument("--k", type=int, default=8192)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--smoke", action="store_true", help="a tiny GPT-2 on the CPU (checks the script)")
     a = ap.parse_args()
@@ -48,11 +51,13 @@ def main() -> None:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     amp = dict(device_type=dev, dtype=torch.bfloat16)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    eng = GradEngine(model, check=False, factor_dtype=a.precision)
+    proj = {} if a.proj_kind is None else {"proj_dim": 64 if a.smoke else a.k, "proj_kind": a.proj_kind}
+    eng = GradEngine(model, check=False, factor_dtype=a.precision, **proj)
+    what = {"sqnorm": True} if a.proj_kind is None else {"sqnorm": False, "project": True}
 
     def run():
         with torch.autocast(**amp):
-            return eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), sqnorm=True)
+            return eng.compute(lambda: per_example_loss(model, batch, "causal_lm"), **what)
 
     for _ in range(2):
         run()

@@ -151,3 +151,22 @@ def test_kfjlt_variance_is_a_dense_maps():
     dense = (2 / k) ** 0.5
     assert float(spread("kfjlt").max()) < 1.4 * dense
     assert float(spread("rademacher").min()) > 2 * dense
+
+
+def test_kfjlt_in_half_precision_stays_within_its_rounding():
+    """With ``low`` (the engine passes the records' half precision on CUDA) the rotations and the product
+    run in bf16 with fp32 accumulation: the projection stays within bf16 rounding of the fp64 one."""
+    from winnow.grads.kernels import _rotated_outer_project
+    from winnow.grads.rules import Outer
+
+    g = torch.Generator().manual_seed(5)
+    B, m, n, k = 4, 40, 24, 256
+    uses = [Outer(torch.randn(B, 16, m, generator=g), torch.randn(B, 16, n, generator=g))]
+    rs = projection_factors("w", (m, n), k, seed=0, kind="kfjlt")
+    want = _rotated_outer_project(
+        [Outer(u.left.double(), u.right.double()) for u in uses], rs.to("cpu", torch.float64)
+    )
+    got = _rotated_outer_project(uses, rs.to("cpu", torch.float32), low=torch.bfloat16)
+    assert got.dtype == torch.float32
+    rel = float((got.double() - want).norm() / want.norm())
+    assert 1e-5 < rel < 2e-2  # rounded (not silently fp32), but only by bf16's 2^-8 per step

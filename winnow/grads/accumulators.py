@@ -195,7 +195,9 @@ def _adam_project(
 class Projections:
     """``proj`` (B, k): sum_p P_p vec(D_p * grad_{b,p}), ``factors(name)`` giving (P_L, P_R) and
     ``pre`` the optional preconditioner (:meth:`GradEngine.compute`, ``precondition``): a scale D_p, or an
-    :class:`AdamUpdate` (then the sum is over P_p vec(Γ_p(grad_{b,p})))."""
+    :class:`AdamUpdate` (then the sum is over P_p vec(Γ_p(grad_{b,p}))). ``low``: the records' half
+    precision, if they were recorded in one (autocast): ``kfjlt`` rotates the factors and forms their
+    product in it (fp32 accumulation), which is the records' own precision."""
 
     def __init__(
         self,
@@ -206,9 +208,10 @@ class Projections:
         factors: ProjFactors,
         pre: Mapping[str, Any] | None,
         budget: int = 1 << 26,
+        low: torch.dtype | None = None,
     ) -> None:
         self.dtype, self.device, self.factors, self.pre = dtype, device, factors, pre
-        self.budget = budget
+        self.budget, self.low = budget, low
         self.proj = torch.zeros(B, k, dtype=dtype, device=device)
 
     def add(self, p: ParamFactors) -> None:
@@ -232,7 +235,7 @@ class Projections:
             if sketch:
                 self.proj += _sketch_outer_project(pu, proj).to(dtype)
             elif isinstance(proj, RotatedSample):
-                self.proj += _rotated_outer_project(pu, proj).to(dtype)
+                self.proj += _rotated_outer_project(pu, proj, low=self.low).to(dtype)
             else:
                 self.proj += _outer_project(pu, *proj)
 

@@ -513,15 +513,18 @@ class GradEngine:
         their own precision (no fp32 copies of bf16 activations) and accumulate every sum in fp32;
         projections and grad_coeffs (``fp32_factors``) always use fp32 factors."""
         if self.factor_dtype == "input" and not fp32_factors:
-            low = [
-                r.grad.dtype
-                for recs in self._records.values()
-                for r in recs
-                if r.grad is not None and r.grad.dtype in LOW_PRECISION
-            ]
-            if low:
-                return low[0]
+            return self._record_half() or dtype
         return dtype
+
+    def _record_half(self) -> torch.dtype | None:
+        """The half precision the records were made in (autocast), or None."""
+        low = [
+            r.grad.dtype
+            for recs in self._records.values()
+            for r in recs
+            if r.grad is not None and r.grad.dtype in LOW_PRECISION
+        ]
+        return low[0] if low else None
 
     def _compute(
         self,
@@ -545,6 +548,11 @@ class GradEngine:
         targets = self._check_target(target, device, dtype) if target is not None else None
         batch_grads = self._backward(losses)
         fdtype = self._factor_dtype(dtype, project or grad_coeffs is not None)
+        alone = not (sqnorm or per_param or groups is not None or target is not None or self.check)
+        if alone and project and self.proj_kind == "kfjlt" and device.type == "cuda" and grad_coeffs is None:
+            # kfjlt forms its products in the records' half precision on CUDA anyway (Projections' low):
+            # with nothing else asking for fp32 factors, they are not converted up and back down
+            fdtype = self._record_half() or fdtype
 
         budget = self.chunk_elements
         check = ConsistencyCheck(self._probes, dtype, device) if self.check else None
@@ -553,7 +561,14 @@ class GradEngine:
         if project:
             assert self.proj_dim is not None
             proj = Projections(
-                B, self.proj_dim, dtype, device, lambda n: self._proj(n, device, dtype), pre, budget
+                B,
+                self.proj_dim,
+                dtype,
+                device,
+                lambda n: self._proj(n, device, dtype),
+                pre,
+                budget,
+                low=self._record_half() if device.type == "cuda" else None,
             )
         sums = None
         if layout is not None:

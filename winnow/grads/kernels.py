@@ -167,16 +167,19 @@ def _outer_project(uses: list[Outer], PL: torch.Tensor, PR: torch.Tensor) -> tor
     return acc.reshape(B, -1)
 
 
-def _rotated_outer_project(uses: list[Outer], rs: Any, budget: int = 1 << 27) -> torch.Tensor:
+def _rotated_outer_project(
+    uses: list[Outer], rs: Any, budget: int = 1 << 27, low: torch.dtype | None = None
+) -> torch.Tensor:
     """(B, k) ``kfjlt`` projection (:class:`winnow.grads.projection.RotatedSample`) of sum_t L_t R_t^T over
     every use: each factor's rows rotated (A L_t, B R_t; a one-hot L_t is a column of A), the rotated
     per-example gradient (A L)^T (B R) materialised by one product over all uses' positions (c examples
     at a time, c m' n' <= ``budget``; fp32 accumulation, written in the factors' precision: half
     factors give a half Z, whose rounding, 2^-9 relative per entry, is far below the map's own error) and
-    folded into k buckets in fp32. O(B T (m'^2 + n'^2)) for the rotations (or (d1 + d2) per entry for a
+    folded into k buckets in fp32. ``low`` (a half dtype): the factors are cast to it first (the engine
+    passes the records' own precision, so fp32 copies of bf16 records lose nothing). O(B T (m'^2 + n'^2)) for the rotations (or (d1 + d2) per entry for a
     Kronecker pair), O(B T m' n') at matrix-product speed and O(B m' n') for the fold: no scattered adds."""
     B = uses[0].right.shape[0]
-    low = next((f.right.dtype for f in uses if f.right.dtype in LOW_PRECISION), uses[0].right.dtype)
+    low = low or next((f.right.dtype for f in uses if f.right.dtype in LOW_PRECISION), uses[0].right.dtype)
     lefts = [rs.left.onehot(f.left, low) if f.onehot else rs.left(f.left.to(low)) for f in uses]
     rights = [rs.right(f.right.to(low)) for f in uses]
     L = lefts[0] if len(lefts) == 1 else torch.cat(lefts, 1)

@@ -1,7 +1,7 @@
 """Seeded random projections of per-example gradients (Johnson-Lindenstrauss maps): ``kfjlt`` (the
 default: rotated on both sides, then folded, :class:`RotatedSample`), TensorSketch, or Kronecker-structured
 maps. ``kfjlt`` and TensorSketch are as accurate as a dense Gaussian map of the same k on real gradients;
-``kfjlt`` costs 1.5x the Kronecker map on an H200 where TensorSketch costs 1.9x (benchmarks/RESULTS.md).
+``kfjlt`` costs 1.1x the Kronecker map on an H200 where TensorSketch costs 1.9x (benchmarks/RESULTS.md).
 
 TensorSketch (``tensor_sketch``, the default until 2026-12) (Pham & Pagh 2013, "Fast and scalable polynomial kernels via explicit feature maps", KDD,
 Section 3; Avron, Nguyen, Woodruff 2014, NeurIPS, Lemma 2 for its variance). A parameter viewed as an
