@@ -548,10 +548,11 @@ class GradEngine:
         targets = self._check_target(target, device, dtype) if target is not None else None
         batch_grads = self._backward(losses)
         fdtype = self._factor_dtype(dtype, project or grad_coeffs is not None)
-        alone = not (sqnorm or per_param or groups is not None or target is not None or self.check)
+        alone = not (sqnorm or per_param or groups is not None or target is not None or pre is not None)
         if alone and project and self.proj_kind == "kfjlt" and device.type == "cuda" and grad_coeffs is None:
             # kfjlt forms its products in the records' half precision on CUDA anyway (Projections' low):
-            # with nothing else asking for fp32 factors, they are not converted up and back down
+            # with nothing else asking for fp32 factors (the consistency check takes half factors, as
+            # GraNd's does), they are not converted up and back down
             fdtype = self._record_half() or fdtype
 
         budget = self.chunk_elements
