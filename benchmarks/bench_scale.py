@@ -4,9 +4,11 @@
 The corpus is this machine's real text, cut into pieces of about 440 characters by the demo corpus's
 readers (``winnow.pipeline.demo``): English manual pages (/usr/share/man), Debian changelogs and
 licences (/usr/share/doc) and the standard library's sources and tests. Those few tens of thousands of
-distinct pieces (exact repeats dropped) are replicated to ``--rows`` rows: the k-th pass over them (k >= 1) appends `` [r<k>]``
-to each piece, so every row is distinct (its own id, its own score) while its length and vocabulary stay
-those of real text. The rows are written as jsonl files of ``--rows-per-file`` rows each (default
+distinct pieces (exact repeats dropped) are replicated to ``--rows`` rows: the k-th pass over them (k >= 1) puts ``[r<k>] ``
+in front of each piece, so every row is distinct to the model too (its own id, its own tokens within
+``max_length``, its own score) while its length and vocabulary stay those of real text. (Until
+2026-12-01 the tag was a suffix, which truncation to 64 tokens cut off: replicas then shared their
+cache key, and a score cache shared across shards scored only ~8% of 10^6 rows.) The rows are written as jsonl files of ``--rows-per-file`` rows each (default
 25 000: one input shard per file, as a data set of many files is read; 10^5 rows are 4 files, so both
 workers score at every size), domain = where the piece came from.
 
@@ -17,7 +19,8 @@ initialised), EL2N, max_length 64, score selection of half by EL2N with softmax 
 RSS of its whole process tree (the CLI, its Prefect server and any child) from /proc every 0.2 s.
 
 Reported per size: the run's own step timings (``summary.md``'s "finished at" column: a stage's time is
-its last step's finish minus the previous stage's), the wall time of the command, peak RSS, and the run
+its last step's finish minus the previous stage's), the wall time of the command, peak RSS (overall and
+within each stage's window; the first window also holds the start: imports, the Prefect server), and the run
 folder's size against the input's, the merged scores' (``scores/*.parquet``) and the shards'. Then the
 targets: peak RSS at the largest size <= 1.3x that at the smallest; every stage's time per row within
 20% of the smallest size's (stages under 2 s at the smallest size are left out of that: their fixed
@@ -78,13 +81,33 @@ class Sampler:
 
     def __init__(self, pid: int, dt: float = 0.2):
         self.pid, self.dt, self.peak = pid, dt, 0.0
+        self.samples: list[tuple[float, float]] = []  # (time, rss bytes)
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(self.pid))
+            rss = tree_rss(self.pid)
+            self.samples.append((time.time(), rss))
+            self.peak = max(self.peak, rss)
             time.sleep(self.dt)
+
+    def stage_peaks(self, log: Path, stages: dict[str, float]) -> dict[str, float]:
+        """Peak RSS (GiB) within each stage's window: the flow's start is the log's "Beginning flow run"
+        line (local time of day), each stage ends at its recorded finish (summary.md)."""
+        line = next((x for x in log.read_text().splitlines() if "Beginning flow run" in x), None)
+        if line is None or not self.samples:
+            return {}
+        h, m, sec = line.split(" ")[0].split(":")
+        day = time.localtime(self.samples[0][0])
+        t0 = time.mktime((day.tm_year, day.tm_mon, day.tm_mday, int(h), int(m), 0, 0, 0, -1)) + float(sec)
+        out, lo = {}, float("-inf")
+        for stage, dur in stages.items():
+            hi = (t0 if lo == float("-inf") else lo) + dur
+            inside = [r for t, r in self.samples if lo <= t <= hi]
+            out[stage] = round(max(inside, default=0.0) / 2**30, 3)
+            lo = hi
+        return out
 
     def __enter__(self) -> Sampler:
         self._t.start()
@@ -131,7 +154,7 @@ def write_corpus(texts: list[tuple[str, str]], rows: int, per_file: int, out: Pa
                 f = open(out / f"part-{n // per_file:05d}.jsonl", "w", encoding="utf-8")
             k, i = divmod(n, len(texts))
             dom, text = texts[i]
-            f.write(json.dumps({"text": text if k == 0 else f"{text} [r{k}]", "domain": dom}) + "\n")
+            f.write(json.dumps({"text": text if k == 0 else f"[r{k}] {text}", "domain": dom}) + "\n")
             n += 1
     finally:
         if f is not None:
@@ -231,12 +254,14 @@ def run_size(rows: int, a: argparse.Namespace, texts: list[tuple[str, str]], out
         "rows_per_s": round(rows / wall, 1),
         "peak_rss_gib": round(s.peak / 2**30, 3),
         "stages_s": step_times(run / "summary.md"),
+        "stage_peak_rss_gib": {},
         "input_bytes": input_bytes,
         "scores_bytes": scores,
         "shards_bytes": shards,
         "run_dir_bytes": du(run),
         "run_dir_parts": {p.name: du(p) for p in sorted(run.iterdir())},
     }
+    res["stage_peak_rss_gib"] = s.stage_peaks(out / f"log-{rows}.txt", res["stages_s"])
     res["run_dir_over_input_scores_shards"] = round(res["run_dir_bytes"] / (input_bytes + scores + shards), 3)
     res["run_dir_over_scores_shards"] = round(res["run_dir_bytes"] / (scores + shards), 3)
     if not a.keep:
