@@ -91,3 +91,37 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def corpus_rows(corpus: Path) -> list[dict]:
+    """Every row of the corpus, in file order."""
+    import json
+
+    return [json.loads(line) for f in sorted(corpus.glob("*.jsonl")) for line in open(f)]
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Rows as a jsonl file, replaced atomically (a run never reads a half-written file)."""
+    import json
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, corpus) -> Path:
+    """A GPT-2 saved with its tokenizer (trained on the corpus): a fixed scoring model (``train.steps: 0``
+    scores it as loaded, so new rows leave the model's fingerprint, and the cached scores, as they were)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from winnow.pipeline.models import train_tokenizer
+    from winnow.pipeline.recipe import recipe_from_dict
+
+    folder = tmp_path_factory.mktemp("model") / "gpt2"
+    base = recipe_from_dict(tiny_recipe(corpus, folder.parent / "x"))
+    train_tokenizer((r["text"] for r in corpus_rows(corpus)), base, folder)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=64))
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder

@@ -18,37 +18,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from tests.conftest import corpus_rows as _rows
 from tests.conftest import tiny_recipe, write_recipe
+from tests.conftest import write_rows as _write_rows
 from winnow.cli import main
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-def _rows(corpus: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted(corpus.glob("*.jsonl")) for line in open(f)]
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory, corpus) -> Path:
-    """A GPT-2 saved with its tokenizer (trained on the corpus): the fixed scoring model."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    from winnow.pipeline.models import train_tokenizer
-    from winnow.pipeline.recipe import recipe_from_dict
-
-    folder = tmp_path_factory.mktemp("model") / "gpt2"
-    base = recipe_from_dict(tiny_recipe(corpus, folder.parent / "x"))
-    train_tokenizer((r["text"] for r in _rows(corpus)), base, folder)
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=64))
-    model.save_pretrained(str(folder), safe_serialization=True)
-    return folder
-
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)  # a scheduled run never reads a half-written file
 
 
 def _recipe(tmp_path: Path, corpus: Path, model: Path, data: Path, run: Path) -> dict:

@@ -121,7 +121,8 @@ class _Graph:
 def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, Any]]) -> dict[str, Any]:
     from winnow.pipeline.influence import influence_checkpoints, target_shards
     from winnow.pipeline.models import model_source_fingerprint, tokenizer_fingerprint, warm_imports
-    from winnow.pipeline.scoring import cache_fingerprint, parts_fingerprint
+    from winnow.pipeline.score_merge import parts_fingerprint
+    from winnow.pipeline.scoring import cache_fingerprint
     from winnow.pipeline.train import train_fingerprint
 
     warm_imports()  # before any task thread: transformers' lazy imports race between threads
@@ -233,6 +234,7 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
         g.fingerprint("merge-scores", parts=part_dicts),
         parts=part_dicts,
         provenance=provenance,
+        cache_fp=cache_fp,
     )
     if merged["duplicate_rows"]:
         logger.warning(f"{merged['duplicate_rows']} rows are exact duplicates of others and share their id")
@@ -287,6 +289,7 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
                 "reused": reused,
                 "report_fp": report_fp,
                 "flow_run_id": str(root) if root else None,
+                "cache_fp": cache_fp,
             },
         )
     )

@@ -6,8 +6,8 @@
   until the file exists (at most 10 minutes), e.g. to hold a run folder's lock while a second run tries.
 
 Points: ``locked`` (the run folder's lock is held, nothing written yet), ``train:seed<S>:step<K>``
-(right after checkpoint K of seed S is on disk), ``emit`` (scoring and selection are done, no shard is
-written yet).
+(right after checkpoint K of seed S is on disk), ``merge-scores`` (the merged store is in place, the
+parts it holds are not removed yet), ``emit`` (scoring and selection are done, no shard is written yet).
 """
 
 from __future__ import annotations

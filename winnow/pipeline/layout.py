@@ -12,8 +12,9 @@ here too, with the parser the report uses.
       tokenizer-<fp12>/                           a tokenizer trained on the data
       checkpoints/<fp12>/seed-S/step-K/            proxy checkpoints (model.safetensors, state.json, ...)
       scores/<scorer>.parquet  scores/rows.parquet the score store
-      scores/parts/{scores,rows}-<shard>-<fp12>.parquet      per input shard, before merging
-      scores/cache/<fp16>/frag-<shard>-<fp12>.parquet        content-keyed score cache
+      scores/previews.parquet                     id, preview: read by the report alone
+      scores/parts/{scores,rows}-<shard>-<fp12>.parquet      per input shard, until merged (then removed)
+      scores/cache/<fp16>/shard-<id12>.parquet    content-keyed score cache, one compacted file per shard
       embeddings/{embeddings.npy, ids.parquet, parts/}        select.method dpp
       influence/{features.npy, ids.parquet, neighbours.parquet, parts/}
       mixture.json  mixture_trajectory.parquet  mixture/model
@@ -121,9 +122,22 @@ class RunLayout:
     def rows(self) -> Path:
         return self.score_file("rows")
 
+    @property
+    def previews(self) -> Path:
+        """id, preview (the first 500 characters of each row's text): read by the report alone."""
+        return self.score_file("previews")
+
+    def store_files(self) -> list[Path]:
+        """The files of the store that are not score files (rows.parquet, previews.parquet)."""
+        return [self.rows, self.previews]
+
     def score_files(self) -> list[Path]:
-        """Every score file of the store (not rows.parquet, not an unfinished write)."""
-        return sorted(p for p in self.scores.glob("*.parquet") if p.stem != "rows" and ".tmp-" not in p.name)
+        """Every score file of the store (not rows or previews, not an unfinished write)."""
+        return sorted(
+            p
+            for p in self.scores.glob("*.parquet")
+            if p.stem not in ("rows", "previews") and ".tmp-" not in p.name
+        )
 
     @property
     def score_parts(self) -> Path:
@@ -135,14 +149,16 @@ class RunLayout:
     def rows_part(self, shard: int, fp: str) -> Path:
         return self.score_parts / f"rows-{shard:05d}-{fp[:12]}.parquet"
 
+    @property
+    def score_cache_root(self) -> Path:
+        return self.scores / "cache"
+
     def score_cache(self, cache_fp: str) -> Path:
-        return self.scores / "cache" / cache_fp[:16]
+        return self.score_cache_root / cache_fp[:16]
 
-    def cache_fragment(self, cache_fp: str, shard: int, fp: str) -> Path:
-        return self.score_cache(cache_fp) / f"frag-{shard:05d}-{fp[:12]}.parquet"
-
-    def cache_fragments(self, cache_fp: str) -> list[Path]:
-        return sorted(self.score_cache(cache_fp).glob("frag-*.parquet"))
+    def shard_cache(self, cache_fp: str, shard_id: str) -> Path:
+        """One input shard's compacted cache file (``shard_id``: ``score_cache.shard_cache_id``)."""
+        return self.score_cache(cache_fp) / f"shard-{shard_id}.parquet"
 
     # -- embeddings (select.method dpp)
     @property

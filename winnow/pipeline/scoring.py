@@ -10,8 +10,9 @@ Incremental rescoring. Every example's scores are also kept in a content-keyed c
 data: the scorers and their parameters, the checkpoints' fingerprints (the model), the tokenizer, the
 columns that shape an example and the package version. An example's key is the sha256 of what the model
 sees (its token ids or pixels, and its label). When a shard changed (rows appended to a file, say), only
-examples whose key is not in the cache are scored; the rest are read back. A changed scorer, model or
-tokenizer is a new fingerprint, so everything is scored again.
+examples whose key is not in that shard's cache file are scored; the rest are read back. A changed
+scorer, model or tokenizer is a new fingerprint, so everything is scored again. The cache's layout,
+compaction and garbage collection: ``score_cache.py``; the merge of the parts: ``score_merge.py``.
 """
 
 from __future__ import annotations
@@ -29,18 +30,20 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 import winnow
-from winnow.errors import WinnowError
-from winnow.pipeline.atomic import fingerprint
+from winnow.pipeline.atomic import fingerprint, tmp_name
 from winnow.pipeline.collate import Example, Featurizer, length_batches
-from winnow.pipeline.layout import RunLayout, checkpoint_suffix, parse_checkpoint_column
+from winnow.pipeline.layout import RunLayout, checkpoint_suffix
 from winnow.pipeline.models import load_checkpoint, resolve_device
 from winnow.pipeline.recipe import Recipe
+from winnow.pipeline.score_cache import read_shard_cache, write_shard_cache
 from winnow.pipeline.sources import InputShard, iter_raw_batches
 from winnow.pipeline.steps import Checkpoint, RunContext, ScorePart, Step, progress, register_step
-from winnow.pipeline.store import ScoreStore, made_by, read_parquet, write_parquet
+from winnow.pipeline.store import write_parquet
 from winnow.scorers import get_scorer
 
 
@@ -87,13 +90,6 @@ def example_key(e: Example) -> str:
     h.update(np.asarray(f, dtype=np.int64 if isinstance(f, list) else None).tobytes())
     h.update(f"|{e.label}".encode())
     return h.hexdigest()[:32]
-
-
-def _read_cache(layout: RunLayout, cache_fp: str) -> pl.DataFrame | None:
-    frames = [read_parquet(f) for f in layout.cache_fragments(cache_fp)]
-    if not frames:
-        return None
-    return pl.concat(frames, how="diagonal_relaxed").unique(subset="key", keep="first", maintain_order=True)
 
 
 def part_paths(run_dir: Path, shard: InputShard, fp: str) -> tuple[Path, Path]:
@@ -174,7 +170,7 @@ def score_shard(
     scored now, ``reused``: examples whose scores came from the cache under ``cache_fp``)."""
     scores_path, rows_path = part_paths(run_dir, shard, fp)
     if scores_path.exists() and rows_path.exists():
-        n = read_parquet(rows_path).height
+        n = pq.read_metadata(rows_path).num_rows
         return ScorePart(
             shard.index,
             n,
@@ -188,9 +184,11 @@ def score_shard(
     task = recipe.model.task
     bs = recipe.scoring.batch_size
     t0 = time.time()
-    cached = _read_cache(RunLayout(run_dir), cache_fp) if cache_fp else None
+    # this shard's own compacted cache file, never the whole cache (winnow/pipeline/score_cache.py)
+    cached = read_shard_cache(RunLayout(run_dir), cache_fp, shard) if cache_fp else None
     known = set(cached["key"].to_list()) if cached is not None else set()
-    rows: dict[str, list] = {"id": [], "domain": [], "label": [], "n_tokens": [], "preview": []}
+    rows_out = _RowsWriter(rows_path)  # the rows (previews included) go to disk batch by batch
+    ids: list[str] = []
     keys: list[str] = []
     todo: set[str] = set()  # keys not in the cache: found while the first checkpoint's pass reads the shard
     new_keys: list[str] = []  # keys of the examples scored, in the order every pass scores them
@@ -198,41 +196,42 @@ def score_shard(
     device = resolve_device(recipe.scoring.device)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     workers, window = loader_workers(recipe, device), bucket_rows(recipe, device)
-    for ci, ck in enumerate(ckpts):
-        if ci > 0 and not todo:
-            break  # the first pass found nothing new: no other checkpoint needs loading
-        model = None  # loaded at the first example that needs scoring
-        chunks: dict[str, list[np.ndarray]] = {}
-        waiting: list[Example] = []  # examples to score, length-sorted together once `window` are here
-        for exs_k in _stream(recipe, shard, feat, workers):
-            if ci == 0:
-                for e, k in exs_k:
-                    rows["id"].append(e.id)
-                    rows["domain"].append(e.domain)
-                    rows["label"].append(e.label_name)
-                    rows["n_tokens"].append(e.n_tokens)
-                    rows["preview"].append(e.preview)
-                    keys.append(k)
-                    if k not in known:
-                        todo.add(k)
-                        new_keys.append(k)
-            waiting.extend(e for e, k in exs_k if k in todo)
-            if len(waiting) >= window:
+    try:
+        for ci, ck in enumerate(ckpts):
+            if ci > 0 and not todo:
+                break  # the first pass found nothing new: no other checkpoint needs loading
+            model = None  # loaded at the first example that needs scoring
+            chunks: dict[str, list[np.ndarray]] = {}
+            waiting: list[Example] = []  # examples to score, length-sorted together once `window` are here
+            for exs_k in _stream(recipe, shard, feat, workers):
+                if ci == 0:
+                    rows_out.write([e for e, _ in exs_k])
+                    for e, k in exs_k:
+                        ids.append(e.id)
+                        keys.append(k)
+                        if k not in known:
+                            todo.add(k)
+                            new_keys.append(k)
+                waiting.extend(e for e, k in exs_k if k in todo)
+                if len(waiting) >= window:
+                    if model is None:
+                        model = _scoring_model(recipe, run_dir / ck.path, device, use_bf16)
+                    for col, arr in _score_examples(scorers, model, waiting, feat, task, device, bs).items():
+                        chunks.setdefault(col + ckpt_suffix(ck), []).append(arr)
+                    waiting = []
+                if progress is not None:
+                    progress(len(exs_k))
+            if waiting:
                 if model is None:
                     model = _scoring_model(recipe, run_dir / ck.path, device, use_bf16)
                 for col, arr in _score_examples(scorers, model, waiting, feat, task, device, bs).items():
                     chunks.setdefault(col + ckpt_suffix(ck), []).append(arr)
-                waiting = []
-            if progress is not None:
-                progress(len(exs_k))
-        if waiting:
-            if model is None:
-                model = _scoring_model(recipe, run_dir / ck.path, device, use_bf16)
-            for col, arr in _score_examples(scorers, model, waiting, feat, task, device, bs).items():
-                chunks.setdefault(col + ckpt_suffix(ck), []).append(arr)
-        for col, arrs in chunks.items():
-            per_ckpt[col] = [np.concatenate(arrs)] if arrs else [np.zeros(0)]
-        del model
+            for col, arrs in chunks.items():
+                per_ckpt[col] = [np.concatenate(arrs)] if arrs else [np.zeros(0)]
+            del model
+    except BaseException:
+        rows_out.abort()
+        raise
     data: dict[str, Any] = {"key": new_keys}
     base_cols: list[str] = []
     for s in scorers:
@@ -251,22 +250,13 @@ def score_shard(
         {k: data[k] for k in order}, schema_overrides={"key": pl.Utf8, **{c: pl.Float64 for c in order[1:]}}
     )
     fresh = fresh.unique(subset="key", keep="first", maintain_order=True)
-    if cache_fp and fresh.height:
-        write_parquet(
-            fresh,
-            RunLayout(run_dir).cache_fragment(cache_fp, shard.index, fp),
-            {"cache_fingerprint": cache_fp},
-        )
     have = fresh if cached is None else pl.concat([fresh, cached.select(order)], how="vertical")
-    df = (
-        pl.DataFrame({"id": rows["id"], "key": keys}, schema={"id": pl.Utf8, "key": pl.Utf8})
-        .join(have.unique(subset="key", keep="first"), on="key", how="left", maintain_order="left")
-        .drop("key")
-    )
-    rows_df = pl.DataFrame(
-        rows,
-        schema={"id": pl.Utf8, "domain": pl.Utf8, "label": pl.Utf8, "n_tokens": pl.Int64, "preview": pl.Utf8},
-    )
+    key_df = pl.DataFrame({"id": ids, "key": keys}, schema={"id": pl.Utf8, "key": pl.Utf8})
+    have = have.unique(subset="key", keep="first").join(key_df.select("key").unique(), on="key", how="semi")
+    if cache_fp and (fresh.height or cached is None or cached.height != have.height):
+        # compacted: exactly the entries this shard's rows use now
+        write_shard_cache(RunLayout(run_dir), cache_fp, shard, have.sort("key"))
+    df = key_df.join(have, on="key", how="left", maintain_order="left").drop("key")
     scored = sum(1 for k in keys if k in todo)
     prov = {
         "shard": shard.to_dict(),
@@ -276,17 +266,60 @@ def score_shard(
         "scored": scored,
         "reused": len(keys) - scored,
     }
-    write_parquet(rows_df, rows_path)
+    rows_out.close()
     write_parquet(df, scores_path, prov)
     return ScorePart(
         shard.index,
-        rows_df.height,
+        len(ids),
         RunLayout(run_dir).rel(scores_path),
         RunLayout(run_dir).rel(rows_path),
         skipped=False,
         scored=scored,
         reused=len(keys) - scored,
     )
+
+
+class _RowsWriter:
+    """A shard's rows part (id, domain, label, n_tokens, preview) written batch by batch under a temporary
+    name, renamed onto its path by ``close`` (``abort`` removes it): the scoring task never holds the
+    shard's previews."""
+
+    SCHEMA = pa.schema(
+        [
+            ("id", pa.string()),
+            ("domain", pa.string()),
+            ("label", pa.string()),
+            ("n_tokens", pa.int64()),
+            ("preview", pa.string()),
+        ]
+    )
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, tmp_name(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = pq.ParquetWriter(self.tmp, self.SCHEMA, compression="zstd")
+
+    def write(self, exs: list[Example]) -> None:
+        cols = [
+            [e.id for e in exs],
+            [e.domain for e in exs],
+            [e.label_name for e in exs],
+            [e.n_tokens for e in exs],
+            [e.preview for e in exs],
+        ]
+        self.writer.write_table(
+            pa.Table.from_arrays(
+                [pa.array(c, f.type) for c, f in zip(cols, self.SCHEMA, strict=True)], schema=self.SCHEMA
+            )
+        )
+
+    def close(self) -> None:
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def _scoring_model(recipe: Recipe, path: Path, device: torch.device, use_bf16: bool) -> Any:
@@ -334,63 +367,6 @@ def _score_examples(
     return out
 
 
-def _base_column(col: str) -> str:
-    parsed = parse_checkpoint_column(col)
-    return parsed[0] if parsed else col
-
-
-def merge_parts(
-    recipe: Recipe,
-    run_dir: Path,
-    parts: list[ScorePart],
-    provenance: dict[str, Any],
-    step_fingerprint: str | None = None,
-) -> dict[str, Any]:
-    """Concatenate the shards' parts (in shard order) into scores/<scorer>.parquet and rows.parquet."""
-    parts = sorted(parts, key=lambda p: p.shard)
-    rows = pl.concat([read_parquet(run_dir / p.rows_file) for p in parts], how="vertical")
-    scores = pl.concat([read_parquet(run_dir / p.scores) for p in parts], how="vertical")
-    if rows.height == 0:
-        raise WinnowError(f"data.source: {recipe.data.source!r} holds no rows")
-    n_all = rows.height
-    dup = rows.group_by("id").len().filter(pl.col("len") > 1)
-    if dup.height and recipe.data.id_column is not None:
-        example = dup["id"][0]
-        raise WinnowError(
-            f"data.id_column {recipe.data.id_column!r}: {dup.height} ids appear more than once "
-            f"(e.g. {example!r}); ids must be unique"
-        )
-    rows = rows.unique(subset="id", keep="first", maintain_order=True)
-    scores = scores.unique(subset="id", keep="first", maintain_order=True)
-    store = ScoreStore(run_dir)
-    written = []
-    for spec in recipe.scoring.scorers:
-        from winnow.scorers import SCORERS
-
-        cols = getattr(SCORERS[spec.name], "columns", None) or [spec.name]
-        keep = ["id"] + [c for c in scores.columns if c in cols or _base_column(c) in cols]
-        prov = dict(
-            provenance,
-            scorer=spec.name,
-            params=spec.params,
-            columns=cols,
-            package_version=winnow.__version__,
-            step_fingerprint=step_fingerprint,
-        )
-        written.append(store.write_scores(spec.name, scores.select(keep), prov))
-    written.append(write_parquet(rows, RunLayout(run_dir).rows, {"step_fingerprint": step_fingerprint}))
-    for old in store.score_files():  # scores of scorers this recipe no longer runs
-        if old not in written and not (
-            old == RunLayout(run_dir).influence_scores and recipe.scoring.influence
-        ):
-            old.unlink()
-    return {
-        "rows": rows.height,
-        "duplicate_rows": n_all - rows.height,
-        "files": [RunLayout(run_dir).rel(p) for p in written],
-    }
-
-
 @register_step
 class ScoreStep(Step):
     """One input shard through every scorer at every checkpoint (``score``): its score and rows parts."""
@@ -426,33 +402,14 @@ class ScoreStep(Step):
         return self.dump(part)
 
     def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
+        """The part's files, or (once merged, its files removed) the store holding it whole."""
+        from winnow.pipeline.score_merge import is_absorbed
+
         part = self.load(result)
-        return (ctx.root / part.scores).exists() and (ctx.root / part.rows_file).exists()
+        on_disk = (ctx.root / part.scores).exists() and (ctx.root / part.rows_file).exists()
+        return on_disk or is_absorbed(ctx.config, ctx.layout, part)
 
     def on_cached(self, result: ScorePart) -> ScorePart:
         from dataclasses import replace
 
         return replace(result, scored=0, reused=result.rows)  # nothing was scored by this run
-
-
-@register_step
-class MergeScoresStep(Step):
-    """The shards' parts into the score store (``merge-scores``): ``scores/<scorer>.parquet``, rows."""
-
-    name = "merge-scores"
-
-    def fingerprint(self, ctx: RunContext, parts: Any = ()) -> str:
-        return fingerprint("merge", parts_fingerprint([ScorePart.of(p) for p in parts]))
-
-    def run(self, ctx: RunContext, fp: str, parts: Any = (), provenance: Any = None) -> dict[str, Any]:
-        return merge_parts(
-            ctx.setup(), ctx.root, [ScorePart.of(p) for p in parts], provenance or {}, step_fingerprint=fp
-        )
-
-    def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
-        return made_by(ctx.root, result["files"], fp)
-
-
-def parts_fingerprint(parts: list[ScorePart]) -> str:
-    """What the merged store depends on: the parts' files (their names carry their fingerprints)."""
-    return fingerprint([p.scores for p in parts])

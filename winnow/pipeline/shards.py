@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,14 @@ import pyarrow.parquet as pq
 
 import winnow
 from winnow.errors import WinnowError
-from winnow.pipeline.atomic import atomic_path, fingerprint, sha256_file, write_json
+from winnow.pipeline.atomic import atomic_path, fingerprint, sha256_file, tmp_name, write_json
 from winnow.pipeline.collate import Featurizer
 from winnow.pipeline.faults import fault_point
 from winnow.pipeline.layout import RunLayout
 from winnow.pipeline.recipe import Recipe
 from winnow.pipeline.sources import InputShard, check_unchanged, iter_raw_batches
 from winnow.pipeline.steps import RunContext, Step, register_step
-from winnow.pipeline.store import ScoreStore, read_parquet, read_provenance
+from winnow.pipeline.store import read_provenance, read_schema, sink_parquet
 
 
 class _Roller:
@@ -72,6 +73,120 @@ class _Roller:
             self.writer = None
 
 
+class _Lookup:
+    """The emit lookup (shard, pos, id, kept, weight, domain, label, score columns), in source order, read
+    back in runs of any length as the source's batches come."""
+
+    def __init__(self, path: Path):
+        self.batches = pq.ParquetFile(path).iter_batches(batch_size=1 << 16)
+        self.buf: list[pa.RecordBatch] = []
+        self.have = 0
+
+    def take(self, n: int) -> pa.Table:
+        while self.have < n:
+            b = next(self.batches, None)
+            if b is None:
+                break
+            self.buf.append(b)
+            self.have += b.num_rows
+        t = pa.Table.from_batches(self.buf) if self.buf else None  # slices below copy nothing
+        if t is None or t.num_rows < n:
+            raise WinnowError(
+                "emit: the source has more rows than when its ids were read; rerun `winnow run`"
+            )
+        head, rest = t.slice(0, n), t.slice(n)
+        self.buf, self.have = rest.to_batches(), rest.num_rows
+        return head
+
+
+_IDS_SCHEMA = pa.schema([("shard", pa.int32()), ("pos", pa.int64()), ("id", pa.string())])
+
+
+def _read_ids(recipe: Recipe, shards: list[InputShard], feat: Featurizer, path: Path) -> list[dict[str, Any]]:
+    """Pass 1: every row's id, with its shard and position, to ``path``; the input shards' rows."""
+    reserved = {"weight", *recipe.output.score_columns}
+    shard_rows = []
+    with pq.ParquetWriter(path, _IDS_SCHEMA, compression="zstd") as w:
+        for si, shard in enumerate(shards):
+            check_unchanged(shard)
+            n_shard = 0
+            for raw in iter_raw_batches(recipe.data, shard):
+                clash = reserved & set(raw)
+                if clash:
+                    raise WinnowError(
+                        f"{shard.location}: column(s) {', '.join(sorted(clash))} clash with the "
+                        f"columns winnow adds; rename them in the data"
+                    )
+                ids = feat.row_ids(raw, shard.location)
+                n = len(ids)
+                pos = pa.array(np.arange(n_shard, n_shard + n), type=pa.int64())
+                w.write_table(
+                    pa.Table.from_arrays(
+                        [pa.array(np.full(n, si, dtype=np.int32)), pos, pa.array(ids, type=pa.string())],
+                        schema=_IDS_SCHEMA,
+                    )
+                )
+                n_shard += n
+            shard_rows.append(
+                {
+                    "path": shard.location,
+                    "sha256": shard.fingerprint if shard.kind != "hub" else None,
+                    "rows": n_shard,
+                }
+            )
+    return shard_rows
+
+
+def _join(recipe: Recipe, layout: RunLayout, ids: Path, out: Path) -> None:
+    """Every row of the source (``ids``, in source order) joined with its selection, domain, label and
+    score columns: one streaming hash join over parquet (polars), written to ``out`` in source order."""
+    cols = recipe.output.score_columns
+    for path, need in (
+        (layout.selection, ["id", "kept", "weight"]),
+        (layout.rows, ["id", "domain", "label"]),
+    ):
+        missing = [c for c in need if c not in read_schema(path).names]
+        if missing:
+            raise WinnowError(f"{path}: no column {', '.join(map(repr, missing))}; rerun `winnow run`")
+    look = (
+        pl.scan_parquet(layout.selection)
+        .select("id", "kept", "weight")
+        .join(pl.scan_parquet(layout.rows).select("id", "domain", "label"), on="id", how="left")
+    )
+    if cols:
+        files = layout.score_files()
+        if not files:
+            raise WinnowError(f"{layout.scores}: no score files; run `winnow run RECIPE` first")
+        found: dict[str, Path] = {}
+        for f in files:
+            for c in read_schema(f).names:
+                if c in cols and c not in found:
+                    found[c] = f
+        for c in cols:
+            if c not in found:
+                raise WinnowError(f"output.score_columns: no score column {c!r} in {layout.scores}")
+        for f in sorted(set(found.values())):
+            want = [c for c in cols if found[c] == f]
+            look = look.join(pl.scan_parquet(f).select(["id", *want]), on="id", how="left")
+    plan = pl.scan_parquet(ids).join(look, on="id", how="left", maintain_order="left")
+    sink_parquet(plan.select(["shard", "pos", "id", "kept", "weight", "domain", "label", *cols]), out)
+
+
+def _group_table(lookup: Path, column: str) -> dict[str, list[float]]:
+    """{group: [input rows, kept rows, weight sum]} over every row of the source."""
+    g = (
+        pl.scan_parquet(lookup)
+        .group_by(pl.col(column).fill_null(""))
+        .agg(
+            pl.len().alias("n"),
+            pl.col("kept").cast(pl.Int64).sum().alias("k"),
+            pl.when(pl.col("kept")).then(pl.col("weight")).otherwise(0.0).sum().alias("w"),
+        )
+        .collect(engine="streaming")
+    )
+    return {r[0]: [int(r[1]), int(r[2]), float(r[3])] for r in g.iter_rows()}
+
+
 def emit_shards(
     recipe: Recipe,
     run_dir: Path,
@@ -80,96 +195,81 @@ def emit_shards(
     fingerprints: dict[str, str],
     step_fingerprint: str | None = None,
 ) -> dict[str, Any]:
+    """The selected rows, streamed from the source again, into ``shards/`` and ``manifest.json``.
+
+    Out of core: pass 1 reads every row's id (``_read_ids``); one streaming join of those ids with the
+    selection and the store gives every row its kept flag, weight, domain, label and score columns, in
+    source order, on disk (``_join``); pass 2 reads the source again and takes the joined rows alongside,
+    batch by batch. Memory is set by the read batch and the join's hash table of the selection, never by
+    a lookup per batch (the implementation before joined each 512-row batch against the whole
+    selection: quadratic in rows)."""
     out = recipe.output
     layout = RunLayout(run_dir)
-    sel = read_parquet(layout.selection)
-    store = ScoreStore(run_dir)
-    info = store.rows().select("id", "domain", "label")
-    look = sel.join(info, on="id", how="left")
-    if out.score_columns:
-        look = look.join(store.scores().select(["id"] + out.score_columns), on="id", how="left")
-    reserved = {"weight", *out.score_columns}
-    dom_rows: dict[str, list[float]] = {}
-    lab_rows: dict[str, list[float]] = {}
     input_rows = written = 0
-    shard_rows: list[dict[str, Any]] = []
     final = layout.shards
-    with atomic_path(final) as tmp:
-        tmp.mkdir(parents=True)
-        roller = _Roller(tmp, out.shard_max_rows, out.shard_max_bytes)
-        try:
-            for shard in shards:
-                check_unchanged(shard)
-                n_shard = 0
-                for raw in iter_raw_batches(recipe.data, shard):
-                    ids = feat.row_ids(raw, shard.location)
-                    n = len(ids)
-                    n_shard += n
-                    clash = reserved & set(raw)
-                    if clash:
-                        raise WinnowError(
-                            f"{shard.location}: column(s) {', '.join(sorted(clash))} clash with the "
-                            f"columns winnow adds; rename them in the data"
-                        )
-                    j = pl.DataFrame(
-                        {"id": ids, "_pos": np.arange(n)}, schema={"id": pl.Utf8, "_pos": pl.Int64}
-                    )
-                    j = j.join(look, on="id", how="left").sort("_pos")
-                    if j["kept"].null_count():
-                        missing = j.filter(pl.col("kept").is_null())["id"][0]
-                        raise WinnowError(
-                            f"{shard.location}: row with id {missing!r} has no selection; the source "
-                            f"changed since scoring — rerun `winnow run`"
-                        )
-                    kept = j["kept"].to_numpy()
-                    mask = np.ones(n, dtype=bool) if out.include_pruned else kept
-                    weight = np.where(kept, j["weight"].to_numpy(), 0.0)
-                    table = pa.Table.from_pydict(raw)
-                    idx = np.flatnonzero(mask)
-                    table = table.take(pa.array(idx, type=pa.int64()))
-                    table = table.append_column("weight", pa.array(weight[idx], type=pa.float64()))
-                    for c in out.score_columns:
-                        table = table.append_column(c, pa.array(j[c].to_numpy()[idx], type=pa.float64()))
-                    roller.write(table)
-                    written += len(idx)
-                    input_rows += n
-                    for d, lab, k, w in zip(
-                        j["domain"].to_list(), j["label"].to_list(), kept, weight, strict=True
-                    ):
-                        dk, lk = "" if d is None else d, "" if lab is None else lab
-                        for acc in (
-                            dom_rows.setdefault(dk, [0, 0, 0.0]),
-                            lab_rows.setdefault(lk, [0, 0, 0.0]),
-                        ):
-                            acc[0] += 1
-                            acc[1] += int(k)
-                            acc[2] += float(w)
-                shard_rows.append(
+    scratch = tmp_name(layout.root / "emit-scratch")
+    scratch.mkdir(parents=True)
+    try:
+        shard_rows = _read_ids(recipe, shards, feat, scratch / "ids.parquet")
+        lookup = scratch / "lookup.parquet"
+        _join(recipe, layout, scratch / "ids.parquet", lookup)
+        missing = (
+            pl.scan_parquet(lookup).filter(pl.col("kept").is_null()).select("shard", "id").head(1).collect()
+        )
+        if missing.height:
+            raise WinnowError(
+                f"{shards[missing['shard'][0]].location}: row with id {missing['id'][0]!r} has no selection; "
+                f"the source changed since scoring — rerun `winnow run`"
+            )
+        dom_rows = _group_table(lookup, "domain")
+        lab_rows = _group_table(lookup, "label")
+        with atomic_path(final) as tmp:
+            tmp.mkdir(parents=True)
+            roller = _Roller(tmp, out.shard_max_rows, out.shard_max_bytes)
+            rows = _Lookup(lookup)
+            try:
+                for shard in shards:
+                    for raw in iter_raw_batches(recipe.data, shard):
+                        table = pa.Table.from_pydict(raw)
+                        j = rows.take(table.num_rows)
+                        ids = feat.row_ids(raw, shard.location)
+                        if ids != j.column("id").to_pylist():
+                            raise WinnowError(
+                                f"{shard.location}: changed while its shards were written; rerun `winnow run`"
+                            )
+                        kept = j.column("kept").to_numpy(zero_copy_only=False).astype(bool)
+                        mask = np.ones(len(kept), dtype=bool) if out.include_pruned else kept
+                        weight = np.where(kept, j.column("weight").to_numpy(zero_copy_only=False), 0.0)
+                        idx = np.flatnonzero(mask)
+                        table = table.take(pa.array(idx, type=pa.int64()))
+                        table = table.append_column("weight", pa.array(weight[idx], type=pa.float64()))
+                        for c in out.score_columns:
+                            v = j.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+                            table = table.append_column(c, pa.array(v[idx], type=pa.float64()))
+                        roller.write(table)
+                        written += len(idx)
+                        input_rows += len(kept)
+            finally:
+                roller.close()
+            if written == 0:
+                raise WinnowError("select: the selection keeps no rows; nothing to write")
+            total = len(roller.files)
+            shard_list = []
+            for i, p in enumerate(roller.files):
+                name = f"data-{i:05d}-of-{total:05d}.parquet"
+                os.replace(p, tmp / name)
+                meta = pq.read_metadata(tmp / name)
+                shard_list.append(
                     {
-                        "path": shard.location,
-                        "sha256": shard.fingerprint if shard.kind != "hub" else None,
-                        "rows": n_shard,
+                        "path": f"shards/{name}",
+                        "rows": meta.num_rows,
+                        "bytes": (tmp / name).stat().st_size,
+                        "sha256": sha256_file(tmp / name),
                     }
                 )
-        finally:
-            roller.close()
-        if written == 0:
-            raise WinnowError("select: the selection keeps no rows; nothing to write")
-        total = len(roller.files)
-        shard_list = []
-        for i, p in enumerate(roller.files):
-            name = f"data-{i:05d}-of-{total:05d}.parquet"
-            os.replace(p, tmp / name)
-            meta = pq.read_metadata(tmp / name)
-            shard_list.append(
-                {
-                    "path": f"shards/{name}",
-                    "rows": meta.num_rows,
-                    "bytes": (tmp / name).stat().st_size,
-                    "sha256": sha256_file(tmp / name),
-                }
-            )
-        columns = pq.read_schema(tmp / f"data-00000-of-{total:05d}.parquet").names
+            columns = pq.read_schema(tmp / f"data-00000-of-{total:05d}.parquet").names
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
     def table_of(acc: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
         tot = sum(v[2] for v in acc.values()) or 1.0

@@ -247,6 +247,7 @@ def all_steps() -> dict[str, Step]:
     import winnow.pipeline.influence  # noqa: F401
     import winnow.pipeline.mixtures.loop  # noqa: F401
     import winnow.pipeline.models  # noqa: F401
+    import winnow.pipeline.score_merge  # noqa: F401
     import winnow.pipeline.scoring  # noqa: F401
     import winnow.pipeline.selection.table  # noqa: F401
     import winnow.pipeline.shards  # noqa: F401

@@ -6,7 +6,8 @@ Reads a run folder through :class:`winnow.pipeline.layout.RunLayout` (schema in 
 - ``selection.parquet`` (id, kept, weight) and ``scores/`` are required;
 - ``scores/<name>.parquet``: id, mean score columns and ``<score>@s<seed>k<step>`` checkpoint columns,
   provenance JSON under the parquet key-value metadata key ``winnow.provenance``;
-- ``scores/rows.parquet`` (id, domain, label, n_tokens, preview), ``config.yaml``, ``manifest.json``,
+- ``scores/rows.parquet`` (id, domain, label, n_tokens), ``scores/previews.parquet`` (id, preview: read
+  for the example rows shown only), ``config.yaml``, ``manifest.json``,
   ``run.json``, ``mixture.json`` and ``influence/neighbours.parquet`` are used when present.
 
 The package, a job per module: ``load`` (the run folder and a previous version), ``stats`` (the

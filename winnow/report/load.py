@@ -191,12 +191,16 @@ def _load(run_dir: str | Path) -> _Run:
 
 
 def _previews(run: _Run, ids: list[str]) -> dict[str, str]:
-    """id -> preview text from scores/rows.parquet, read for these ids only."""
+    """id -> preview text from scores/previews.parquet (a run folder of an older winnow: the preview column
+    of scores/rows.parquet), read for these ids only."""
     ids = sorted(set(ids))
-    if run.rows_path is None or not ids or "preview" not in pq.read_schema(run.rows_path).names:
+    path: Path | None = run.layout.previews
+    if not path.is_file():
+        path = run.rows_path
+    if path is None or not ids or "preview" not in pq.read_schema(path).names:
         return {}
     pv = (
-        pl.scan_parquet(run.rows_path)
+        pl.scan_parquet(path)
         .select(pl.col("id").cast(pl.Utf8), pl.col("preview").cast(pl.Utf8))
         .filter(pl.col("id").is_in(ids))
         .collect()

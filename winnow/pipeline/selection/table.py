@@ -27,7 +27,7 @@ from winnow.pipeline.store import ScoreStore, read_provenance, write_parquet
 
 def selection_table(recipe: Recipe, run_dir: Path) -> tuple[pl.DataFrame, dict[str, Any] | None]:
     store = ScoreStore(run_dir)
-    df = store.rows().select("id", "domain", "label").join(store.scores(), on="id", how="left")
+    df = store.rows(["id", "domain", "label"]).join(store.scores(), on="id", how="left")
     sel = recipe.select
     n = df.height
     strata = None
@@ -80,7 +80,7 @@ def write_selection(recipe: Recipe, run_dir: Path, step_fingerprint: str | None 
     if recipe.mixture is not None:  # the kept rows' weights carry the learned domain mixture
         from winnow.pipeline.mixtures.loop import mixture_weights_for_rows
 
-        doms = ScoreStore(run_dir).rows().select("id", "domain")
+        doms = ScoreStore(run_dir).rows(["id", "domain"])
         dl = table.select("id").join(doms, on="id", how="left", maintain_order="left")["domain"].to_list()
         w = mixture_weights_for_rows(run_dir, dl, table["kept"].to_numpy())
         table = table.with_columns(
