@@ -300,11 +300,14 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if rc != 0:
         print((out / "run.log").read_text()[-4000:], file=sys.stderr)
         raise SystemExit(f"winnow run failed (exit {rc})")
-    parts = sorted((run_dir / "scores" / "parts").glob("scores-*.parquet"))
-    provs = [read_provenance(p) or {} for p in parts]
+    from winnow.pipeline.layout import RunLayout
+
+    # the score steps' timing: merge-scores keeps each removed part's in the store's slices
+    provs = [p for p in (read_provenance(RunLayout(run_dir).rows) or {}).get("parts", []) if "started" in p]
+    if not provs:
+        raise SystemExit(f"bench_pipeline: no score step timing in {RunLayout(run_dir).rows}'s provenance")
     lo = min(p["started"] for p in provs)
     hi = max(p["started"] + p["seconds"] for p in provs)
-    from winnow.pipeline.layout import RunLayout
 
     rows_t = pq.read_table(RunLayout(run_dir).rows, columns=["n_tokens"])
     real = int(np.asarray(rows_t.column("n_tokens")).sum())

@@ -11,7 +11,7 @@ the rows' text:
 Rows are de-duplicated by id (the first occurrence kept; with ``data.id_column`` a repeated id is an
 error naming it). Each output records in its provenance, under ``parts``, the slice of its rows each
 part became (``start``, ``end``; ``rows``: the part's rows before de-duplication; ``whole``: none of the
-part's ids was dropped as a repeat of an earlier part's). Once every output is in place the parts are
+part's ids was dropped as a repeat of an earlier part's; ``started``, ``seconds``: its score step's timing). Once every output is in place the parts are
 removed (``scores/parts/`` held a second copy of the store). A later run whose shard was not rescored
 reads that shard's rows back from the store's slice (``absorbed``), so a rerun resumes: a crash after
 the outputs were replaced and before the parts were removed leaves parts that are merged again; a part
@@ -57,6 +57,12 @@ def _scorer_columns(name: str) -> list[str]:
 def store_outputs(recipe: Recipe, layout: RunLayout) -> list[Path]:
     """The files merge-scores writes for this recipe: one per scorer, rows, previews."""
     return [layout.score_file(s.name) for s in recipe.scoring.scorers] + layout.store_files()
+
+
+def _timing(prov: dict[str, Any]) -> dict[str, Any]:
+    """The score step's ``started`` and ``seconds`` from a part's provenance (kept in its slice, so that
+    the step's timing outlives the removed part)."""
+    return {k: prov[k] for k in ("started", "seconds") if k in prov}
 
 
 def absorbed_slices(path: Path) -> dict[str, dict[str, Any]]:
@@ -145,9 +151,11 @@ def merge_parts(
         on_disk = layout.path(p.rows_file).exists()
         if on_disk:
             n_rows, whole = int(counted.get(i, 0)), kept == int(unique_in.get(i, 0))
+            timing = _timing(read_provenance(layout.path(p.scores)) or {})
         else:
             old = absorbed_slices(rows_out)[p.scores]
             n_rows, whole = int(old["rows"]), kept == int(old["end"]) - int(old["start"])
+            timing = _timing(old)
         slices.append(
             {
                 "scores": p.scores,
@@ -156,6 +164,7 @@ def merge_parts(
                 "start": start,
                 "end": start + kept,
                 "whole": whole,
+                **timing,
             }
         )
         start += kept
