@@ -273,7 +273,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     import torch
     import yaml
 
-    from winnow.pipeline.store import read_provenance
 
     out = Path(a.out or tempfile.mkdtemp(prefix="bench-pipeline-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -302,10 +301,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"winnow run failed (exit {rc})")
     from winnow.pipeline.layout import RunLayout
 
-    # the score steps' timing: merge-scores keeps each removed part's in the store's slices
-    provs = [p for p in (read_provenance(RunLayout(run_dir).rows) or {}).get("parts", []) if "started" in p]
+    # the score steps' timing: merge-scores keeps each (removed) part's in scores/timing.json
+    timing = run_dir / "scores" / "timing.json"
+    provs = [p for p in json.loads(timing.read_text()).values() if "started" in p] if timing.exists() else []
     if not provs:
-        raise SystemExit(f"bench_pipeline: no score step timing in {RunLayout(run_dir).rows}'s provenance")
+        raise SystemExit(f"bench_pipeline: no score step timing in {timing}")
     lo = min(p["started"] for p in provs)
     hi = max(p["started"] + p["seconds"] for p in provs)
 

@@ -11,7 +11,8 @@ the rows' text:
 Rows are de-duplicated by id (the first occurrence kept; with ``data.id_column`` a repeated id is an
 error naming it). Each output records in its provenance, under ``parts``, the slice of its rows each
 part became (``start``, ``end``; ``rows``: the part's rows before de-duplication; ``whole``: none of the
-part's ids was dropped as a repeat of an earlier part's; ``started``, ``seconds``: its score step's timing). Once every output is in place the parts are
+part's ids was dropped as a repeat of an earlier part's). Each part's score-step timing (``started``,
+``seconds``) goes to ``scores/timing.json``, outside the store, whose bytes stay the same on a rerun. Once every output is in place the parts are
 removed (``scores/parts/`` held a second copy of the store). A later run whose shard was not rescored
 reads that shard's rows back from the store's slice (``absorbed``), so a rerun resumes: a crash after
 the outputs were replaced and before the parts were removed leaves parts that are merged again; a part
@@ -21,6 +22,7 @@ from the score cache).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import polars as pl
 
 import winnow
 from winnow.errors import WinnowError
-from winnow.pipeline.atomic import fingerprint, tmp_name
+from winnow.pipeline.atomic import fingerprint, tmp_name, write_json
 from winnow.pipeline.faults import fault_point
 from winnow.pipeline.layout import RunLayout, parse_checkpoint_column
 from winnow.pipeline.recipe import Recipe
@@ -59,10 +61,21 @@ def store_outputs(recipe: Recipe, layout: RunLayout) -> list[Path]:
     return [layout.score_file(s.name) for s in recipe.scoring.scorers] + layout.store_files()
 
 
+TIMING_FILE = "scores/timing.json"  # each part's score-step timing, outliving the removed parts
+
+
 def _timing(prov: dict[str, Any]) -> dict[str, Any]:
-    """The score step's ``started`` and ``seconds`` from a part's provenance (kept in its slice, so that
-    the step's timing outlives the removed part)."""
+    """The score step's ``started`` and ``seconds`` from a part's provenance."""
     return {k: prov[k] for k in ("started", "seconds") if k in prov}
+
+
+def _read_timing(path: Path) -> dict[str, Any]:
+    """The timing file's {part: {started, seconds}} (empty when missing or unreadable: timing only)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def absorbed_slices(path: Path) -> dict[str, dict[str, Any]]:
@@ -146,16 +159,18 @@ def merge_parts(
     )
     counted = dict(ids.group_by("_part").len().collect(engine="streaming").iter_rows())
     slices, start, n_all = [], 0, 0
+    timing: dict[str, dict[str, Any]] = {}
+    previous_timing = _read_timing(layout.path(TIMING_FILE))
     for i, p in enumerate(parts):
         kept = int(survivors.get(i, 0))
         on_disk = layout.path(p.rows_file).exists()
         if on_disk:
             n_rows, whole = int(counted.get(i, 0)), kept == int(unique_in.get(i, 0))
-            timing = _timing(read_provenance(layout.path(p.scores)) or {})
+            timing[p.scores] = _timing(read_provenance(layout.path(p.scores)) or {})
         else:
             old = absorbed_slices(rows_out)[p.scores]
             n_rows, whole = int(old["rows"]), kept == int(old["end"]) - int(old["start"])
-            timing = _timing(old)
+            timing[p.scores] = previous_timing.get(p.scores, {})
         slices.append(
             {
                 "scores": p.scores,
@@ -164,7 +179,6 @@ def merge_parts(
                 "start": start,
                 "end": start + kept,
                 "whole": whole,
-                **timing,
             }
         )
         start += kept
@@ -218,6 +232,7 @@ def merge_parts(
     for old in layout.score_files():  # scores of scorers this recipe no longer runs
         if old not in files and not (old == layout.influence_scores and recipe.scoring.influence):
             old.unlink()
+    write_json(layout.path(TIMING_FILE), timing)
     fault_point("merge-scores")
     # the parts the store holds whole are a second copy now; a part with rows dropped as repeats of an
     # earlier part's stays (the store could not give it back if that part changed), and so do the others
