@@ -273,7 +273,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     import torch
     import yaml
 
-
     out = Path(a.out or tempfile.mkdtemp(prefix="bench-pipeline-"))
     out.mkdir(parents=True, exist_ok=True)
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-pipeline-work-"))
