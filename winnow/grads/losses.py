@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from winnow.grads.checks import is_deferred, require
+
 __all__ = [
     "classification_inputs",
     "model_logits",
@@ -135,7 +137,8 @@ def next_token_losses(
     input_ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     kwargs: dict[str, Any] = {"input_ids": input_ids}
-    padded = mask is not None and not bool(mask.bool().all())
+    # inside checks.deferred() a mask is taken as padding without asking the device (the same result)
+    padded = mask is not None and (is_deferred() or not bool(mask.bool().all()))
     if padded:
         kwargs["attention_mask"] = mask
     if _accepts(model, "position_ids"):
@@ -153,8 +156,10 @@ def next_token_losses(
         return logits.float()[:, :0, 0] * 0.0, valid  # no counted position; keeps the graph
     y = input_ids[:, 1:]
     vocab = logits.shape[-1]
-    if bool((((y < 0) | (y >= vocab)) & valid).any()):
-        raise ValueError(f"target token id out of range for a vocabulary of {vocab} at a counted position")
+    require(
+        ~(((y < 0) | (y >= vocab)) & valid).any(),
+        f"target token id out of range for a vocabulary of {vocab} at a counted position",
+    )
     nll = token_nll(logits, y.masked_fill(~valid, 0))
     return torch.where(valid, nll, torch.zeros((), dtype=nll.dtype, device=nll.device)), valid
 
@@ -192,8 +197,11 @@ def per_example_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], task: 
         logits = model_logits(model(**inputs)).float()
         labels = batch["labels"].long()
         classes = logits.shape[-1]
-        if labels.numel() and bool((labels >= classes).any()):
-            raise ValueError(f"label {int(labels.max())} out of range for {classes} classes")
+        if labels.numel():
+            require(
+                ~(labels >= classes).any(),
+                lambda: f"label {int(labels.max())} out of range for {classes} classes",
+            )
         loss = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
         return torch.where(labels >= 0, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
     raise ValueError(

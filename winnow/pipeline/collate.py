@@ -7,11 +7,13 @@ previews, and tokenizes; `collate` pads a list of examples into the tensors the 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from winnow.errors import WinnowError
@@ -31,6 +33,116 @@ class Example:
     features: Any  # list[int] of token ids, or a float32 array (C, H, W)
     preview: str
     n_tokens: int
+
+
+def example_key(e: Example) -> str:
+    """The cache key of an example: sha256 of what the model sees (features and label)."""
+    h = hashlib.sha256()
+    f = e.features
+    h.update(np.asarray(f, dtype=np.int64 if isinstance(f, list) else None).tobytes())
+    h.update(f"|{e.label}".encode())
+    return h.hexdigest()[:32]
+
+
+ROWS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("domain", pa.string()),
+        ("label", pa.string()),
+        ("n_tokens", pa.int64()),
+        ("preview", pa.string()),
+    ]
+)
+
+
+@dataclass
+class Columns:
+    """What the model sees of n examples, by column: ``lengths`` (n,) tokens per row and ``flat``, their
+    token ids end to end (text tasks), or ``pixels`` (n, C, H, W) float32; ``labels`` (n,) int64 class
+    labels or None. Cheap to pickle (a few arrays), so featurizing processes hand these to the scorer."""
+
+    lengths: np.ndarray
+    flat: np.ndarray
+    pixels: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.lengths, self.flat, self.pixels, self.labels)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    @classmethod
+    def of(cls, examples: list[Example]) -> Columns:
+        n = len(examples)
+        labels = None
+        if n and examples[0].label is not None:
+            labels = np.fromiter((e.label for e in examples), dtype=np.int64, count=n)
+        if n and isinstance(examples[0].features, np.ndarray):
+            return cls(
+                np.zeros(n, np.int64), np.zeros(0, np.int64), np.stack([e.features for e in examples]), labels
+            )
+        lengths = np.fromiter((len(e.features) for e in examples), dtype=np.int64, count=n)
+        flat = np.fromiter(
+            itertools.chain.from_iterable(e.features for e in examples),
+            dtype=np.int64,
+            count=int(lengths.sum()),
+        )
+        return cls(lengths, flat, None, labels)
+
+    def take(self, idx: np.ndarray) -> Columns:
+        """The examples at ``idx`` (int positions), in that order."""
+        labels = None if self.labels is None else self.labels[idx]
+        if self.pixels is not None:
+            return Columns(self.lengths[idx], self.flat[:0], self.pixels[idx], labels)
+        starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]) if len(self) else self.lengths
+        lens = self.lengths[idx]
+        # every kept row's token positions, end to end: start of its row + 0..len-1
+        pos = np.repeat(starts[idx] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(
+            lens.sum()
+        )
+        return Columns(lens, self.flat[pos], None, labels)
+
+    @staticmethod
+    def concat(parts: list[Columns]) -> Columns:
+        labels = None if parts[0].labels is None else np.concatenate([p.labels for p in parts])  # type: ignore[misc]
+        if parts[0].pixels is not None:
+            return Columns(
+                np.concatenate([p.lengths for p in parts]),
+                parts[0].flat,
+                np.concatenate([p.pixels for p in parts]),  # type: ignore[misc]
+                labels,
+            )
+        return Columns(
+            np.concatenate([p.lengths for p in parts]), np.concatenate([p.flat for p in parts]), None, labels
+        )
+
+
+@dataclass
+class FeatBatch:
+    """One read batch featurized: its rows' ids and cache keys (:func:`example_key`), its rows part
+    (``ROWS_SCHEMA``: id, domain, label, n_tokens, preview) and what the model sees (:class:`Columns`)."""
+
+    ids: list[str]
+    keys: list[str]
+    rows: pa.Table
+    columns: Columns
+
+    @classmethod
+    def of(cls, examples: list[Example]) -> FeatBatch:
+        cols = [
+            [e.id for e in examples],
+            [e.domain for e in examples],
+            [e.label_name for e in examples],
+            [e.n_tokens for e in examples],
+            [e.preview for e in examples],
+        ]
+        rows = pa.Table.from_arrays(
+            [pa.array(c, f.type) for c, f in zip(cols, ROWS_SCHEMA, strict=True)], schema=ROWS_SCHEMA
+        )
+        return cls(cols[0], [example_key(e) for e in examples], rows, Columns.of(examples))
 
 
 class Featurizer:
@@ -237,6 +349,41 @@ def _image_array(raw: Any, shape: list[int] | None, where: str, col: str) -> np.
             f"(H, W), or a flat array with data.image_shape"
         )
     return arr
+
+
+def length_groups(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Positions grouped ``batch_size`` at a time in length order (stable): similar lengths together, so
+    that little padding is scored."""
+    order = np.argsort(lengths, kind="stable")
+    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def collate_columns(
+    cols: Columns, idx: np.ndarray, task: str, pad_id: int, drop_full_mask: bool = True
+) -> dict[str, torch.Tensor]:
+    """The model batch of the examples at ``idx`` of ``cols``, as :meth:`Featurizer.collate` makes it,
+    without a Python loop over tokens. With ``drop_full_mask`` a text batch without padding has no
+    ``attention_mask`` (every scorer reads a missing mask as all ones): neither the scorer nor the model then
+    asks the device whether the mask is all ones, a wait for the GPU on every batch."""
+    if task == "image_classification":
+        assert cols.pixels is not None and cols.labels is not None
+        return {
+            "pixel_values": torch.from_numpy(np.ascontiguousarray(cols.pixels[idx], dtype=np.float32)),
+            "labels": torch.from_numpy(cols.labels[idx]),
+        }
+    starts = np.concatenate([[0], np.cumsum(cols.lengths)[:-1]]) if len(cols) else cols.lengths
+    lens = cols.lengths[idx]
+    T = max(1, int(lens.max()) if len(lens) else 1)
+    valid = np.arange(T) < lens[:, None]
+    ids = np.full((len(idx), T), pad_id, dtype=np.int64)
+    ids[valid] = cols.flat[(starts[idx][:, None] + np.arange(T))[valid]]
+    batch = {"input_ids": torch.from_numpy(ids)}
+    if not (drop_full_mask and bool(valid.all())):
+        batch["attention_mask"] = torch.from_numpy(valid.astype(np.int64))
+    if task == "sequence_classification":
+        assert cols.labels is not None
+        batch["labels"] = torch.from_numpy(cols.labels[idx])
+    return batch
 
 
 def length_batches(examples: list[Example], batch_size: int) -> list[list[Example]]:

@@ -219,8 +219,13 @@ class ScoringConfig(Strict):
     compile: bool = Field(default=False, description="torch.compile the model's body (GPU only)")
     loader_workers: int | Literal["auto"] = Field(
         default="auto",
-        description="threads that read, tokenize and key read batches ahead of the model (0: inline); "
-        "auto: min(4, cores - 1) on CUDA, 0 on CPU",
+        description="processes (or threads, see loader) that read, tokenize and key read batches ahead of "
+        "the model (0: inline); auto: min(8, cores / 2) on CUDA, 0 on CPU",
+    )
+    loader: Literal["processes", "threads"] = Field(
+        default="processes",
+        description="what the loader workers are: processes (no interpreter lock shared with the thread "
+        "that launches the model; each starts in about a second) or threads",
     )
     bucket_rows: int | Literal["auto"] = Field(
         default="auto",

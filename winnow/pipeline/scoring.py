@@ -17,14 +17,15 @@ compaction and garbage collection: ``score_cache.py``; the merge of the parts: `
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import hashlib
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,23 @@ import pyarrow.parquet as pq
 import torch
 
 import winnow
+from winnow.errors import WinnowError
+from winnow.grads import checks
 from winnow.pipeline.atomic import fingerprint, tmp_name
-from winnow.pipeline.collate import Example, Featurizer, length_batches
+from winnow.pipeline.collate import (
+    ROWS_SCHEMA,
+    Columns,
+    FeatBatch,
+    Featurizer,
+    collate_columns,
+    example_key,  # noqa: F401  (the cache key; score_cache's docs name it here)
+    length_groups,
+)
 from winnow.pipeline.layout import RunLayout, checkpoint_suffix
 from winnow.pipeline.models import load_checkpoint, resolve_device
 from winnow.pipeline.recipe import Recipe
 from winnow.pipeline.score_cache import read_shard_cache, write_shard_cache
-from winnow.pipeline.sources import InputShard, iter_raw_batches
+from winnow.pipeline.sources import InputShard, iter_striped_batches
 from winnow.pipeline.steps import Checkpoint, RunContext, ScorePart, Step, progress, register_step
 from winnow.pipeline.store import write_parquet
 from winnow.scorers import get_scorer
@@ -83,25 +94,21 @@ def cache_fingerprint(recipe: Recipe, ckpts: list[Checkpoint], tokenizer_fp: str
     )
 
 
-def example_key(e: Example) -> str:
-    """The cache key of an example: sha256 of what the model sees (features and label)."""
-    h = hashlib.sha256()
-    f = e.features
-    h.update(np.asarray(f, dtype=np.int64 if isinstance(f, list) else None).tobytes())
-    h.update(f"|{e.label}".encode())
-    return h.hexdigest()[:32]
-
-
 def part_paths(run_dir: Path, shard: InputShard, fp: str) -> tuple[Path, Path]:
     layout = RunLayout(run_dir)
     return layout.score_part(shard.index, fp), layout.rows_part(shard.index, fp)
 
 
+REUSE_BYTES = 1 << 30
+"""A shard's featurized examples (token ids, lengths, labels) up to this size are kept from the first
+checkpoint's pass for the others, instead of reading and tokenizing the shard once per checkpoint."""
+
+
 def loader_workers(recipe: Recipe, device: torch.device) -> int:
-    """``scoring.loader_workers`` resolved: auto is min(4, cores - 1) on CUDA, 0 (inline) on CPU."""
+    """``scoring.loader_workers`` resolved: auto is min(8, cores / 2) processes on CUDA, 0 (inline) on CPU."""
     w = recipe.scoring.loader_workers
     if w == "auto":
-        return min(4, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+        return max(1, min(8, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0
     return int(w)
 
 
@@ -113,40 +120,103 @@ def bucket_rows(recipe: Recipe, device: torch.device) -> int:
     return int(b)
 
 
+@dataclass
+class _Failed:
+    """A featurizing process's error, handed to the consumer as data (its message, not a traceback)."""
+
+    message: str
+
+
+class _ShardFeed(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """The shard's read batches featurized (:class:`FeatBatch`), in order. In a DataLoader with W worker
+    processes, worker w featurizes read batches w, w + W, ... (``iter_striped_batches``) and the loader
+    hands them back round-robin, which is their order."""
+
+    def __init__(self, recipe: Recipe, shard: InputShard, feat: Featurizer):
+        self.recipe, self.shard, self.feat = recipe, shard, feat
+
+    def __iter__(self) -> Iterator[FeatBatch | _Failed]:
+        info = torch.utils.data.get_worker_info()
+        stride, phase = (info.num_workers, info.id) if info is not None else (1, 0)
+        try:
+            for offset, raw in iter_striped_batches(self.recipe.data, self.shard, stride, phase):
+                yield FeatBatch.of(self.feat.featurize(raw, self.shard.location, offset))
+        except WinnowError as e:
+            if info is None:
+                raise
+            yield _Failed(str(e))
+
+
+def _worker_init(_: int) -> None:
+    # one thread each: the processes are the parallelism (a Rust tokenizer's own pool would oversubscribe)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    torch.set_num_threads(1)
+
+
+def _same(x: Any) -> Any:
+    return x
+
+
+def _feed_context() -> Any:
+    """Worker processes start from a forkserver with the featurizing modules already imported (a worker
+    starts in milliseconds, and never forks a process that holds CUDA or Prefect's threads); spawn where
+    there is no forkserver."""
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(
+        ["winnow.pipeline.collate", "winnow.pipeline.sources", "datasets", "tokenizers"]
+    )
+    return ctx
+
+
 def _stream(
-    recipe: Recipe, shard: InputShard, feat: Featurizer, workers: int = 0
-) -> Iterator[list[tuple[Example, str]]]:
-    """The shard's read batches as (example, cache key) pairs, in order. With ``workers`` > 0, threads
-    featurize (validate, tokenize, key) up to 2 x ``workers`` read batches ahead of the consumer, each
-    with its own copy of the featurizer (a fast tokenizer is not safe to call from two threads at once;
-    its Rust encoder runs without the GIL, so the threads tokenize in parallel)."""
-
-    def work(f: Featurizer, raw: dict[str, list], offset: int) -> list[tuple[Example, str]]:
-        return [(e, example_key(e)) for e in f.featurize(raw, shard.location, offset)]
-
-    def batches() -> Iterator[tuple[dict[str, list], int]]:
-        offset = 0
-        for raw in iter_raw_batches(recipe.data, shard):
-            n = len(next(iter(raw.values()))) if raw else 0
-            yield raw, offset
-            offset += n
-
+    recipe: Recipe, shard: InputShard, feat: Featurizer, workers: int = 0, kind: str = "processes"
+) -> Iterator[FeatBatch]:
+    """The shard's read batches featurized, in order: inline (``workers`` 0), or by ``workers`` processes
+    (``kind`` "processes": a DataLoader, up to 4 read batches each ahead of the consumer) or threads
+    ("threads": each with its own copy of the featurizer, up to 2 read batches each ahead). Featurizing
+    (validation, ids, previews, tokenizing, keys) is Python per row: in processes it shares no interpreter
+    lock with the thread that launches the model's kernels; threads start at once and share memory."""
+    feed = _ShardFeed(recipe, shard, feat)
     if workers <= 0:
-        for raw, offset in batches():
-            yield work(feat, raw, offset)
+        yield from feed  # type: ignore[misc]
         return
+    if kind == "threads":
+        yield from _threaded(recipe, shard, feat, workers)
+        return
+    loader = torch.utils.data.DataLoader(
+        feed,
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_same,
+        prefetch_factor=4,
+        worker_init_fn=_worker_init,
+        multiprocessing_context=_feed_context(),
+    )
+    for item in loader:
+        if isinstance(item, _Failed):
+            raise WinnowError(item.message)
+        yield item
+
+
+def _threaded(recipe: Recipe, shard: InputShard, feat: Featurizer, workers: int) -> Iterator[FeatBatch]:
+    """``workers`` threads featurizing read batches in order (a fast tokenizer is not safe to call from two
+    threads at once, so each has its own copy; its Rust encoder runs without the interpreter lock)."""
     local = threading.local()
 
-    def threaded(raw: dict[str, list], offset: int) -> list[tuple[Example, str]]:
+    def work(raw: dict[str, list], offset: int) -> FeatBatch:
         if not hasattr(local, "feat"):
             local.feat = copy.deepcopy(feat)
-        return work(local.feat, raw, offset)
+        return FeatBatch.of(local.feat.featurize(raw, shard.location, offset))
 
-    pending: deque[Future[list[tuple[Example, str]]]] = deque()
+    pending: deque[Future[FeatBatch]] = deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="winnow-featurize") as pool:
         try:
-            for raw, offset in batches():
-                pending.append(pool.submit(threaded, raw, offset))
+            for offset, raw in iter_striped_batches(recipe.data, shard, 1, 0):
+                pending.append(pool.submit(work, raw, offset))
                 if len(pending) >= 2 * workers:
                     yield pending.popleft().result()
             while pending:
@@ -181,8 +251,6 @@ def score_shard(
             reused=n,
         )
     scorers = build_scorers(recipe)
-    task = recipe.model.task
-    bs = recipe.scoring.batch_size
     t0 = time.time()
     # this shard's own compacted cache file, never the whole cache (winnow/pipeline/score_cache.py)
     cached = read_shard_cache(RunLayout(run_dir), cache_fp, shard) if cache_fp else None
@@ -196,39 +264,41 @@ def score_shard(
     device = resolve_device(recipe.scoring.device)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     workers, window = loader_workers(recipe, device), bucket_rows(recipe, device)
+    kept: list[Columns] | None = [] if len(ckpts) > 1 else None
+    held = 0
     try:
         for ci, ck in enumerate(ckpts):
             if ci > 0 and not todo:
                 break  # the first pass found nothing new: no other checkpoint needs loading
-            model = None  # loaded at the first example that needs scoring
-            chunks: dict[str, list[np.ndarray]] = {}
-            waiting: list[Example] = []  # examples to score, length-sorted together once `window` are here
-            for exs_k in _stream(recipe, shard, feat, workers):
-                if ci == 0:
-                    rows_out.write([e for e, _ in exs_k])
-                    for e, k in exs_k:
-                        ids.append(e.id)
-                        keys.append(k)
-                        if k not in known:
-                            todo.add(k)
-                            new_keys.append(k)
-                waiting.extend(e for e, k in exs_k if k in todo)
-                if len(waiting) >= window:
-                    if model is None:
-                        model = _scoring_model(recipe, run_dir / ck.path, device, use_bf16)
-                    for col, arr in _score_examples(scorers, model, waiting, feat, task, device, bs).items():
-                        chunks.setdefault(col + ckpt_suffix(ck), []).append(arr)
-                    waiting = []
-                if progress is not None:
-                    progress(len(exs_k))
-            if waiting:
-                if model is None:
-                    model = _scoring_model(recipe, run_dir / ck.path, device, use_bf16)
-                for col, arr in _score_examples(scorers, model, waiting, feat, task, device, bs).items():
-                    chunks.setdefault(col + ckpt_suffix(ck), []).append(arr)
+            pas = _CheckpointPass(recipe, run_dir / ck.path, scorers, feat, device, use_bf16, window)
+            if kept is not None and ci > 0:
+                for cols in kept:  # the first pass's examples, featurized once (see REUSE_BYTES)
+                    pas.add(cols)
+            else:
+                for fb in _stream(recipe, shard, feat, workers, recipe.scoring.loader):
+                    if ci == 0:
+                        rows_out.write(fb.rows)
+                        ids.extend(fb.ids)
+                        keys.extend(fb.keys)
+                        for k in fb.keys:
+                            if k not in known:
+                                todo.add(k)
+                                new_keys.append(k)
+                    take = np.fromiter((i for i, k in enumerate(fb.keys) if k in todo), dtype=np.int64)
+                    if len(take):
+                        cols = fb.columns if len(take) == len(fb.keys) else fb.columns.take(take)
+                        pas.add(cols)
+                        if ci == 0 and kept is not None:
+                            kept.append(cols)
+                            held += cols.nbytes
+                            if held > REUSE_BYTES:
+                                kept = None  # too large to hold: later passes read the shard again
+                    if progress is not None:
+                        progress(len(fb.keys))
+            chunks = {col + ckpt_suffix(ck): arrs for col, arrs in pas.finish().items()}
             for col, arrs in chunks.items():
                 per_ckpt[col] = [np.concatenate(arrs)] if arrs else [np.zeros(0)]
-            del model
+            del pas
     except BaseException:
         rows_out.abort()
         raise
@@ -279,39 +349,67 @@ def score_shard(
     )
 
 
+class _CheckpointPass:
+    """One checkpoint's pass over a shard: the examples to score gathered ``window`` rows at a time and
+    scored window by window (length-sorted inside a window); the model is loaded at the first window."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        path: Path,
+        scorers: list[Any],
+        feat: Featurizer,
+        device: torch.device,
+        use_bf16: bool,
+        window: int,
+    ):
+        self.recipe, self.path, self.scorers, self.feat = recipe, path, scorers, feat
+        self.device, self.use_bf16, self.window = device, use_bf16, window
+        self.model: Any = None
+        self.waiting: list[Columns] = []
+        self.n_waiting = 0
+        self.chunks: dict[str, list[np.ndarray]] = {}
+
+    def add(self, cols: Columns) -> None:
+        self.waiting.append(cols)
+        self.n_waiting += len(cols)
+        if self.n_waiting >= self.window:
+            self._score()
+
+    def finish(self) -> dict[str, list[np.ndarray]]:
+        """Every column's scores, window by window, in the order the examples were added."""
+        if self.waiting:
+            self._score()
+        self.model = None
+        return self.chunks
+
+    def _score(self) -> None:
+        if self.model is None:
+            self.model = _scoring_model(self.recipe, self.path, self.device, self.use_bf16)
+        cols = Columns.concat(self.waiting)
+        self.waiting, self.n_waiting = [], 0
+        r = self.recipe
+        got = _score_columns(
+            self.scorers, self.model, cols, self.feat, r.model.task, self.device, r.scoring.batch_size
+        )
+        for col, arr in got.items():
+            self.chunks.setdefault(col, []).append(arr)
+
+
 class _RowsWriter:
     """A shard's rows part (id, domain, label, n_tokens, preview) written batch by batch under a temporary
     name, renamed onto its path by ``close`` (``abort`` removes it): the scoring task never holds the
     shard's previews."""
 
-    SCHEMA = pa.schema(
-        [
-            ("id", pa.string()),
-            ("domain", pa.string()),
-            ("label", pa.string()),
-            ("n_tokens", pa.int64()),
-            ("preview", pa.string()),
-        ]
-    )
+    SCHEMA = ROWS_SCHEMA
 
     def __init__(self, path: Path):
         self.path, self.tmp = path, tmp_name(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = pq.ParquetWriter(self.tmp, self.SCHEMA, compression="zstd")
 
-    def write(self, exs: list[Example]) -> None:
-        cols = [
-            [e.id for e in exs],
-            [e.domain for e in exs],
-            [e.label_name for e in exs],
-            [e.n_tokens for e in exs],
-            [e.preview for e in exs],
-        ]
-        self.writer.write_table(
-            pa.Table.from_arrays(
-                [pa.array(c, f.type) for c, f in zip(cols, self.SCHEMA, strict=True)], schema=self.SCHEMA
-            )
-        )
+    def write(self, rows: pa.Table) -> None:
+        self.writer.write_table(rows)
 
     def close(self) -> None:
         self.writer.close()
@@ -333,32 +431,37 @@ def _scoring_model(recipe: Recipe, path: Path, device: torch.device, use_bf16: b
     return model
 
 
-def _score_examples(
+def _score_columns(
     scorers: list[Any],
     model: Any,
-    exs: list[Example],
+    cols: Columns,
     feat: Featurizer,
     task: str,
     device: torch.device,
     bs: int,
 ) -> dict[str, np.ndarray]:
-    """Score examples in length-sorted batches; return columns in the examples' order. On CUDA the
-    batches are copied from pinned memory without waiting and the scores stay on the GPU until every
-    batch is queued (one copy back at the end), so collating the next batch overlaps the model."""
-    n = len(exs)
-    pos = {id(e): i for i, e in enumerate(exs)}
-    pin = device.type == "cuda"
+    """Score examples in length-sorted batches; return columns in the examples' order.
+
+    On an accelerator nothing here waits for the device until the window's last batch is queued: batches
+    are copied from pinned memory without waiting, the scorers' input checks are deferred to the end of
+    the window (``winnow.grads.checks``), a batch without padding carries no mask to test, and the
+    scores stay on the device until one copy back at the end. So the host collates batch i + 1 while the
+    device computes batch i."""
+    n = len(cols)
+    accel = device.type != "cpu"
     parts: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {}
-    for group in length_batches(exs, bs):
-        cpu = feat.collate(group)
-        batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in cpu.items()}
-        idx = np.array([pos[id(e)] for e in group])
-        for s in scorers:
-            # gradient scorers (GraNd, ...) run their own backward; the rest need no autograd graph
-            with torch.set_grad_enabled(bool(getattr(s, "needs_grad", False))):
-                res = s.score_batch(model, batch, task)
-            for col, t in res.items():
-                parts.setdefault(col, []).append((idx, t.detach().float()))
+    with checks.deferred() if accel else contextlib.nullcontext():
+        for idx in length_groups(cols.lengths, bs):
+            cpu = collate_columns(cols, idx, task, feat.pad_id)
+            batch = {
+                k: (v.pin_memory() if accel else v).to(device, non_blocking=accel) for k, v in cpu.items()
+            }
+            for s in scorers:
+                # gradient scorers (GraNd, ...) run their own backward; the rest need no autograd graph
+                with torch.set_grad_enabled(bool(getattr(s, "needs_grad", False))):
+                    res = s.score_batch(model, batch, task)
+                for col, t in res.items():
+                    parts.setdefault(col, []).append((idx, t.detach().float()))
     out: dict[str, np.ndarray] = {}
     for col, got in parts.items():
         arr = out.setdefault(col, np.full(n, np.nan))

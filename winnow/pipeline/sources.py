@@ -269,6 +269,51 @@ def iter_raw_batches(
         raise WinnowError(f"{where}: cannot be read as {shard.format}: {_first_line(e)}") from None
 
 
+def iter_striped_batches(
+    data: DataConfig, shard: InputShard, stride: int, phase: int, batch_size: int | None = None
+) -> Iterator[tuple[int, dict[str, list]]]:
+    """The read batches ``i`` of one shard with ``i % stride == phase``, as (row offset, column batch): the
+    same batches as :func:`iter_raw_batches`, for ``stride`` processes that each featurize one in
+    ``stride``. Every process reads the whole shard, but as Arrow tables: only its own batches are
+    converted to Python (by datasets' formatter, so images decode as in ``iter_raw_batches``)."""
+    import datasets
+    from datasets.formatting import PythonFormatter
+
+    datasets.disable_progress_bars()
+    bs = batch_size or data.read_batch_size
+    where = shard.location if shard.kind != "disk" else f"{shard.location} (arrow file {shard.part})"
+    try:
+        if shard.kind == "file":
+            kwargs: dict[str, Any] = {}
+            if shard.format == "csv" and shard.location.endswith(".tsv"):
+                kwargs["sep"] = "\t"
+            ds: Any = datasets.load_dataset(
+                shard.format, data_files=[shard.location], split="train", streaming=True, **kwargs
+            )
+        elif shard.kind == "disk":
+            full = datasets.load_from_disk(shard.location)
+            ds = full.shard(num_shards=shard.parts, index=shard.part, contiguous=True)
+        else:
+            ds = datasets.load_dataset(shard.location, split=data.split, streaming=True)
+            ds = ds.shard(num_shards=shard.parts, index=shard.part)
+        fmt = PythonFormatter(features=ds.features)
+        offset = 0
+        for i, table in enumerate(ds.with_format("arrow").iter(batch_size=bs)):
+            n = table.num_rows
+            if i % stride == phase:
+                batch = dict(fmt.format_batch(table))
+                if shard.domain is not None and data.domain_column is not None and batch:
+                    batch[data.domain_column] = [shard.domain] * n
+                yield offset, batch
+            offset += n
+    except WinnowError:
+        raise
+    except GeneratorExit:
+        raise
+    except Exception as e:
+        raise WinnowError(f"{where}: cannot be read as {shard.format}: {_first_line(e)}") from None
+
+
 def sample_texts(data: DataConfig, shards: list[InputShard], max_rows: int) -> Iterator[str]:
     """Up to ``max_rows`` texts of ``data.text_column``, round-robin over the shards' batches so that
     every shard (and so every domain) is represented early (a tokenizer's training text)."""

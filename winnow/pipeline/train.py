@@ -235,34 +235,108 @@ def train_proxy(
     if start == 0 and 0 in wanted and not _complete(wanted[0], train_fp):
         save(0)
     model.train()
+    pin = device.type == "cuda"
+    batches = _prefetch(
+        (feat.collate([next(stream) for _ in range(tc.batch_size)]) for _ in range(start + 1, tc.steps + 1)),
+        depth=4,
+        pin=pin,
+    )
+    # the loss is read one step late: reading step k's loss waits for step k to finish, so step k + 1's
+    # kernels are queued first and the device never idles between steps
+    prev: tuple[int, torch.Tensor, dict[str, torch.Tensor]] | None = None
     for step in range(start + 1, tc.steps + 1):
-        exs = [next(stream) for _ in range(tc.batch_size)]
-        batch = {k: v.to(device) for k, v in feat.collate(exs).items()}
+        batch = {k: v.to(device, non_blocking=pin) for k, v in next(batches).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model_loss(model, batch, recipe.model.task)
-        if not torch.isfinite(loss):
-            if recipe.model.task == "causal_lm" and "attention_mask" in batch:
-                am = batch["attention_mask"]
-                if int((am[:, :-1] * am[:, 1:]).sum()) == 0:
-                    col = recipe.data.text_column or recipe.data.input_ids_column
-                    raise WinnowError(
-                        f"train: none of the {len(exs)} examples of step {step} has two tokens to learn "
-                        f"from: is data column {col!r} empty?"
-                    )
-            raise WinnowError(f"train: loss is {loss.item()} at step {step} (seed {seed}); lower train.lr")
         loss.backward()
+        if prev is not None:
+            _record(prev, losses, recipe, seed, tc.batch_size, progress, tc.steps)
+        prev = (step, loss.detach(), batch)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if progress is not None:
-            progress(step, tc.steps, losses[-1])
         if step in wanted and not _complete(wanted[step], train_fp):
+            _record(prev, losses, recipe, seed, tc.batch_size, progress, tc.steps)
+            prev = None
             save(step)
             fault_point(f"train:seed{seed}:step{step}")
+    if prev is not None:
+        _record(prev, losses, recipe, seed, tc.batch_size, progress, tc.steps)
     return result()
+
+
+def _record(
+    prev: tuple[int, torch.Tensor, dict[str, torch.Tensor]],
+    losses: list[float],
+    recipe: Recipe,
+    seed: int,
+    batch_size: int,
+    progress: Callable[[int, int, float], None] | None,
+    total: int,
+) -> None:
+    """Step ``prev``'s loss read (a wait for that step only), checked and reported."""
+    step, loss, batch = prev
+    value = float(loss)
+    if not math.isfinite(value):
+        if recipe.model.task == "causal_lm" and "attention_mask" in batch:
+            am = batch["attention_mask"]
+            if int((am[:, :-1] * am[:, 1:]).sum()) == 0:
+                col = recipe.data.text_column or recipe.data.input_ids_column
+                raise WinnowError(
+                    f"train: none of the {batch_size} examples of step {step} has two tokens to learn "
+                    f"from: is data column {col!r} empty?"
+                )
+        raise WinnowError(f"train: loss is {value} at step {step} (seed {seed}); lower train.lr")
+    losses.append(value)
+    if progress is not None:
+        progress(step, total, value)
+
+
+def _prefetch(
+    gen: Iterator[dict[str, torch.Tensor]], depth: int, pin: bool
+) -> Iterator[dict[str, torch.Tensor]]:
+    """``gen``'s batches made by one thread up to ``depth`` ahead of the training loop, in order (pinned
+    for a copy that does not wait, on CUDA), so that reading, tokenizing and collating overlap the steps.
+    An error in the thread is raised where its batch would have come."""
+    import queue
+
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for b in gen:
+                if not put({k: v.pin_memory() for k, v in b.items()} if pin else b):
+                    return
+            put(done)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+
+    t = threading.Thread(target=work, name="winnow-train-feed", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=5)
 
 
 # Dropout draws from torch's process-wide RNG, so two seeds training in threads of one process

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from winnow.grads.checks import is_deferred, require
 from winnow.scorers.base import (
     Param,
     Scorer,
@@ -89,9 +90,11 @@ def el2n_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
     num_classes = logits.shape[-1]
     labels = labels.long()
-    if labels.numel() and bool((labels >= num_classes).any()):
-        bad = int(labels.max())
-        raise ValueError(f"label {bad} out of range for {num_classes} classes")
+    if labels.numel():
+        require(
+            ~(labels >= num_classes).any(),
+            lambda: f"label {int(labels.max())} out of range for {num_classes} classes",
+        )
     ignored = labels < 0
     safe = labels.clamp(min=0)
     # the causal-LM path's stable form (module docstring): the target excluded from the max and both
@@ -226,7 +229,9 @@ def causal_lm_hidden_states(
     """
     base = _base_model(model)
     kwargs: dict[str, Any] = {"input_ids": input_ids}
-    if attention_mask is not None and not bool(attention_mask.bool().all()):
+    # inside checks.deferred() the mask is passed without asking the device whether it is all ones (the
+    # same result, without the flash path); the scoring pipeline drops a mask it knows to be all ones
+    if attention_mask is not None and (is_deferred() or not bool(attention_mask.bool().all())):
         kwargs["attention_mask"] = attention_mask
         if _accepts(base, "position_ids"):
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -63,6 +63,7 @@ from typing import Any
 
 import torch
 
+from winnow.grads.checks import require
 from winnow.scorers.base import (
     Param,
     Scorer,
@@ -101,8 +102,11 @@ def nll_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
     num_classes = logits.shape[-1]
     labels = labels.long()
-    if labels.numel() and bool((labels >= num_classes).any()):
-        raise ValueError(f"label {int(labels.max())} out of range for {num_classes} classes")
+    if labels.numel():
+        require(
+            ~(labels >= num_classes).any(),
+            lambda: f"label {int(labels.max())} out of range for {num_classes} classes",
+        )
     ignored = labels < 0
     logp = torch.log_softmax(logits.float(), dim=-1)
     out = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)

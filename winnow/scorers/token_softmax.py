@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from winnow.grads.checks import is_deferred, require
+
 
 def stream_softmax(
     h: torch.Tensor,
@@ -115,7 +117,8 @@ def apply_token_kernel(
     compile: bool,
 ) -> torch.Tensor:
     """The shared driver of the chunked per-token kernels (EL2N, NLL): checks shapes and target ids, keeps
-    only the masked positions, runs ``kernel(h, weight, bias, y, vocab_chunk, logit_scale, softcap)`` (or
+    only the masked positions (inside :func:`winnow.grads.checks.deferred`: computes every position, so
+    that the host never waits for the mask's count), runs ``kernel(h, weight, bias, y, vocab_chunk, logit_scale, softcap)`` (or
     ``compiled()``'s version) on ``token_chunk`` positions at a time, and scatters the float32 results
     back, NaN where ``mask`` is False."""
     if vocab_chunk <= 0 or token_chunk <= 0:
@@ -133,20 +136,68 @@ def apply_token_kernel(
     lead = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1).long()
+    if mask is not None and is_deferred():
+        # no host wait: every position is computed (targets of masked ones replaced by 0) and the masked
+        # ones set to NaN; length-sorted batches make the extra positions few (winnow/grads/checks.py)
+        keep = mask.reshape(-1)
+        require(
+            ~(((y < 0) | (y >= vocab)) & keep).any(),
+            f"target token id out of range for a vocabulary of {vocab} at a scored position",
+        )
+        vals = _run_chunks(
+            kernel,
+            compiled,
+            h,
+            y.masked_fill(~keep, 0),
+            weight,
+            bias,
+            vocab_chunk,
+            token_chunk,
+            logit_scale,
+            softcap,
+            compile,
+        )
+        return torch.where(keep, vals, torch.full((), math.nan, device=vals.device)).reshape(lead)
     out = torch.full((y.numel(),), math.nan, dtype=torch.float32, device=hidden.device)
     idx = None
     if mask is not None:
         idx = mask.reshape(-1).nonzero().squeeze(1)
         h = h.index_select(0, idx)
         y = y.index_select(0, idx)
-    n = y.numel()
-    if n == 0:
+    if y.numel() == 0:
         return out.reshape(lead)
-    if bool(((y < 0) | (y >= vocab)).any()):
-        raise ValueError(f"target token id out of range for a vocabulary of {vocab} at a scored position")
+    require(
+        ~((y < 0) | (y >= vocab)).any(),
+        f"target token id out of range for a vocabulary of {vocab} at a scored position",
+    )
+    vals = _run_chunks(
+        kernel, compiled, h, y, weight, bias, vocab_chunk, token_chunk, logit_scale, softcap, compile
+    )
+    if idx is None:
+        out = vals
+    else:
+        out.index_copy_(0, idx, vals)
+    return out.reshape(lead)
+
+
+def _run_chunks(
+    kernel: Callable[..., torch.Tensor],
+    compiled: Callable[[], Callable[..., torch.Tensor]],
+    h: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    vocab_chunk: int,
+    token_chunk: int,
+    logit_scale: float | None,
+    softcap: float | None,
+    compile: bool,
+) -> torch.Tensor:
+    """``kernel`` on ``token_chunk`` rows of ``h`` (n, H) and ``y`` (n,) at a time: (n,) float32."""
+    n = y.numel()
     h = h.to(weight.dtype)
     fn = compiled() if compile else kernel
-    vals = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    vals = torch.empty(n, dtype=torch.float32, device=h.device)
     for t0 in range(0, n, token_chunk):
         t1 = min(t0 + token_chunk, n)
         hc, yc = h[t0:t1], y[t0:t1]
@@ -155,8 +206,4 @@ def apply_token_kernel(
             torch._dynamo.mark_dynamic(hc, 0)
             torch._dynamo.mark_dynamic(yc, 0)
         vals[t0:t1] = fn(hc, weight, bias, yc, vocab_chunk, logit_scale, softcap)
-    if idx is None:
-        out = vals
-    else:
-        out.index_copy_(0, idx, vals)
-    return out.reshape(lead)
+    return vals

@@ -1,0 +1,180 @@
+"""The scoring feed: striped reading, featurizing in processes or threads, columnar collation and the
+deferred input checks give exactly what the plain path gives."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tiny_recipe
+from winnow.errors import WinnowError
+from winnow.grads import checks
+from winnow.pipeline import scoring
+from winnow.pipeline.collate import Columns, FeatBatch, Featurizer, collate_columns, example_key
+from winnow.pipeline.models import load_tokenizer, train_tokenizer
+from winnow.pipeline.recipe import DataConfig, Recipe
+from winnow.pipeline.sources import iter_raw_batches, iter_striped_batches, list_shards
+from winnow.scorers.el2n import causal_lm_token_el2n
+
+
+def _rows(corpus):
+    return [json.loads(line) for f in sorted(corpus.glob("*.jsonl")) for line in open(f)]
+
+
+def _featurizer(corpus, tmp_path, text_from=None, **over):
+    recipe = Recipe.model_validate(tiny_recipe(corpus, tmp_path / "run", **over))
+    texts = [r["text"] for r in _rows(text_from or corpus)]
+    tok = load_tokenizer(train_tokenizer(texts, recipe, tmp_path / "tok"))
+    return recipe, Featurizer(recipe, tok, None, None)
+
+
+def test_striped_batches_are_the_raw_batches(corpus, tmp_path):
+    """Stripes w = 0..W-1 of every source kind (jsonl, a parquet file of images, a saved dataset) together
+    are iter_raw_batches' batches, with their row offsets; images decode to the same arrays."""
+    rows = _rows(corpus)
+    datasets.Dataset.from_list([{"id": r["id"], "text": r["text"]} for r in rows]).save_to_disk(
+        str(tmp_path / "disk"), num_shards=2
+    )
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (6, 5, 3), dtype=np.uint8)) for _ in range(23)]
+    datasets.Dataset.from_dict({"img": imgs, "y": list(range(23))}).to_parquet(str(tmp_path / "im.parquet"))
+    cases = [
+        (DataConfig(source=f"{corpus}/*.jsonl", text_column="text", read_batch_size=7), "text"),
+        (DataConfig(source=str(tmp_path / "disk"), text_column="text", read_batch_size=9), "text"),
+        (DataConfig(source=str(tmp_path / "im.parquet"), image_column="img", read_batch_size=4), "img"),
+    ]
+    for data, col in cases:
+        for shard in list_shards(data):
+            want = list(iter_raw_batches(data, shard))
+            offsets = np.concatenate([[0], np.cumsum([len(b[col]) for b in want])[:-1]]).tolist()
+            for stride in (1, 3):
+                got = sorted(
+                    (o, b) for w in range(stride) for o, b in iter_striped_batches(data, shard, stride, w)
+                )
+                assert [o for o, _ in got] == offsets
+                for (_, g), w in zip(got, want, strict=True):
+                    assert set(g) == set(w)
+                    if col == "img":
+                        for a, b in zip(g[col], w[col], strict=True):
+                            assert np.array_equal(np.asarray(a), np.asarray(b))
+                    else:
+                        assert g == w
+
+
+def test_processes_and_threads_feed_the_inline_batches_in_order(corpus, tmp_path):
+    """3 processes over 9 read batches (an uneven share each) and 2 threads hand back exactly the inline
+    feed's featurized batches, in order: ids, keys, rows parts and token columns."""
+    recipe, feat = _featurizer(corpus, tmp_path, data__read_batch_size=5)
+    shard = list_shards(recipe.data)[0]
+    inline = list(scoring._stream(recipe, shard, feat, 0))
+    assert len(inline) == 8  # 40 rows a file
+    for workers, kind in ((3, "processes"), (2, "threads")):
+        got = list(scoring._stream(recipe, shard, feat, workers, kind))
+        assert len(got) == len(inline)
+        for g, w in zip(got, inline, strict=True):
+            assert g.ids == w.ids and g.keys == w.keys
+            assert g.rows.equals(w.rows)
+            assert np.array_equal(g.columns.lengths, w.columns.lengths)
+            assert np.array_equal(g.columns.flat, w.columns.flat)
+
+
+def test_a_bad_row_in_a_worker_process_is_a_clear_error(corpus, tmp_path):
+    """A row that does not featurize, read by a worker process: the run's error names the file and row,
+    not a worker traceback."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    rows = _rows(corpus)[:30]
+    rows[17]["text"] = 5
+    (bad / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe, feat = _featurizer(bad, tmp_path, text_from=corpus, data__read_batch_size=4)
+    shard = list_shards(recipe.data)[0]
+    with pytest.raises(WinnowError, match=r"a\.jsonl row 17: column 'text' holds int, expected text"):
+        list(scoring._stream(recipe, shard, feat, 2))
+
+
+def test_columns_collate_as_the_featurizer_does(corpus, tmp_path):
+    """Columns.take and collate_columns give Featurizer.collate's tensors for any subset and order; a batch
+    without padding has no attention_mask (unless asked); keys are example_key's."""
+    recipe, feat = _featurizer(corpus, tmp_path)
+    shard = list_shards(recipe.data)[0]
+    raw = next(iter_raw_batches(recipe.data, shard))
+    exs = feat.featurize(raw, shard.location)
+    fb = FeatBatch.of(exs)
+    assert fb.keys == [example_key(e) for e in exs]
+    assert fb.rows.column("preview").to_pylist() == [e.preview for e in exs]
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        sub = rng.permutation(len(exs))[: rng.integers(1, len(exs))]
+        cols = fb.columns.take(sub)
+        idx = rng.permutation(len(sub))[:7]
+        want = feat.collate([exs[sub[i]] for i in idx])
+        got = collate_columns(cols, idx, "causal_lm", feat.pad_id, drop_full_mask=False)
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k])
+    same = [i for i, e in enumerate(exs) if e.n_tokens == exs[0].n_tokens][:3]
+    got = collate_columns(fb.columns, np.array(same), "causal_lm", feat.pad_id)
+    assert "attention_mask" not in got
+    both = Columns.concat([fb.columns.take(np.array([0, 1])), fb.columns.take(np.array([2]))])
+    assert np.array_equal(both.flat, fb.columns.take(np.array([0, 1, 2])).flat)
+
+
+def _ref_el2n(h, w, y):
+    p = torch.softmax((h @ w.T).double(), -1)
+    return (p - torch.nn.functional.one_hot(y, w.shape[0]).double()).norm(dim=-1).float()
+
+
+def test_deferred_checks_compute_every_position_and_still_refuse_bad_targets():
+    """Inside checks.deferred the token kernel computes every position (no host wait for the mask's count)
+    and gives the plain path's scores, NaN where masked; an out-of-range target at a scored position still
+    raises (at once on the CPU), one at a masked position does not."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(3, 6, 8, generator=g), torch.randn(50, 8, generator=g)
+    y = torch.randint(0, 50, (3, 6), generator=g)
+    mask = torch.rand(3, 6, generator=g) > 0.3
+    plain = causal_lm_token_el2n(h, w, None, y, mask)
+    with checks.deferred():
+        assert checks.is_deferred()
+        dense = causal_lm_token_el2n(h, w, None, y, mask, token_chunk=5)
+    assert not checks.is_deferred()
+    assert torch.equal(torch.isnan(plain), ~mask) and torch.equal(torch.isnan(dense), ~mask)
+    torch.testing.assert_close(dense[mask], plain[mask], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dense[mask], _ref_el2n(h[mask], w, y[mask]), rtol=1e-4, atol=1e-5)
+    y_bad = y.clone()
+    y_bad[~mask] = 999  # masked: never scored, never checked
+    with checks.deferred():
+        causal_lm_token_el2n(h, w, None, y_bad, mask)
+        y_bad[mask.nonzero()[0].unbind()] = 999
+        with pytest.raises(ValueError, match="out of range for a vocabulary of 50"):
+            causal_lm_token_el2n(h, w, None, y_bad, mask)
+
+
+def test_deferred_block_raises_the_first_failed_check_at_its_end(monkeypatch):
+    """On an accelerator a check is kept until the block ends; the block then raises the first failed
+    check's message (lazy messages are formatted only then). The CPU path is checked at once (above), so the
+    accelerator is stood in for by tensors whose device claims not to be the CPU."""
+
+    class Flag(torch.Tensor):
+        @property
+        def device(self):  # type: ignore[override]
+            return torch.device("meta")
+
+    def flag(v: bool) -> torch.Tensor:
+        return torch.tensor(v).as_subclass(Flag)
+
+    seen = []
+    with pytest.raises(ValueError, match="second"):
+        with checks.deferred():
+            checks.require(flag(True), "first")
+            checks.require(flag(False), lambda: seen.append(1) or "second")
+            checks.require(flag(False), "third")
+            seen.append("block ended")  # nothing raised inside the block
+    assert seen == ["block ended", 1]
+    with checks.deferred():
+        checks.require(flag(True), "fine")
