@@ -119,7 +119,7 @@ def _recipe(a: argparse.Namespace, inputs: Path, run_dir: Path, smoke: bool) -> 
         },
         "select": {"method": "score", "score": a.scorer, "fraction": 0.5, "keep": "highest"},
         "output": {"dir": str(run_dir), "shard_max_rows": 100_000},
-        "runner": {"kind": "thread", "max_workers": 1},
+        "runner": {"kind": "thread", "max_workers": a.max_workers},
     }
 
 
@@ -366,6 +366,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "loader_workers": a.loader_workers,
         "loader": a.loader,
         "bucket_rows": a.bucket_rows,
+        "max_workers": a.max_workers,
         "server": a.server,
         "whole_run": {"wall_s": wall, "rows_per_s": a.rows / wall, **smp.window(t0, t0 + wall)},
         "scoring": {
@@ -406,7 +407,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=100)
     ap.add_argument("--compile", action="store_true", help="scoring.compile: torch.compile the model")
     ap.add_argument("--loader-workers", default="auto", type=lambda v: v if v == "auto" else int(v))
-    ap.add_argument("--loader", default="processes", choices=["processes", "threads"])
+    ap.add_argument("--max-workers", type=int, default=1, help="runner.max_workers: shards scored at once")
+    ap.add_argument("--loader", default="threads", choices=["threads", "processes"])
     ap.add_argument(
         "--server", action="store_true", help="a Prefect server started before the run (a user's own)"
     )

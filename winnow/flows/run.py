@@ -122,7 +122,7 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
     from winnow.pipeline.influence import influence_checkpoints, target_shards
     from winnow.pipeline.models import model_source_fingerprint, tokenizer_fingerprint, warm_imports
     from winnow.pipeline.score_merge import parts_fingerprint
-    from winnow.pipeline.scoring import cache_fingerprint
+    from winnow.pipeline.scoring import cache_fingerprint, release_models
     from winnow.pipeline.train import train_fingerprint
 
     warm_imports()  # before any task thread: transformers' lazy imports race between threads
@@ -213,6 +213,7 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
                 )
                 (tgt_handles if role == "target" else infl_handles).append(h)
     parts: list[ScorePart] = [g.result(h) for h in handles]
+    release_models()  # the scoring models kept loaded from shard to shard
     part_dicts = [p.to_dict() for p in parts]
     parts_fp = parts_fingerprint(parts)
     emb_fp = None

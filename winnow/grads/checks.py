@@ -6,9 +6,9 @@ cannot be prepared while this one computes. The kernels call :func:`require` ins
 :func:`deferred` (a plain call, every test of a kernel) it raises at once, as before. Inside it, on a
 device other than the CPU, the condition stays on the device and is evaluated when the block ends, once
 for all the batches of the block; the first failed check raises its ``ValueError`` then. The scoring
-pipeline scores a window of batches inside one block and copies the window's scores back at its end,
-which waits for the GPU anyway: the checks cost one more small copy per window instead of a stall per
-batch. Whatever a failing block computed is discarded by the caller, since the block raises.
+pipeline scores a whole pass over a shard inside one block and copies its scores back at the end, which
+waits for the GPU anyway: the checks cost one more small copy per pass instead of a stall per batch
+(checks with the same message are folded into one flag, so a block holds a few tensors however long). Whatever a failing block computed is discarded by the caller, since the block raises.
 
 Branches on data (is this batch padded?) cannot be deferred: :func:`is_deferred` lets a kernel take the
 path that is right either way (pass the mask) instead of asking the device.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -39,7 +40,11 @@ def require(ok: torch.Tensor, message: str | Callable[[], str]) -> None:
         if not bool(ok):
             raise ValueError(message() if callable(message) else message)
         return
-    pending.append((ok.reshape(()), message))
+    # checks with the same text are folded into one flag: a block over a million batches holds a few tensors
+    key: Any = message if isinstance(message, str) else len(pending)
+    have = pending.get(key)
+    ok = ok.reshape(())
+    pending[key] = (ok if have is None else have[0] & ok, message)
 
 
 @contextlib.contextmanager
@@ -49,7 +54,7 @@ def deferred() -> Iterator[None]:
     if is_deferred():
         yield
         return
-    held: list[tuple[torch.Tensor, str | Callable[[], str]]] = []
+    held: dict[Any, tuple[torch.Tensor, str | Callable[[], str]]] = {}
     _local.pending = held
     try:
         yield
@@ -57,7 +62,7 @@ def deferred() -> Iterator[None]:
         _local.pending = None
     if not held:
         return
-    flags = torch.stack([ok for ok, _ in held]).cpu()
-    for (_, message), good in zip(held, flags.tolist(), strict=True):
+    flags = torch.stack([ok for ok, _ in held.values()]).cpu()
+    for (_, message), good in zip(held.values(), flags.tolist(), strict=True):
         if not good:
             raise ValueError(message() if callable(message) else message)

@@ -219,13 +219,13 @@ class ScoringConfig(Strict):
     compile: bool = Field(default=False, description="torch.compile the model's body (GPU only)")
     loader_workers: int | Literal["auto"] = Field(
         default="auto",
-        description="processes (or threads, see loader) that read, tokenize and key read batches ahead of "
-        "the model (0: inline); auto: min(8, cores / 2) on CUDA, 0 on CPU",
+        description="threads (or processes, see loader) that tokenize and key read batches ahead of the "
+        "model (0: inline); auto: min(8, cores / 2) on CUDA, 0 on CPU",
     )
-    loader: Literal["processes", "threads"] = Field(
-        default="processes",
-        description="what the loader workers are: processes (no interpreter lock shared with the thread "
-        "that launches the model; each starts in about a second) or threads",
+    loader: Literal["threads", "processes"] = Field(
+        default="threads",
+        description="what the loader workers are: threads (the Rust tokenizer runs without the interpreter "
+        "lock) or processes (no lock shared at all, but every shard starts its own: seconds each)",
     )
     bucket_rows: int | Literal["auto"] = Field(
         default="auto",

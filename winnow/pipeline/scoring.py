@@ -22,7 +22,7 @@ import copy
 import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -173,7 +173,7 @@ def _feed_context() -> Any:
 
 
 def _stream(
-    recipe: Recipe, shard: InputShard, feat: Featurizer, workers: int = 0, kind: str = "processes"
+    recipe: Recipe, shard: InputShard, feat: Featurizer, workers: int = 0, kind: str = "threads"
 ) -> Iterator[FeatBatch]:
     """The shard's read batches featurized, in order: inline (``workers`` 0), or by ``workers`` processes
     (``kind`` "processes": a DataLoader, up to 4 read batches each ahead of the consumer) or threads
@@ -203,8 +203,11 @@ def _stream(
 
 
 def _threaded(recipe: Recipe, shard: InputShard, feat: Featurizer, workers: int) -> Iterator[FeatBatch]:
-    """``workers`` threads featurizing read batches in order (a fast tokenizer is not safe to call from two
-    threads at once, so each has its own copy; its Rust encoder runs without the interpreter lock)."""
+    """``workers`` threads featurizing read batches in order, fed by a reader thread (opening the shard and
+    reading it overlap the consumer's own work). A fast tokenizer is not safe to call from two threads at
+    once, so each has its own copy; its Rust encoder runs without the interpreter lock."""
+    import queue
+
     local = threading.local()
 
     def work(raw: dict[str, list], offset: int) -> FeatBatch:
@@ -212,18 +215,46 @@ def _threaded(recipe: Recipe, shard: InputShard, feat: Featurizer, workers: int)
             local.feat = copy.deepcopy(feat)
         return FeatBatch.of(local.feat.featurize(raw, shard.location, offset))
 
-    pending: deque[Future[FeatBatch]] = deque()
-    with ThreadPoolExecutor(workers, thread_name_prefix="winnow-featurize") as pool:
+    ahead: queue.Queue[Any] = queue.Queue(maxsize=2 * workers)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read(pool: ThreadPoolExecutor) -> None:
         try:
             for offset, raw in iter_striped_batches(recipe.data, shard, 1, 0):
-                pending.append(pool.submit(work, raw, offset))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+                if not put(pool.submit(work, raw, offset)):
+                    return
+            put(end)
+        except BaseException as e:  # handed to the consumer, in order
+            put(e)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="winnow-featurize") as pool:
+        reader = threading.Thread(target=read, args=(pool,), name="winnow-read", daemon=True)
+        reader.start()
+        try:
+            while True:
+                item = ahead.get()
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item.result()
         finally:
-            for f in pending:
-                f.cancel()
+            stop.set()
+            reader.join()
+            while not ahead.empty():
+                f = ahead.get_nowait()
+                if isinstance(f, Future):
+                    f.cancel()
 
 
 def score_shard(
@@ -271,31 +302,39 @@ def score_shard(
             if ci > 0 and not todo:
                 break  # the first pass found nothing new: no other checkpoint needs loading
             pas = _CheckpointPass(recipe, run_dir / ck.path, scorers, feat, device, use_bf16, window)
-            if kept is not None and ci > 0:
-                for cols in kept:  # the first pass's examples, featurized once (see REUSE_BYTES)
-                    pas.add(cols)
-            else:
-                for fb in _stream(recipe, shard, feat, workers, recipe.scoring.loader):
-                    if ci == 0:
-                        rows_out.write(fb.rows)
-                        ids.extend(fb.ids)
-                        keys.extend(fb.keys)
-                        for k in fb.keys:
-                            if k not in known:
-                                todo.add(k)
-                                new_keys.append(k)
-                    take = np.fromiter((i for i, k in enumerate(fb.keys) if k in todo), dtype=np.int64)
-                    if len(take):
-                        cols = fb.columns if len(take) == len(fb.keys) else fb.columns.take(take)
-                        pas.add(cols)
-                        if ci == 0 and kept is not None:
-                            kept.append(cols)
-                            held += cols.nbytes
-                            if held > REUSE_BYTES:
-                                kept = None  # too large to hold: later passes read the shard again
-                    if progress is not None:
-                        progress(len(fb.keys))
-            chunks = {col + ckpt_suffix(ck): arrs for col, arrs in pas.finish().items()}
+            # on an accelerator the input checks of the whole pass are evaluated once, at its end
+            with checks.deferred() if device.type != "cpu" else contextlib.nullcontext():
+                try:
+                    if kept is not None and ci > 0:
+                        for cols in kept:  # the first pass's examples, featurized once (see REUSE_BYTES)
+                            pas.add(cols)
+                    else:
+                        for fb in _stream(recipe, shard, feat, workers, recipe.scoring.loader):
+                            if ci == 0:
+                                rows_out.write(fb.rows)
+                                ids.extend(fb.ids)
+                                keys.extend(fb.keys)
+                                for k in fb.keys:
+                                    if k not in known:
+                                        todo.add(k)
+                                        new_keys.append(k)
+                            take = np.fromiter(
+                                (i for i, k in enumerate(fb.keys) if k in todo), dtype=np.int64
+                            )
+                            if len(take):
+                                cols = fb.columns if len(take) == len(fb.keys) else fb.columns.take(take)
+                                pas.add(cols)
+                                if ci == 0 and kept is not None:
+                                    kept.append(cols)
+                                    held += cols.nbytes
+                                    if held > REUSE_BYTES:
+                                        kept = None  # too large to hold: later passes read the shard again
+                            if progress is not None:
+                                progress(len(fb.keys))
+                    got = pas.finish()
+                finally:
+                    pas.release()
+            chunks = {col + ckpt_suffix(ck): arrs for col, arrs in got.items()}
             for col, arrs in chunks.items():
                 per_ckpt[col] = [np.concatenate(arrs)] if arrs else [np.zeros(0)]
             del pas
@@ -351,7 +390,11 @@ def score_shard(
 
 class _CheckpointPass:
     """One checkpoint's pass over a shard: the examples to score gathered ``window`` rows at a time and
-    scored window by window (length-sorted inside a window); the model is loaded at the first window."""
+    queued window by window (length-sorted inside a window). Nothing waits for the device before ``finish``:
+    the scores stay there until one copy back at the end of the pass (the caller defers the scorers' input
+    checks over the same span, ``winnow.grads.checks``), so the host reads, collates and launches window
+    k + 1 while the device computes window k. The model comes from :func:`_scoring_model` at the first
+    window and goes back to the kept ones at ``release``."""
 
     def __init__(
         self,
@@ -368,7 +411,7 @@ class _CheckpointPass:
         self.model: Any = None
         self.waiting: list[Columns] = []
         self.n_waiting = 0
-        self.chunks: dict[str, list[np.ndarray]] = {}
+        self.windows: list[tuple[int, dict[str, list[tuple[np.ndarray, torch.Tensor]]]]] = []
 
     def add(self, cols: Columns) -> None:
         self.waiting.append(cols)
@@ -377,11 +420,28 @@ class _CheckpointPass:
             self._score()
 
     def finish(self) -> dict[str, list[np.ndarray]]:
-        """Every column's scores, window by window, in the order the examples were added."""
+        """Every column's scores, window by window, in the order the examples were added (the one wait for
+        the device)."""
         if self.waiting:
             self._score()
-        self.model = None
-        return self.chunks
+        chunks: dict[str, list[np.ndarray]] = {}
+        for n, parts in self.windows:
+            for col, got in parts.items():
+                arr = np.full(n, np.nan)
+                vals = torch.cat([t.reshape(-1) for _, t in got]).cpu().numpy()
+                arr[np.concatenate([i for i, _ in got])] = vals
+                chunks.setdefault(col, []).append(arr)
+        self.windows = []
+        return chunks
+
+    def release(self) -> None:
+        """The model back to the kept ones (whether the pass finished or failed)."""
+        if self.model is not None:
+            _release_model(self._key(), self.model)
+            self.model = None
+
+    def _key(self) -> tuple[Any, ...]:
+        return (str(self.path), str(self.device), self.use_bf16, self.recipe.scoring.compile)
 
     def _score(self) -> None:
         if self.model is None:
@@ -389,11 +449,10 @@ class _CheckpointPass:
         cols = Columns.concat(self.waiting)
         self.waiting, self.n_waiting = [], 0
         r = self.recipe
-        got = _score_columns(
+        parts = _score_columns(
             self.scorers, self.model, cols, self.feat, r.model.task, self.device, r.scoring.batch_size
         )
-        for col, arr in got.items():
-            self.chunks.setdefault(col, []).append(arr)
+        self.windows.append((len(cols), parts))
 
 
 class _RowsWriter:
@@ -420,15 +479,49 @@ class _RowsWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+MODEL_CACHE_BYTES = 8 << 30
+"""Scoring models kept loaded between shards (one process scores every shard with the same checkpoints):
+up to this many bytes of parameters, least recently used first out; one is always kept."""
+
+_models: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_models_lock = threading.Lock()
+
+
 def _scoring_model(recipe: Recipe, path: Path, device: torch.device, use_bf16: bool) -> Any:
     """A checkpoint loaded for scoring: on ``device``, in eval mode, bf16 where the GPU has it, compiled
-    when ``scoring.compile``."""
+    when ``scoring.compile``. Taken from the models kept since an earlier shard when there (each is lent
+    to one pass at a time: gradient scorers hook into the model), loaded otherwise."""
+    key = (str(path), str(device), use_bf16, recipe.scoring.compile)
+    with _models_lock:
+        model = _models.pop(key, None)
+    if model is not None:
+        return model
     model = load_checkpoint(path, recipe.model.task, recipe.model.trust_remote_code).to(device).eval()
     if use_bf16:
         model = model.to(torch.bfloat16)
     if recipe.scoring.compile and device.type == "cuda":
         getattr(model, model.base_model_prefix, model).compile(dynamic=True)
     return model
+
+
+def _release_model(key: tuple[Any, ...], model: Any) -> None:
+    """A pass's model back to the kept ones (a checkpoint folder is immutable once written, so its path
+    names its weights)."""
+
+    def size(m: Any) -> int:
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    with _models_lock:
+        _models[key] = model
+        _models.move_to_end(key)
+        while len(_models) > 1 and sum(size(m) for m in _models.values()) > MODEL_CACHE_BYTES:
+            _models.popitem(last=False)
+
+
+def release_models() -> None:
+    """Forget the scoring models kept between shards (the end of a run's scoring)."""
+    with _models_lock:
+        _models.clear()
 
 
 def _score_columns(
@@ -439,35 +532,22 @@ def _score_columns(
     task: str,
     device: torch.device,
     bs: int,
-) -> dict[str, np.ndarray]:
-    """Score examples in length-sorted batches; return columns in the examples' order.
-
-    On an accelerator nothing here waits for the device until the window's last batch is queued: batches
-    are copied from pinned memory without waiting, the scorers' input checks are deferred to the end of
-    the window (``winnow.grads.checks``), a batch without padding carries no mask to test, and the
-    scores stay on the device until one copy back at the end. So the host collates batch i + 1 while the
-    device computes batch i."""
-    n = len(cols)
+) -> dict[str, list[tuple[np.ndarray, torch.Tensor]]]:
+    """Queue the examples' batches, length-sorted, through the scorers; return each column's (positions,
+    scores) per batch, the scores still on ``device``. Batches are copied from pinned memory without
+    waiting, and a batch without padding carries no mask to test."""
     accel = device.type != "cpu"
     parts: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {}
-    with checks.deferred() if accel else contextlib.nullcontext():
-        for idx in length_groups(cols.lengths, bs):
-            cpu = collate_columns(cols, idx, task, feat.pad_id)
-            batch = {
-                k: (v.pin_memory() if accel else v).to(device, non_blocking=accel) for k, v in cpu.items()
-            }
-            for s in scorers:
-                # gradient scorers (GraNd, ...) run their own backward; the rest need no autograd graph
-                with torch.set_grad_enabled(bool(getattr(s, "needs_grad", False))):
-                    res = s.score_batch(model, batch, task)
-                for col, t in res.items():
-                    parts.setdefault(col, []).append((idx, t.detach().float()))
-    out: dict[str, np.ndarray] = {}
-    for col, got in parts.items():
-        arr = out.setdefault(col, np.full(n, np.nan))
-        vals = torch.cat([t.reshape(-1) for _, t in got]).cpu().numpy()
-        arr[np.concatenate([i for i, _ in got])] = vals
-    return out
+    for idx in length_groups(cols.lengths, bs):
+        cpu = collate_columns(cols, idx, task, feat.pad_id)
+        batch = {k: (v.pin_memory() if accel else v).to(device, non_blocking=accel) for k, v in cpu.items()}
+        for s in scorers:
+            # gradient scorers (GraNd, ...) run their own backward; the rest need no autograd graph
+            with torch.set_grad_enabled(bool(getattr(s, "needs_grad", False))):
+                res = s.score_batch(model, batch, task)
+            for col, t in res.items():
+                parts.setdefault(col, []).append((idx, t.detach().float()))
+    return parts
 
 
 @register_step
