@@ -178,3 +178,30 @@ def test_deferred_block_raises_the_first_failed_check_at_its_end(monkeypatch):
     assert seen == ["block ended", 1]
     with checks.deferred():
         checks.require(flag(True), "fine")
+
+
+def test_scoring_models_are_kept_from_shard_to_shard(corpus, model_folder, tmp_path, monkeypatch):
+    """A checkpoint is loaded once for all the shards a process scores: a pass gets the kept model, and
+    gives it back; a model is lent to one pass at a time; past the byte budget the least recently used go,
+    the last one stays; release_models forgets them all."""
+    recipe = Recipe.model_validate(tiny_recipe(corpus, tmp_path / "run"))
+    loads = []
+    real = scoring.load_checkpoint
+    monkeypatch.setattr(scoring, "load_checkpoint", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    scoring.release_models()
+    cpu = torch.device("cpu")
+    try:
+        a = scoring._scoring_model(recipe, model_folder, cpu, False)
+        key = (str(model_folder), "cpu", False, False)
+        scoring._release_model(key, a)
+        assert scoring._scoring_model(recipe, model_folder, cpu, False) is a  # kept: not loaded again
+        b = scoring._scoring_model(recipe, model_folder, cpu, False)  # `a` is lent out: another copy
+        assert b is not a and len(loads) == 2
+        scoring._release_model(key, a)
+        monkeypatch.setattr(scoring, "MODEL_CACHE_BYTES", 1)
+        other = (str(model_folder), "cpu", True, False)
+        scoring._release_model(other, b)  # over the budget: `a` (least recently used) goes, `b` stays
+        assert list(scoring._models) == [other]
+    finally:
+        scoring.release_models()
+    assert not scoring._models

@@ -70,6 +70,17 @@ class Columns:
         return len(self.lengths)
 
     @property
+    def starts(self) -> np.ndarray:
+        """(n,) where each row's tokens begin in ``flat`` (computed once: a window is collated batch by
+        batch)."""
+        got = self.__dict__.get("_starts")
+        if got is None or len(got) != len(self.lengths):
+            got = np.zeros(len(self.lengths), np.int64)
+            np.cumsum(self.lengths[:-1], out=got[1:])
+            self.__dict__["_starts"] = got
+        return got
+
+    @property
     def nbytes(self) -> int:
         arrays = (self.lengths, self.flat, self.pixels, self.labels)
         return sum(a.nbytes for a in arrays if a is not None)
@@ -97,7 +108,7 @@ class Columns:
         labels = None if self.labels is None else self.labels[idx]
         if self.pixels is not None:
             return Columns(self.lengths[idx], self.flat[:0], self.pixels[idx], labels)
-        starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]) if len(self) else self.lengths
+        starts = self.starts
         lens = self.lengths[idx]
         # every kept row's token positions, end to end: start of its row + 0..len-1
         pos = np.repeat(starts[idx] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(
@@ -371,7 +382,7 @@ def collate_columns(
             "pixel_values": torch.from_numpy(np.ascontiguousarray(cols.pixels[idx], dtype=np.float32)),
             "labels": torch.from_numpy(cols.labels[idx]),
         }
-    starts = np.concatenate([[0], np.cumsum(cols.lengths)[:-1]]) if len(cols) else cols.lengths
+    starts = cols.starts
     lens = cols.lengths[idx]
     T = max(1, int(lens.max()) if len(lens) else 1)
     valid = np.arange(T) < lens[:, None]
