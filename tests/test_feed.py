@@ -205,3 +205,30 @@ def test_scoring_models_are_kept_from_shard_to_shard(corpus, model_folder, tmp_p
     finally:
         scoring.release_models()
     assert not scoring._models
+
+
+def test_padding_to_a_multiple_changes_no_score(corpus, model_folder, tmp_path):
+    """scoring.pad_multiple pads a batch's length up to a multiple (masked): every EL2N score is what the
+    unpadded batches give, on real text and a real (small) GPT-2."""
+    from winnow.pipeline.models import load_checkpoint
+    from winnow.scorers import get_scorer
+
+    recipe, _ = _featurizer(corpus, tmp_path)
+    feat = Featurizer(recipe, load_tokenizer(model_folder), None, None)
+    shard = list_shards(recipe.data)[0]
+    cols = Columns.concat([fb.columns for fb in scoring._stream(recipe, shard, feat, 0)])
+    model = load_checkpoint(model_folder, "causal_lm").eval()
+    scorers = [get_scorer("el2n")]
+
+    def scores(multiple):
+        parts = scoring._score_columns(
+            scorers, model, cols, feat, "causal_lm", torch.device("cpu"), 8, multiple
+        )
+        out = np.full(len(cols), np.nan)
+        for idx, t in parts["el2n"]:
+            out[idx] = t.numpy()
+        return out
+
+    batch = collate_columns(cols, np.arange(5), "causal_lm", feat.pad_id, multiple=16)
+    assert batch["input_ids"].shape[1] % 16 == 0
+    np.testing.assert_allclose(scores(16), scores(1), rtol=1e-5, atol=1e-6)

@@ -370,12 +370,18 @@ def length_groups(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 def collate_columns(
-    cols: Columns, idx: np.ndarray, task: str, pad_id: int, drop_full_mask: bool = True
+    cols: Columns,
+    idx: np.ndarray,
+    task: str,
+    pad_id: int,
+    drop_full_mask: bool = True,
+    multiple: int = 1,
 ) -> dict[str, torch.Tensor]:
     """The model batch of the examples at ``idx`` of ``cols``, as :meth:`Featurizer.collate` makes it,
-    without a Python loop over tokens. With ``drop_full_mask`` a text batch without padding has no
-    ``attention_mask`` (every scorer reads a missing mask as all ones): neither the scorer nor the model then
-    asks the device whether the mask is all ones, a wait for the GPU on every batch."""
+    without a Python loop over tokens, its length padded up to a multiple of ``multiple`` (capped at the
+    longest row rounded up; padding is masked, so scores do not change). With ``drop_full_mask`` a text
+    batch without padding has no ``attention_mask`` (every scorer reads a missing mask as all ones):
+    neither the scorer nor the model then asks the device whether the mask is all ones."""
     if task == "image_classification":
         assert cols.pixels is not None and cols.labels is not None
         return {
@@ -385,6 +391,7 @@ def collate_columns(
     starts = cols.starts
     lens = cols.lengths[idx]
     T = max(1, int(lens.max()) if len(lens) else 1)
+    T = -(-T // multiple) * multiple
     valid = np.arange(T) < lens[:, None]
     ids = np.full((len(idx), T), pad_id, dtype=np.int64)
     ids[valid] = cols.flat[(starts[idx][:, None] + np.arange(T))[valid]]

@@ -232,6 +232,12 @@ class ScoringConfig(Strict):
         description="rows length-sorted together into batches (more rows, less padding); "
         "auto: 8192 on CUDA, data.read_batch_size on CPU",
     )
+    pad_multiple: int = Field(
+        default=1,
+        ge=1,
+        description="a batch's length padded up to a multiple of this: fewer distinct shapes for the GPU "
+        "libraries' per-shape plans and for compile, at the price of scoring the padding",
+    )
     embeddings: EmbeddingsConfig | None = None
     influence: InfluenceConfig | None = None
 

@@ -450,7 +450,14 @@ class _CheckpointPass:
         self.waiting, self.n_waiting = [], 0
         r = self.recipe
         parts = _score_columns(
-            self.scorers, self.model, cols, self.feat, r.model.task, self.device, r.scoring.batch_size
+            self.scorers,
+            self.model,
+            cols,
+            self.feat,
+            r.model.task,
+            self.device,
+            r.scoring.batch_size,
+            r.scoring.pad_multiple,
         )
         self.windows.append((len(cols), parts))
 
@@ -532,6 +539,7 @@ def _score_columns(
     task: str,
     device: torch.device,
     bs: int,
+    multiple: int = 1,
 ) -> dict[str, list[tuple[np.ndarray, torch.Tensor]]]:
     """Queue the examples' batches, length-sorted, through the scorers; return each column's (positions,
     scores) per batch, the scores still on ``device``. Batches are copied from pinned memory without
@@ -539,7 +547,7 @@ def _score_columns(
     accel = device.type != "cpu"
     parts: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {}
     for idx in length_groups(cols.lengths, bs):
-        cpu = collate_columns(cols, idx, task, feat.pad_id)
+        cpu = collate_columns(cols, idx, task, feat.pad_id, multiple=multiple)
         batch = {k: (v.pin_memory() if accel else v).to(device, non_blocking=accel) for k, v in cpu.items()}
         for s in scorers:
             # gradient scorers (GraNd, ...) run their own backward; the rest need no autograd graph
