@@ -249,7 +249,7 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
         )
         logger.info(
             f"influence: {infl['rows']} rows against {infl['target_rows']} target examples "
-            f"({len(infl['subtasks'])} subtask(s)); neighbours by faiss on {infl['faiss']}"
+            f"({len(infl['subtasks'])} subtask(s)); neighbours by {infl['neighbours_by']}"
         )
 
     mix_fp = None

@@ -9,12 +9,12 @@ Steps (one Prefect task each, see flows/run.py):
    ``meta-<shard>-<fp>.parquet`` (id, domain, and per checkpoint the projected norm and the exact
    squared gradient norm). The projection is seeded by (proj_seed, parameter name) only, so shards
    scored in different processes or on different machines share one feature space.
-2. ``merge_influence``: joins the parts, computes the scores into ``scores/influence.parquet``
-   (``influence``, ``self_influence``, ``gradsim_target``, ``gradsim_domain``), writes
-   ``influence/features.npy`` + ``influence/ids.parquet`` (the merged features) and, with a faiss
-   inner-product index over the learning-rate-weighted concatenated features (whose inner products are
-   exactly the summed cosines of the influence score), each target example's top-k training examples
-   as ``influence/neighbours.parquet``.
+2. ``merge_influence``: streams the parts (memory-mapped, block by block, on the GPU where there is
+   one) into the scores ``scores/influence.parquet`` (``influence``, ``self_influence``,
+   ``gradsim_target``, ``gradsim_domain``), ``influence/features.npy`` + ``influence/ids.parquet`` (the
+   merged features, written block by block) and each target example's top-k training examples as
+   ``influence/neighbours.parquet``: exact, from the same products as the scores (the learning-rate-
+   weighted sums of cosines), kept as a running top-k; memory is one block plus (targets x k).
 
 Checkpoints: those of the first seed with step > 0 (``checkpoints: all``) or its last (``last``); the
 weight of checkpoint i at step s_i is the mean learning rate of the steps (s_{i-1}, s_i] (LESS's
@@ -33,7 +33,7 @@ import torch
 
 import winnow
 from winnow.errors import WinnowError
-from winnow.pipeline.atomic import fingerprint, save_npy
+from winnow.pipeline.atomic import atomic_path, fingerprint, save_npy
 from winnow.pipeline.collate import Featurizer
 from winnow.pipeline.layout import RunLayout
 from winnow.pipeline.models import load_checkpoint, resolve_device
@@ -284,7 +284,14 @@ def features_shard(
     )
 
 
+MERGE_BLOCK_BYTES = 1 << 28
+"""The merge reads training features ``MERGE_BLOCK_BYTES`` (in float32, with their products against the
+target) at a time from the memory-mapped parts: its memory is set by this and the target set, never by
+the number of training rows."""
+
+
 def _load_parts(run_dir: Path, parts: list[FeaturePart]) -> tuple[pl.DataFrame, np.ndarray]:
+    """Every part's metadata and features, whole (the target set: small)."""
     parts = sorted(parts, key=lambda p: p.shard)
     metas = [read_parquet(run_dir / p.meta) for p in parts]
     vecs = [np.load(run_dir / p.vectors) for p in parts]
@@ -293,22 +300,38 @@ def _load_parts(run_dir: Path, parts: list[FeaturePart]) -> tuple[pl.DataFrame, 
     return meta, units
 
 
-# -- merge and score -------------------------------------------------------------------------------
-def _faiss_search(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """Exact inner-product top-k with faiss (a GPU index where faiss sees a GPU)."""
-    import faiss
+def _train_rows(run_dir: Path, parts: list[FeaturePart]) -> tuple[list[FeaturePart], pl.DataFrame]:
+    """The training parts in shard order and their rows' metadata without previews, one row per distinct
+    id (its first occurrence), with ``_p`` (the part's position) and ``_r`` (the row in the part)."""
+    parts = sorted(parts, key=lambda p: p.shard)
+    metas = [
+        pl.scan_parquet(run_dir / p.meta)
+        .drop("preview")
+        .with_row_index("_r")
+        .with_columns(pl.lit(i, pl.Int64).alias("_p"))
+        .collect()
+        for i, p in enumerate(parts)
+    ]
+    if not metas:
+        return parts, pl.DataFrame(schema={"id": pl.Utf8, "domain": pl.Utf8, "_r": pl.UInt32, "_p": pl.Int64})
+    meta = pl.concat(metas, how="vertical").unique(subset="id", keep="first", maintain_order=True)
+    return parts, meta
 
-    d = base.shape[1]
-    index = faiss.IndexFlatIP(d)
-    where = "cpu"
-    ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if ngpu > 0:
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, 0, index)
-        where = f"gpu ({ngpu} visible)"
-    index.add(np.ascontiguousarray(base, dtype=np.float32))
-    scores, idx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    return scores, idx, where
+
+def _blocks(
+    run_dir: Path, parts: list[FeaturePart], meta: pl.DataFrame, rows: int, device: torch.device
+) -> Any:
+    """(output positions, (C, b, k) float32 features on ``device``) for the kept training rows, ``rows`` at a
+    time, in ``meta``'s order, read from the parts' memory-mapped files."""
+    p_col, r_col = meta["_p"].to_numpy(), meta["_r"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, p_col[1:] != p_col[:-1]]) if len(p_col) else np.zeros(0, int)
+    ends = np.r_[starts[1:], len(p_col)]
+    for lo, hi in zip(starts, ends, strict=True):
+        mm = np.load(run_dir / parts[int(p_col[lo])].vectors, mmap_mode="r")
+        for b0 in range(lo, hi, rows):
+            b1 = min(hi, b0 + rows)
+            x = torch.from_numpy(np.ascontiguousarray(mm[:, r_col[b0:b1]]))
+            yield np.arange(b0, b1), x.to(device).float()
 
 
 def merge_influence(
@@ -319,56 +342,102 @@ def merge_influence(
     ickpts: list[WeightedCheckpoint],
     step_fingerprint: str,
 ) -> dict[str, Any]:
-    from winnow.scorers.influence import (
-        gradient_similarity,
-        heldout_target_auroc,
-        influence_scores,
-        mean_direction,
-        self_influence,
-    )
+    """The influence scores, neighbours and merged features from the parts, streamed: the training
+    features are read block by block from the memory-mapped parts (``MERGE_BLOCK_BYTES``), on the GPU
+    where ``scoring.influence.device`` gives one, and the merged ``features.npy`` is written block by block.
+    Two passes: the first sums each domain's gradients (``gradsim_domain``'s directions), the second scores
+    every block against the target set and keeps each target example's running top-k neighbours. The
+    neighbours come from the same products as the scores (``sum_i w_i <train_i, target_i>``), so they are
+    exact: no approximate index is built, and the memory is the block's plus (targets x k)."""
+    from winnow.scorers.influence import auroc, heldout_split, self_influence
 
     cfg = recipe.scoring.influence
     assert cfg is not None
-    meta, units = _load_parts(run_dir, parts)
-    first = meta.with_row_index("_i").unique(subset="id", keep="first", maintain_order=True)
-    keep = first["_i"].to_numpy()
-    meta, units = first.drop("_i"), units[:, keep]
+    device = resolve_device(cfg.device)
+    parts, meta = _train_rows(run_dir, parts)
     tmeta, tunits = _load_parts(run_dir, target_parts)
     C = len(ickpts)
-    w = [c.weight for c in ickpts]
-    train = [torch.from_numpy(units[i]) for i in range(C)]
-    target = [torch.from_numpy(tunits[i]) for i in range(C)]
-    sub_names = ["" if s is None else str(s) for s in tmeta["domain"].to_list()]
+    w = [float(c.weight) for c in ickpts]
+    N, M = meta.height, tmeta.height
+    k_dim = int(tunits.shape[2]) if tunits.ndim == 3 else 0
+    tgt = [torch.from_numpy(tunits[i]).to(device).float() for i in range(C)]
+    sub_names = ["" if x is None else str(x) for x in tmeta["domain"].to_list()]
     uniq = sorted(set(sub_names))
-    sub = torch.tensor([uniq.index(s) for s in sub_names])
-    infl = influence_scores(train, target, w, sub)
-    heldout = heldout_target_auroc(train, target, w, sub)
-    selfi = self_influence([torch.tensor(meta[f"sqnorm@{i}"].to_numpy()) for i in range(C)], w)
-    tdirs = [mean_direction(target[i].float(), torch.tensor(tmeta[f"norm@{i}"].to_numpy())) for i in range(C)]
-    gs_t = gradient_similarity(train, tdirs)
+    sub = torch.tensor([uniq.index(x) for x in sub_names], dtype=torch.long)
+    avg = _averaging(sub, len(uniq), device)
+    held = heldout_split(sub) if M >= 4 and N else None
+    if held is not None:
+        a_pos, b_pos, sub_a = held
+        avg_a = _averaging(sub_a, int(sub_a.max()) + 1, device)
+        a_dev = a_pos.to(device)
+    # target directions (gradsim_target): the target set is small, so these are computed whole
+    tnorms = [torch.tensor(tmeta[f"norm@{i}"].to_numpy(), device=device) for i in range(C)]
+    tdirs = [_unit((tgt[i].double() * tnorms[i].double()[:, None]).sum(0)) for i in range(C)]
     doms = ["" if d is None else str(d) for d in meta["domain"].to_list()]
     dnames = sorted(set(doms))
-    dgroups = torch.tensor([dnames.index(d) for d in doms])
-    ddirs = [
-        mean_direction(train[i].float(), torch.tensor(meta[f"norm@{i}"].to_numpy()), dgroups, len(dnames))
-        for i in range(C)
-    ]
-    gs_d = gradient_similarity(train, ddirs, dgroups)
+    groups = torch.tensor([dnames.index(d) for d in doms], dtype=torch.long)
+    norms = [torch.tensor(meta[f"norm@{i}"].to_numpy()) for i in range(C)]
+    rows = max(1, MERGE_BLOCK_BYTES // max(1, 4 * (C * k_dim + 2 * M)))
+    # pass 1: each domain's summed gradient (norm x unit), float64
+    dsum = [torch.zeros(len(dnames), k_dim, dtype=torch.float64, device=device) for _ in range(C)]
+    for pos, x in _blocks(run_dir, parts, meta, rows, device):
+        g = groups[pos].to(device)
+        for i in range(C):
+            raw = x[i].double() * norms[i][pos].to(device).double()[:, None]
+            dsum[i].index_add_(0, g, raw)
+    ddirs = [_unit(d) for d in dsum]
+    # pass 2: scores, neighbours and the merged features
+    infl, s_a = np.empty(N, np.float32), np.empty(N, np.float32)
+    gs_t, gs_d = np.empty(N, np.float32), np.empty(N, np.float32)
+    kk = min(cfg.neighbours, N)
+    top_v = torch.full((M, 0), -torch.inf, device=device)
+    top_i = torch.zeros((M, 0), dtype=torch.long, device=device)
+    layout = RunLayout(run_dir)
+    with atomic_path(layout.influence_features) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(N, C, k_dim))
+        for pos, x in _blocks(run_dir, parts, meta, rows, device):
+            s = torch.zeros(len(pos), M, device=device)
+            for i in range(C):
+                s += w[i] * (x[i] @ tgt[i].t())
+            infl[pos] = (s @ avg).max(1).values.cpu().numpy() if M else np.nan
+            if held is not None:
+                s_a[pos] = (s.index_select(1, a_dev) @ avg_a).max(1).values.cpu().numpy()
+            g = groups[pos].to(device)
+            gs_t[pos] = (sum((x[i] @ tdirs[i].float()).double() for i in range(C)) / C).float().cpu().numpy()
+            gs_d[pos] = (
+                (sum((x[i] * ddirs[i].float()[g]).sum(1).double() for i in range(C)) / C)
+                .float()
+                .cpu()
+                .numpy()
+            )
+            if kk and M:
+                v = torch.cat([top_v, s.t()], dim=1)
+                ix = torch.cat([top_i, torch.as_tensor(pos, device=device).expand(M, -1)], dim=1)
+                top_v, j = v.topk(min(kk, v.shape[1]), dim=1)
+                top_i = ix.gather(1, j)
+            out[pos] = x.transpose(0, 1).half().cpu().numpy()
+        out.flush()
+        del out
+    heldout = None
+    if held is not None:
+        tgt_a = [t.index_select(0, a_dev) for t in tgt]
+        sh = torch.zeros(len(b_pos), len(a_pos), device=device)
+        for i in range(C):
+            sh += w[i] * (tgt[i].index_select(0, b_pos.to(device)) @ tgt_a[i].t())
+        heldout = auroc((sh @ avg_a).max(1).values.cpu(), torch.from_numpy(s_a))
+    selfi = self_influence([torch.tensor(meta[f"sqnorm@{i}"].to_numpy()) for i in range(C)], w)
     scores = pl.DataFrame(
         {
             "id": meta["id"],
-            "influence": infl.double().numpy(),
+            "influence": infl.astype(np.float64),
             "self_influence": selfi.double().numpy(),
-            "gradsim_target": gs_t.double().numpy(),
-            "gradsim_domain": gs_d.double().numpy(),
+            "gradsim_target": gs_t.astype(np.float64),
+            "gradsim_domain": gs_d.astype(np.float64),
         },
         schema_overrides={"id": pl.Utf8},
     )
-    # merged features (float16, (rows, checkpoints, k)) and ids
-    layout = RunLayout(run_dir)
-    save_npy(layout.influence_features, np.ascontiguousarray(units.transpose(1, 0, 2)))
-    # neighbours: inner products of the weighted concatenation are sum_i w_i cos_i
-    neighbours, faiss_where = _neighbours(cfg.neighbours, units, tunits, w, meta, tmeta)
+    neighbours = _neighbour_rows(run_dir, parts, meta, tmeta, top_v.cpu().numpy(), top_i.cpu().numpy())
+    where = f"exact, blocked products on {device.type}"
     write_parquet(neighbours, layout.neighbours, {"step_fingerprint": step_fingerprint})
     write_parquet(meta.select("id", "domain"), layout.influence_ids, {"step_fingerprint": step_fingerprint})
     prov = {
@@ -376,26 +445,50 @@ def merge_influence(
         "columns": list(COLUMNS),
         "checkpoints": [c.to_dict() for c in ickpts],
         "params": cfg.model_dump(),
-        "target_rows": tmeta.height,
+        "target_rows": M,
         "subtasks": uniq,
         "heldout_target_auroc": heldout,
-        "faiss": faiss_where,
+        "neighbours_by": where,
         "package_version": winnow.__version__,
         "step_fingerprint": step_fingerprint,
     }
     path = ScoreStore(run_dir).write_scores("influence", scores, prov)
     return {
         "rows": scores.height,
-        "target_rows": tmeta.height,
+        "target_rows": M,
         "subtasks": uniq,
-        "faiss": faiss_where,
+        "neighbours_by": where,
         "files": [layout.rel(path), layout.rel(layout.neighbours)],
     }
 
 
-def _neighbours(
-    k: int, units: np.ndarray, tunits: np.ndarray, w: list[float], meta: pl.DataFrame, tmeta: pl.DataFrame
-) -> tuple[pl.DataFrame, str]:
+def _averaging(sub: torch.Tensor, J: int, device: torch.device) -> torch.Tensor:
+    """(M, J): column j averages the target examples of subtask j (every subtask present)."""
+    M = sub.numel()
+    avg = torch.zeros(M, J, device=device)
+    if M:
+        avg[torch.arange(M, device=device), sub.to(device)] = 1.0
+        avg /= avg.sum(0, keepdim=True)
+    return avg
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    """Rows (or a vector) scaled to unit length, a zero one left zero: :func:`mean_direction`'s directions."""
+    if v.dim() == 1:
+        return (v / v.norm().clamp_min(1e-300)).float()
+    return (v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)).float()
+
+
+def _neighbour_rows(
+    run_dir: Path,
+    parts: list[FeaturePart],
+    meta: pl.DataFrame,
+    tmeta: pl.DataFrame,
+    top_v: np.ndarray,
+    top_i: np.ndarray,
+) -> pl.DataFrame:
+    """``influence/neighbours.parquet``: per target example its top-k training rows by influence, with
+    previews read from the parts for those rows only."""
     schema = {
         "target_id": pl.Utf8,
         "subtask": pl.Utf8,
@@ -406,30 +499,30 @@ def _neighbours(
         "preview": pl.Utf8,
         "influence": pl.Float64,
     }
-    k = min(k, units.shape[1])
-    if k == 0:
-        return pl.DataFrame(schema=schema), "none"
-    sw = np.sqrt(np.asarray(w, dtype=np.float32))[:, None, None]
-    base = (units.astype(np.float32) * sw).transpose(1, 0, 2).reshape(units.shape[1], -1)
-    q = (tunits.astype(np.float32) * sw).transpose(1, 0, 2).reshape(tunits.shape[1], -1)
-    sc, ix, where = _faiss_search(base, q, k)
-    ids, doms, prev = meta["id"].to_list(), meta["domain"].to_list(), meta["preview"].to_list()
-    tids, tsub, tprev = tmeta["id"].to_list(), tmeta["domain"].to_list(), tmeta["preview"].to_list()
-    rows: dict[str, list] = {c: [] for c in schema}
-    for t in range(len(tids)):
-        for r in range(k):
-            j = int(ix[t, r])
-            if j < 0:
-                continue
-            rows["target_id"].append(tids[t])
-            rows["subtask"].append(tsub[t])
-            rows["target_preview"].append(tprev[t])
-            rows["rank"].append(r + 1)
-            rows["id"].append(ids[j])
-            rows["domain"].append(doms[j])
-            rows["preview"].append(prev[j])
-            rows["influence"].append(float(sc[t, r]))
-    return pl.DataFrame(rows, schema=schema), where
+    if top_i.size == 0:
+        return pl.DataFrame(schema=schema)
+    M, k = top_i.shape
+    chosen = meta.with_row_index("_o").filter(pl.col("_o").is_in(np.unique(top_i).tolist()))
+    previews: dict[int, str | None] = {}
+    for p, grp in chosen.group_by("_p"):
+        pv = pl.read_parquet(run_dir / parts[int(p[0])].meta, columns=["preview"])["preview"]
+        for o, r in zip(grp["_o"].to_list(), grp["_r"].to_list(), strict=True):
+            previews[o] = pv[r]
+    ids, doms = meta["id"], meta["domain"]
+    flat = top_i.reshape(-1)
+    return pl.DataFrame(
+        {
+            "target_id": np.repeat(np.asarray(tmeta["id"].to_list(), dtype=object), k).tolist(),
+            "subtask": np.repeat(np.asarray(tmeta["domain"].to_list(), dtype=object), k).tolist(),
+            "target_preview": np.repeat(np.asarray(tmeta["preview"].to_list(), dtype=object), k).tolist(),
+            "rank": np.tile(np.arange(1, k + 1), M).tolist(),
+            "id": ids.gather(flat).to_list(),
+            "domain": doms.gather(flat).to_list(),
+            "preview": [previews[int(j)] for j in flat],
+            "influence": top_v.reshape(-1).astype(np.float64).tolist(),
+        },
+        schema=schema,
+    )
 
 
 def merged_fingerprint_ok(run_dir: Path, fp: str) -> bool:

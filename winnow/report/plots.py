@@ -337,7 +337,7 @@ def _plot_neighbour_domains(nb: pl.DataFrame) -> bytes:
     ax.set_xlabel("share of the target examples' top-k most influential training examples")
     ax.set_ylabel("domain of the training example")
     k = int(nb["rank"].max()) if nb.height else 0
-    ax.set_title(f"Domains of each target example's {k} nearest training examples by influence (faiss)")
+    ax.set_title(f"Domains of each target example's {k} nearest training examples by influence")
     _legend(ax)
     return _png(fig)
 

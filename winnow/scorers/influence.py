@@ -155,13 +155,27 @@ def heldout_target_auroc(
     M = target[0].shape[0]
     if M < 4 or train[0].shape[0] == 0:
         return None
-    perm = torch.randperm(M, generator=torch.Generator().manual_seed(seed))
-    a, b = perm[: M // 2], perm[M // 2 :]
-    _, sub_a = torch.unique(subtasks.long().reshape(-1)[a], return_inverse=True)
+    a, b, sub_a = heldout_split(subtasks, seed)
     tgt_a = [t[a] for t in target]
     s_train = influence_scores(train, tgt_a, weights, sub_a).double()
     s_held = influence_scores([t[b] for t in target], tgt_a, weights, sub_a).double()
-    allv = torch.cat([s_held, s_train])
+    return auroc(s_held, s_train)
+
+
+def heldout_split(subtasks: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`heldout_target_auroc`'s random halves of the M target examples: (first half's positions, second
+    half's, the first half's subtask ids renumbered 0..J'-1)."""
+    sub = subtasks.long().reshape(-1)
+    M = sub.numel()
+    perm = torch.randperm(M, generator=torch.Generator().manual_seed(seed))
+    a, b = perm[: M // 2], perm[M // 2 :]
+    _, sub_a = torch.unique(sub[a], return_inverse=True)
+    return a, b, sub_a
+
+
+def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """P(a score of ``pos`` > one of ``neg``), ties counting half (the Mann-Whitney U over |pos| |neg|)."""
+    allv = torch.cat([pos.double(), neg.double()])
     order = torch.argsort(allv, stable=True)
     ranks = torch.empty_like(allv)
     ranks[order] = torch.arange(1, allv.numel() + 1, dtype=torch.float64)
@@ -170,7 +184,7 @@ def heldout_target_auroc(
     sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, ranks)
     cnt = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, torch.ones_like(ranks))
     ranks = (sums / cnt)[inv]
-    p, n = s_held.numel(), s_train.numel()
+    p, n = pos.numel(), neg.numel()
     return float((ranks[:p].sum() - p * (p + 1) / 2) / (p * n))
 
 

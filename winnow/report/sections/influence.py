@@ -36,7 +36,7 @@ def influence_on_target(ctx: Context) -> str | None:
                 "checkpoints (step: lr weight)",
                 ", ".join(f"{c.get('step')}: {_fmt(c.get('weight'))}" for c in prov.get("checkpoints") or []),
             ],
-            ["nearest-neighbour index", prov.get("faiss")],
+            ["nearest neighbours by", prov.get("neighbours_by") or prov.get("faiss")],
         ]
         params = prov.get("params") or {}
         facts += [[k, params.get(k)] for k in ("proj_dim", "precondition", "parameters") if k in params]
