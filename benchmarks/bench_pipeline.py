@@ -33,7 +33,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._proc import Sampler  # noqa: E402
 from benchmarks.gpu_downstream import DOMAINS as _DOWNSTREAM  # noqa: E402
 from benchmarks.gpu_downstream import NOISE
 
@@ -121,69 +121,6 @@ def _recipe(a: argparse.Namespace, inputs: Path, run_dir: Path, smoke: bool) -> 
         "output": {"dir": str(run_dir), "shard_max_rows": 100_000},
         "runner": {"kind": "thread", "max_workers": a.max_workers},
     }
-
-
-def tree_rss(pid: int) -> float:
-    """RSS in bytes of process ``pid`` and all its descendants (from /proc; 0 where there is none)."""
-    kids: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            fields = dict(
-                line.split(":", 1) for line in (d / "status").read_text().splitlines() if ":" in line
-            )
-        except OSError:
-            continue
-        p = int(d.name)
-        kids.setdefault(int(fields.get("PPid", "0")), []).append(p)
-        rss[p] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        total += rss.get(p, 0)
-        todo += kids.get(p, [])
-    return float(total)
-
-
-class Sampler:
-    """GPU utilisation (NVML, where there is a GPU) and the RSS of a process tree, every ``dt`` seconds."""
-
-    def __init__(self, pid: int, dt: float = 0.2):
-        self.pid, self.dt = pid, dt
-        self.samples: list[tuple[float, float | None, float]] = []  # (time, gpu %, rss bytes)
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        except Exception:  # noqa: BLE001  (no GPU, no NVML: RSS only)
-            handle = None
-        while not self._stop.is_set():
-            rss = tree_rss(self.pid)
-            util = float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu) if handle is not None else None
-            self.samples.append((time.time(), util, float(rss)))
-            time.sleep(self.dt)
-
-    def __enter__(self) -> Sampler:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._t.join()
-
-    def window(self, lo: float, hi: float) -> dict[str, float | None]:
-        s = [x for x in self.samples if lo <= x[0] <= hi]
-        utils = [u for _, u, _ in s if u is not None]
-        return {
-            "gpu_util_mean": float(np.mean(utils)) if utils else None,
-            "samples": len(s),
-            "peak_rss_gib": max((r for _, _, r in s), default=0.0) / 2**30,
-        }
 
 
 def _kernels(a: argparse.Namespace, run_dir: Path, corpus_texts: list[str], device: Any) -> dict[str, Any]:

@@ -44,7 +44,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,70 +51,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def tree_rss(pid: int) -> float:
-    """RSS in bytes of process ``pid`` and all its descendants (from /proc; 0 where there is none)."""
-    kids: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            fields = dict(
-                line.split(":", 1) for line in (d / "status").read_text().splitlines() if ":" in line
-            )
-        except OSError:
-            continue
-        p = int(d.name)
-        kids.setdefault(int(fields.get("PPid", "0")), []).append(p)
-        rss[p] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        total += rss.get(p, 0)
-        todo += kids.get(p, [])
-    return float(total)
-
-
-class Sampler:
-    """The peak RSS of a process tree, sampled every ``dt`` seconds (benchmarks/bench_pipeline.py's,
-    without the GPU)."""
-
-    def __init__(self, pid: int, dt: float = 0.2):
-        self.pid, self.dt, self.peak = pid, dt, 0.0
-        self.samples: list[tuple[float, float]] = []  # (time, rss bytes)
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            rss = tree_rss(self.pid)
-            self.samples.append((time.time(), rss))
-            self.peak = max(self.peak, rss)
-            time.sleep(self.dt)
-
-    def stage_peaks(self, log: Path, stages: dict[str, float]) -> dict[str, float]:
-        """Peak RSS (GiB) within each stage's window: the flow's start is the log's "Beginning flow run"
-        line (local time of day), each stage ends at its recorded finish (summary.md)."""
-        line = next((x for x in log.read_text().splitlines() if "Beginning flow run" in x), None)
-        if line is None or not self.samples:
-            return {}
-        h, m, sec = line.split(" ")[0].split(":")
-        day = time.localtime(self.samples[0][0])
-        t0 = time.mktime((day.tm_year, day.tm_mon, day.tm_mday, int(h), int(m), 0, 0, 0, -1)) + float(sec)
-        out, lo = {}, float("-inf")
-        for stage, dur in stages.items():
-            hi = (t0 if lo == float("-inf") else lo) + dur
-            inside = [r for t, r in self.samples if lo <= t <= hi]
-            out[stage] = round(max(inside, default=0.0) / 2**30, 3)
-            lo = hi
-        return out
-
-    def __enter__(self) -> Sampler:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._t.join()
+from benchmarks._proc import Sampler  # noqa: E402
 
 
 def base_texts(n_man: int) -> list[tuple[str, str]]:

@@ -255,7 +255,7 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
     mix_fp = None
     if recipe.mixture is not None:
         mix_fp = g.fingerprint("mixture", input_fp=input_fp, tok_fp=tok_fp)
-        mix = g.run("mixture", f"mixture {recipe.mixture.method}", mix_fp)
+        mix = g.run("mixture", f"mixture {recipe.mixture.method}", mix_fp, input_fp=input_fp, tok_fp=tok_fp)
         logger.info(
             f"mixture ({recipe.mixture.method}): "
             + ", ".join(f"{k} {v:.3f}" for k, v in mix["weights"].items())

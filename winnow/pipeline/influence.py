@@ -322,16 +322,34 @@ def _blocks(
     run_dir: Path, parts: list[FeaturePart], meta: pl.DataFrame, rows: int, device: torch.device
 ) -> Any:
     """(output positions, (C, b, k) float32 features on ``device``) for the kept training rows, ``rows`` at a
-    time, in ``meta``'s order, read from the parts' memory-mapped files."""
-    p_col, r_col = meta["_p"].to_numpy(), meta["_r"].to_numpy()
+    time, in ``meta``'s order. Each block is read from its part's file by offset (the rows of a part are
+    kept in order, so a block is one span per checkpoint): nothing is memory-mapped, so the process holds a
+    block, never a whole part, however large the parts are."""
+    p_col, r_col = meta["_p"].to_numpy(), meta["_r"].to_numpy().astype(np.int64)
     starts = np.flatnonzero(np.r_[True, p_col[1:] != p_col[:-1]]) if len(p_col) else np.zeros(0, int)
     ends = np.r_[starts[1:], len(p_col)]
     for lo, hi in zip(starts, ends, strict=True):
-        mm = np.load(run_dir / parts[int(p_col[lo])].vectors, mmap_mode="r")
-        for b0 in range(lo, hi, rows):
-            b1 = min(hi, b0 + rows)
-            x = torch.from_numpy(np.ascontiguousarray(mm[:, r_col[b0:b1]]))
-            yield np.arange(b0, b1), x.to(device).float()
+        with open(run_dir / parts[int(p_col[lo])].vectors, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            fmt = np.lib.format
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            if fortran or len(shape) != 3:
+                raise WinnowError(
+                    f"{parts[int(p_col[lo])].vectors}: expected a C-ordered (checkpoints, rows, k) array"
+                )
+            C, n, k = shape
+            head = f.tell()
+            for b0 in range(lo, hi, rows):
+                b1 = min(hi, b0 + rows)
+                want = r_col[b0:b1]
+                r0, r1 = int(want[0]), int(want[-1]) + 1
+                block = np.empty((C, b1 - b0, k), dtype)
+                for c in range(C):
+                    f.seek(head + (c * n + r0) * k * dtype.itemsize)
+                    span = np.fromfile(f, dtype, count=(r1 - r0) * k).reshape(r1 - r0, k)
+                    block[c] = span[want - r0]
+                yield np.arange(b0, b1), torch.from_numpy(block).to(device).float()
 
 
 def merge_influence(
@@ -393,8 +411,10 @@ def merge_influence(
     top_v = torch.full((M, 0), -torch.inf, device=device)
     top_i = torch.zeros((M, 0), dtype=torch.long, device=device)
     layout = RunLayout(run_dir)
-    with atomic_path(layout.influence_features) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(N, C, k_dim))
+    with atomic_path(layout.influence_features) as tmp, open(tmp, "wb") as out:
+        # (rows, checkpoints, k) float16, written block by block in row order (blocks come in that order)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False}
+        np.lib.format.write_array_header_1_0(out, {**header, "shape": (N, C, k_dim)})
         for pos, x in _blocks(run_dir, parts, meta, rows, device):
             s = torch.zeros(len(pos), M, device=device)
             for i in range(C):
@@ -415,9 +435,7 @@ def merge_influence(
                 ix = torch.cat([top_i, torch.as_tensor(pos, device=device).expand(M, -1)], dim=1)
                 top_v, j = v.topk(min(kk, v.shape[1]), dim=1)
                 top_i = ix.gather(1, j)
-            out[pos] = x.transpose(0, 1).half().cpu().numpy()
-        out.flush()
-        del out
+            out.write(np.ascontiguousarray(x.transpose(0, 1).half().cpu().numpy()).tobytes())
     heldout = None
     if held is not None:
         tgt_a = [t.index_select(0, a_dev) for t in tgt]

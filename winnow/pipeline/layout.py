@@ -17,7 +17,7 @@ here too, with the parser the report uses.
       scores/cache/<fp16>/shard-<id12>.parquet    content-keyed score cache, one compacted file per shard
       embeddings/{embeddings.npy, ids.parquet, parts/}        select.method dpp
       influence/{features.npy, ids.parquet, neighbours.parquet, parts/}
-      mixture.json  mixture_trajectory.parquet  mixture/model
+      mixture.json  mixture_trajectory.parquet  mixture/model  mixture/tokens-<fp12>/   (domains' tokens)
       selection.parquet  shards/  manifest.json  report.html  summary.md
       v0001/ ...                                  frozen versions (version.json, ...)
       .winnow/steps/<step>-<fp>.json              what each finished step returned (JSON, relative paths)
@@ -217,6 +217,10 @@ class RunLayout:
     @property
     def mixture_model(self) -> Path:
         return self.root / "mixture" / "model"
+
+    def mixture_tokens(self, fp: str) -> Path:
+        """The mixture run's rows, tokenized, by domain (mixtures/loop.py, DomainRows)."""
+        return self.root / "mixture" / f"tokens-{fp[:12]}"
 
     # -- selection and outputs
     @property

@@ -1,9 +1,10 @@
 """The shared loop of every trained mixture method, and the outputs of every mixture run.
 
 The data's domains come from ``data.domain_column`` or, with ``data.source: {domain: source}``, from which
-source a row was read. Each domain's rows are tokenized once and held in memory (fine for proxy-scale runs:
-the proxy sees ``steps x batch_size`` examples); batches are drawn per domain with a seeded generator
-(:class:`Sampler`). A trained method's step (:class:`~winnow.pipeline.mixtures.base.MixtureMethod`) leaves
+source a row was read. Each domain's rows are tokenized once into ``mixture/tokens-<fp12>/`` (token ids and
+row offsets per domain, memory-mapped: :class:`DomainRows`), so a run holds none of the rows' tokens and a
+rerun does not tokenize again; batches are drawn per domain with a seeded generator (:class:`Sampler`),
+each drawn row read from its domain's file. A trained method's step (:class:`~winnow.pipeline.mixtures.base.MixtureMethod`) leaves
 the proxy's gradient in ``.grad`` and returns the weights; the loop sets the learning rate (warm-up, then
 cosine), clips, steps AdamW, and records the weights.
 
@@ -17,6 +18,7 @@ proportions, are the learned mixture.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -52,25 +54,109 @@ def mixture_fingerprint(recipe: Recipe, input_fp: str, tok_fp: str | None) -> st
     )
 
 
-def load_domains(recipe: Recipe, shards: list[InputShard], feat: Featurizer) -> dict[str, list[Example]]:
-    out: dict[str, list[Example]] = {}
-    for sh in shards:
-        for raw in iter_raw_batches(recipe.data, sh):
-            for e in feat.featurize(raw, sh.location):
-                if e.domain is None or e.domain == "":
-                    raise WinnowError(
-                        f"{sh.location}: a row has no domain (data.domain_column "
-                        f"{recipe.data.domain_column!r}); mixture runs need one for every row"
-                    )
-                if len(e.features) >= 2:
-                    out.setdefault(str(e.domain), []).append(e)
-    return dict(sorted(out.items()))
+class DomainRows:
+    """One domain's rows as the proxy sees them, on disk: ``tokens.bin`` (int32 token ids end to end) and
+    ``offsets.bin`` (int64, rows + 1), memory-mapped; a row is read when it is drawn. A mixture run over
+    10^7 rows holds none of their tokens."""
+
+    def __init__(self, folder: Path, name: str):
+        self.name = name
+        self.offsets = np.memmap(folder / "offsets.bin", dtype=np.int64, mode="r")
+        n_tok = int(self.offsets[-1])
+        self.tokens = (
+            np.memmap(folder / "tokens.bin", dtype=np.int32, mode="r") if n_tok else np.zeros(0, np.int32)
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def example(self, j: int) -> Example:
+        lo, hi = int(self.offsets[j]), int(self.offsets[j + 1])
+        ids = self.tokens[lo:hi].tolist()
+        return Example("", self.name, None, None, ids, "", len(ids))
+
+
+class _DomainWriter:
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True)
+        self.tokens = open(folder / "tokens.bin", "wb")  # noqa: SIM115  (closed by close)
+        self.offsets = open(folder / "offsets.bin", "wb")  # noqa: SIM115
+        self.at = 0
+        self.offsets.write(np.zeros(1, np.int64).tobytes())
+
+    def add(self, rows: list[list[int]]) -> None:
+        lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        flat = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(lens.sum()))
+        self.tokens.write(flat.tobytes())
+        self.offsets.write((self.at + np.cumsum(lens)).tobytes())
+        self.at += int(lens.sum())
+
+    def close(self) -> None:
+        self.tokens.close()
+        self.offsets.close()
+
+
+def tokens_fingerprint(recipe: Recipe, input_fp: str, tok_fp: str | None) -> str:
+    """What the domains' tokens depend on: the data, its columns, the tokenizer and max_length (not the
+    mixture's own settings, so a new learning rate reuses them)."""
+    return fingerprint(
+        "mixture-tokens",
+        recipe.data.model_dump(exclude={"read_batch_size", "source"}),
+        recipe.model.max_length,
+        input_fp,
+        tok_fp,
+        winnow.__version__,
+    )
+
+
+def load_domains(
+    recipe: Recipe, shards: list[InputShard], feat: Featurizer, folder: Path
+) -> dict[str, DomainRows]:
+    """Every row with at least two tokens, by domain, written once to ``folder`` (one sub-folder per
+    domain, atomically; a folder already there is read back: the fingerprint in its name covers the data,
+    the tokenizer and the columns) and memory-mapped."""
+    if not folder.exists():
+        with atomic_path(folder) as tmp:
+            tmp.mkdir(parents=True)
+            writers: dict[str, _DomainWriter] = {}
+            names: list[str] = []
+            try:
+                for sh in shards:
+                    for raw in iter_raw_batches(recipe.data, sh):
+                        by: dict[str, list[list[int]]] = {}
+                        for e in feat.featurize(raw, sh.location):
+                            if e.domain is None or e.domain == "":
+                                raise WinnowError(
+                                    f"{sh.location}: a row has no domain (data.domain_column "
+                                    f"{recipe.data.domain_column!r}); mixture runs need one for every row"
+                                )
+                            if len(e.features) >= 2:
+                                by.setdefault(str(e.domain), []).append(e.features)
+                        for d, rows in by.items():
+                            if d not in writers:
+                                writers[d] = _DomainWriter(tmp / f"d{len(names):05d}")
+                                names.append(d)
+                            writers[d].add(rows)
+            finally:
+                for wr in writers.values():
+                    wr.close()
+            write_json(tmp / "domains.json", {"domains": names})
+        for old in folder.parent.glob("tokens-*"):
+            if old != folder and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)  # an earlier data's or tokenizer's: never read again
+    names = json.loads((folder / "domains.json").read_text())["domains"]
+    rows = {d: DomainRows(folder / f"d{i:05d}", d) for i, d in enumerate(names)}
+    return dict(sorted(rows.items()))
 
 
 class Sampler:
     """Seeded per-domain draws (with replacement) of batches, in domain order."""
 
-    def __init__(self, domains: dict[str, list[Example]], seed: int):
+    def __init__(self, domains: dict[str, DomainRows], seed: int):
         self.names = list(domains)
         self.rows = [domains[n] for n in self.names]
         self.g = np.random.default_rng(seed)
@@ -81,7 +167,7 @@ class Sampler:
             if c <= 0:
                 continue
             idx = self.g.integers(0, len(self.rows[i]), c)
-            exs += [self.rows[i][j] for j in idx]
+            exs += [self.rows[i].example(int(j)) for j in idx]
             dom += [i] * c
         return exs, torch.tensor(dom, dtype=torch.long)
 
@@ -129,8 +215,10 @@ def run_mixture(
     tok: Any,
     fp: str,
     progress: Any = None,
+    tokens_fp: str | None = None,
 ) -> dict[str, Any]:
-    """Run the recipe's mixture method; write mixture.json and mixture_trajectory.parquet."""
+    """Run the recipe's mixture method; write mixture.json and mixture_trajectory.parquet. The domains'
+    tokens go to ``mixture/tokens-<tokens_fp12>/`` (default: under the mixture's own fingerprint)."""
     from winnow.selectors.mixture import entropy
 
     m = recipe.mixture
@@ -145,7 +233,7 @@ def run_mixture(
     if done is not None:
         return done
     t0 = time.time()
-    domains = load_domains(recipe, shards, feat)
+    domains = load_domains(recipe, shards, feat, layout.mixture_tokens(tokens_fp or fp))
     names = list(domains)
     targets = list(m.target_domains)
     unknown = [t for t in targets if t not in domains]
@@ -161,7 +249,7 @@ def run_mixture(
             f"({', '.join(names[i] for i in train_ids)})"
         )
     k = len(train_ids)
-    tokens = np.array([sum(e.n_tokens for e in domains[names[i]]) for i in train_ids], dtype=np.float64)
+    tokens = np.array([domains[names[i]].n_tokens for i in train_ids], dtype=np.float64)
     run = MixtureRun(
         recipe, m, names, train_ids, tgt_ids, tokens, feat=feat, tokenizer=tok, progress=progress
     )
@@ -260,7 +348,9 @@ class MixtureStep(Step):
     def fingerprint(self, ctx: RunContext, input_fp: str = "", tok_fp: str | None = None) -> str:
         return mixture_fingerprint(ctx.config, input_fp, tok_fp)
 
-    def run(self, ctx: RunContext, fp: str, **_: Any) -> dict[str, Any]:
+    def run(
+        self, ctx: RunContext, fp: str, input_fp: str = "", tok_fp: str | None = None, **_: Any
+    ) -> dict[str, Any]:
         recipe = ctx.setup(ctx.all_threads)
         feat, tok, _ = ctx.featurizer()
         bar = progress(f"mixture {recipe.mixture.method}", None, "step")
@@ -274,7 +364,10 @@ class MixtureStep(Step):
             bar.update(1)
 
         try:
-            return run_mixture(recipe, ctx.root, ctx.input_shards(), feat, tok, fp, progress=cb)
+            tokens_fp = tokens_fingerprint(recipe, input_fp, tok_fp)
+            return run_mixture(
+                recipe, ctx.root, ctx.input_shards(), feat, tok, fp, progress=cb, tokens_fp=tokens_fp
+            )
         finally:
             bar.close()
 

@@ -1,0 +1,92 @@
+"""What the benchmarks that run ``winnow run`` in a subprocess sample while it runs: the RSS of its process
+tree and, where there is a GPU, its utilisation (bench_pipeline.py, bench_scale.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def tree_rss(pid: int) -> float:
+    """RSS in bytes of process ``pid`` and all its descendants (from /proc; 0 where there is none)."""
+    kids: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = dict(
+                line.split(":", 1) for line in (d / "status").read_text().splitlines() if ":" in line
+            )
+        except OSError:
+            continue
+        p = int(d.name)
+        kids.setdefault(int(fields.get("PPid", "0")), []).append(p)
+        rss[p] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo += kids.get(p, [])
+    return float(total)
+
+
+class Sampler:
+    """GPU utilisation (NVML, where there is a GPU) and the RSS of a process tree, every ``dt`` seconds."""
+
+    def __init__(self, pid: int, dt: float = 0.2):
+        self.pid, self.dt, self.peak = pid, dt, 0.0
+        self.samples: list[tuple[float, float | None, float]] = []  # (time, gpu %, rss bytes)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # noqa: BLE001  (no GPU, no NVML: RSS only)
+            handle = None
+        while not self._stop.is_set():
+            rss = tree_rss(self.pid)
+            util = float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu) if handle is not None else None
+            self.samples.append((time.time(), util, float(rss)))
+            self.peak = max(self.peak, float(rss))
+            time.sleep(self.dt)
+
+    def __enter__(self) -> Sampler:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._t.join()
+
+    def stage_peaks(self, log: Path, stages: dict[str, float]) -> dict[str, float]:
+        """Peak RSS (GiB) within each stage's window: the flow's start is the log's "Beginning flow run"
+        line (local time of day), each stage ends at its recorded finish (summary.md)."""
+        line = next((x for x in log.read_text().splitlines() if "Beginning flow run" in x), None)
+        if line is None or not self.samples:
+            return {}
+        h, m, sec = line.split(" ")[0].split(":")
+        day = time.localtime(self.samples[0][0])
+        t0 = time.mktime((day.tm_year, day.tm_mon, day.tm_mday, int(h), int(m), 0, 0, 0, -1)) + float(sec)
+        out, lo = {}, float("-inf")
+        for stage, dur in stages.items():
+            hi = (t0 if lo == float("-inf") else lo) + dur
+            inside = [r for t, _, r in self.samples if lo <= t <= hi]
+            out[stage] = round(max(inside, default=0.0) / 2**30, 3)
+            lo = hi
+        return out
+
+    def window(self, lo: float, hi: float) -> dict[str, float | None]:
+        s = [x for x in self.samples if lo <= x[0] <= hi]
+        utils = [u for _, u, _ in s if u is not None]
+        return {
+            "gpu_util_mean": float(np.mean(utils)) if utils else None,
+            "samples": len(s),
+            "peak_rss_gib": max((r for _, _, r in s), default=0.0) / 2**30,
+        }
