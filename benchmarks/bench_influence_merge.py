@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
+import winnow.pipeline.influence as inf
 from winnow.pipeline.influence import merge_influence
 from winnow.pipeline.recipe import Recipe
 from winnow.pipeline.steps import FeaturePart, WeightedCheckpoint
@@ -39,7 +40,7 @@ tparts = [FeaturePart(**p) for p in spec["target_parts"]]
 ick = [WeightedCheckpoint(0, 10 * (i + 1), f"ck{i}", f"fp{i}", 1.0 / (i + 1)) for i in range(spec["C"])]
 t = time.perf_counter()
 merge_influence(recipe, Path(spec["run"]), parts, tparts, ick, "bench")
-print(json.dumps({"seconds": time.perf_counter() - t,
+print(json.dumps({"seconds": time.perf_counter() - t, "streamed": hasattr(inf, "MERGE_BLOCK_BYTES"),
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
 
@@ -90,7 +91,7 @@ def main() -> None:
     if a.smoke:
         a.rows, a.k, a.targets, a.part_rows = [600, 1200], 64, 20, 250
     sys.path.insert(0, str(ROOT))
-    out = Path(a.out or tempfile.mkdtemp(prefix="bench-infl-merge-"))
+    out = Path(a.out or tempfile.mkdtemp(prefix="bench-infl-merge-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     src = str(Path(a.winnow_src).resolve()) if a.winnow_src else str(ROOT)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
@@ -122,8 +123,13 @@ def main() -> None:
                 "target_parts": tparts,
                 "C": a.checkpoints,
             }
+            # from the work folder: with -c the current folder comes first on sys.path, before PYTHONPATH
             p = subprocess.run(
-                [sys.executable, "-c", CHILD, json.dumps(spec)], env=env, capture_output=True, text=True
+                [sys.executable, "-c", CHILD, json.dumps(spec)],
+                env=env,
+                cwd=work,
+                capture_output=True,
+                text=True,
             )
             if p.returncode != 0:
                 raise SystemExit(f"merge failed at {n} rows:\n{p.stderr[-3000:]}")
