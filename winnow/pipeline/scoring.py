@@ -24,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,7 +206,7 @@ def _threaded(recipe: Recipe, shard: InputShard, feat: Featurizer, workers: int)
     """``workers`` threads featurizing read batches in order, fed by a reader thread (opening the shard and
     reading it overlap the consumer's own work). A fast tokenizer is not safe to call from two threads at
     once, so each has its own copy; its Rust encoder runs without the interpreter lock."""
-    import queue
+    from winnow.pipeline.background import ahead
 
     local = threading.local()
 
@@ -215,46 +215,14 @@ def _threaded(recipe: Recipe, shard: InputShard, feat: Featurizer, workers: int)
             local.feat = copy.deepcopy(feat)
         return FeatBatch.of(local.feat.featurize(raw, shard.location, offset))
 
-    ahead: queue.Queue[Any] = queue.Queue(maxsize=2 * workers)
-    stop = threading.Event()
-    end = object()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                ahead.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def read(pool: ThreadPoolExecutor) -> None:
-        try:
-            for offset, raw in iter_striped_batches(recipe.data, shard, 1, 0):
-                if not put(pool.submit(work, raw, offset)):
-                    return
-            put(end)
-        except BaseException as e:  # handed to the consumer, in order
-            put(e)
-
     with ThreadPoolExecutor(workers, thread_name_prefix="winnow-featurize") as pool:
-        reader = threading.Thread(target=read, args=(pool,), name="winnow-read", daemon=True)
-        reader.start()
+        jobs = (pool.submit(work, raw, off) for off, raw in iter_striped_batches(recipe.data, shard, 1, 0))
+        reader = ahead(jobs, 2 * workers, "winnow-read", on_drop=lambda f: f.cancel())
         try:
-            while True:
-                item = ahead.get()
-                if item is end:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item.result()
+            for job in reader:
+                yield job.result()
         finally:
-            stop.set()
-            reader.join()
-            while not ahead.empty():
-                f = ahead.get_nowait()
-                if isinstance(f, Future):
-                    f.cancel()
+            reader.close()  # stops the reader and cancels the jobs it made that were never taken
 
 
 def score_shard(

@@ -20,6 +20,7 @@ a score and a decision.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -232,41 +233,51 @@ def _first_line(e: BaseException) -> str:
     return (s[0] if s else type(e).__name__)[:300]
 
 
+def _shard_dataset(data: DataConfig, shard: InputShard) -> Any:
+    """The datasets object (streaming, or an Arrow file's contiguous part) one input shard is read from."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if shard.kind == "file":
+        kwargs: dict[str, Any] = {}
+        if shard.format == "csv" and shard.location.endswith(".tsv"):
+            kwargs["sep"] = "\t"
+        return datasets.load_dataset(
+            shard.format, data_files=[shard.location], split="train", streaming=True, **kwargs
+        )
+    if shard.kind == "disk":
+        full = datasets.load_from_disk(shard.location)
+        return full.shard(num_shards=shard.parts, index=shard.part, contiguous=True)
+    ds = datasets.load_dataset(shard.location, split=data.split, streaming=True)
+    return ds.shard(num_shards=shard.parts, index=shard.part)
+
+
+def _with_domain(data: DataConfig, shard: InputShard, batch: dict[str, list], n: int) -> dict[str, list]:
+    """A ``data.source: {domain: source}`` shard's rows get their domain as a column."""
+    if shard.domain is not None and data.domain_column is not None and batch:
+        batch[data.domain_column] = [shard.domain] * n
+    return batch
+
+
+@contextlib.contextmanager
+def _reading(shard: InputShard) -> Iterator[None]:
+    """Any error but winnow's own, while reading ``shard``, as one line naming the file."""
+    where = shard.location if shard.kind != "disk" else f"{shard.location} (arrow file {shard.part})"
+    try:
+        yield
+    except (WinnowError, GeneratorExit):
+        raise
+    except Exception as e:
+        raise WinnowError(f"{where}: cannot be read as {shard.format}: {_first_line(e)}") from None
+
+
 def iter_raw_batches(
     data: DataConfig, shard: InputShard, batch_size: int | None = None
 ) -> Iterator[dict[str, list]]:
     """Stream one input shard as column batches (dict of lists)."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    bs = batch_size or data.read_batch_size
-    where = shard.location if shard.kind != "disk" else f"{shard.location} (arrow file {shard.part})"
-    try:
-        if shard.kind == "file":
-            kwargs: dict[str, Any] = {}
-            if shard.format == "csv" and shard.location.endswith(".tsv"):
-                kwargs["sep"] = "\t"
-            ds = datasets.load_dataset(
-                shard.format, data_files=[shard.location], split="train", streaming=True, **kwargs
-            )
-            it = ds.iter(batch_size=bs)
-        elif shard.kind == "disk":
-            full = datasets.load_from_disk(shard.location)
-            it = full.shard(num_shards=shard.parts, index=shard.part, contiguous=True).iter(batch_size=bs)
-        else:
-            ds = datasets.load_dataset(shard.location, split=data.split, streaming=True)
-            it = ds.shard(num_shards=shard.parts, index=shard.part).iter(batch_size=bs)
-        for batch in it:
-            batch = dict(batch)
-            if shard.domain is not None and data.domain_column is not None and batch:
-                batch[data.domain_column] = [shard.domain] * len(next(iter(batch.values())))
-            yield batch
-    except WinnowError:
-        raise
-    except GeneratorExit:
-        raise
-    except Exception as e:
-        raise WinnowError(f"{where}: cannot be read as {shard.format}: {_first_line(e)}") from None
+    with _reading(shard):
+        for batch in _shard_dataset(data, shard).iter(batch_size=batch_size or data.read_batch_size):
+            yield _with_domain(data, shard, dict(batch), len(next(iter(batch.values()))) if batch else 0)
 
 
 def iter_striped_batches(
@@ -276,42 +287,19 @@ def iter_striped_batches(
     same batches as :func:`iter_raw_batches`, for ``stride`` processes that each featurize one in
     ``stride``. Every process reads the whole shard, but as Arrow tables: only its own batches are
     converted to Python (by datasets' formatter, so images decode as in ``iter_raw_batches``)."""
-    import datasets
     from datasets.formatting import PythonFormatter
 
-    datasets.disable_progress_bars()
-    bs = batch_size or data.read_batch_size
-    where = shard.location if shard.kind != "disk" else f"{shard.location} (arrow file {shard.part})"
-    try:
-        if shard.kind == "file":
-            kwargs: dict[str, Any] = {}
-            if shard.format == "csv" and shard.location.endswith(".tsv"):
-                kwargs["sep"] = "\t"
-            ds: Any = datasets.load_dataset(
-                shard.format, data_files=[shard.location], split="train", streaming=True, **kwargs
-            )
-        elif shard.kind == "disk":
-            full = datasets.load_from_disk(shard.location)
-            ds = full.shard(num_shards=shard.parts, index=shard.part, contiguous=True)
-        else:
-            ds = datasets.load_dataset(shard.location, split=data.split, streaming=True)
-            ds = ds.shard(num_shards=shard.parts, index=shard.part)
+    with _reading(shard):
+        ds = _shard_dataset(data, shard)
         fmt = PythonFormatter(features=ds.features)
         offset = 0
-        for i, table in enumerate(ds.with_format("arrow").iter(batch_size=bs)):
+        for i, table in enumerate(
+            ds.with_format("arrow").iter(batch_size=batch_size or data.read_batch_size)
+        ):
             n = table.num_rows
             if i % stride == phase:
-                batch = dict(fmt.format_batch(table))
-                if shard.domain is not None and data.domain_column is not None and batch:
-                    batch[data.domain_column] = [shard.domain] * n
-                yield offset, batch
+                yield offset, _with_domain(data, shard, dict(fmt.format_batch(table)), n)
             offset += n
-    except WinnowError:
-        raise
-    except GeneratorExit:
-        raise
-    except Exception as e:
-        raise WinnowError(f"{where}: cannot be read as {shard.format}: {_first_line(e)}") from None
 
 
 def sample_texts(data: DataConfig, shards: list[InputShard], max_rows: int) -> Iterator[str]:

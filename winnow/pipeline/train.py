@@ -298,45 +298,13 @@ def _prefetch(
     gen: Iterator[dict[str, torch.Tensor]], depth: int, pin: bool
 ) -> Iterator[dict[str, torch.Tensor]]:
     """``gen``'s batches made by one thread up to ``depth`` ahead of the training loop, in order (pinned
-    for a copy that does not wait, on CUDA), so that reading, tokenizing and collating overlap the steps.
-    An error in the thread is raised where its batch would have come."""
-    import queue
+    for a copy that does not wait, on CUDA), so that reading, tokenizing and collating overlap the steps."""
+    from winnow.pipeline.background import ahead
 
-    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
+    def pinned(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.pin_memory() for k, v in b.items()} if pin else b
 
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for b in gen:
-                if not put({k: v.pin_memory() for k, v in b.items()} if pin else b):
-                    return
-            put(done)
-        except BaseException as e:  # handed to the consumer
-            put(e)
-
-    t = threading.Thread(target=work, name="winnow-train-feed", daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        t.join(timeout=5)
+    return ahead((pinned(b) for b in gen), depth, "winnow-train-feed")
 
 
 # Dropout draws from torch's process-wide RNG, so two seeds training in threads of one process
