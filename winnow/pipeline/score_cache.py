@@ -1,7 +1,7 @@
 """The content-keyed score cache, one compacted file per input shard, and its garbage collection.
 
 ``scores/cache/<fp16>/shard-<id12>.parquet`` holds ``key`` (what the model sees, hashed: see
-``scoring.example_key``) and every score column, for exactly the examples that input shard held when it
+``collate.example_key``) and every score column, for exactly the examples that input shard held when it
 was last scored under the cache fingerprint ``fp`` (the scorers, the checkpoints, the tokenizer, the
 example columns, the package version). ``id12`` names the shard by what it reads (kind, location,
 arrow part, domain), not by its position among the input's files, so a file added in front of it does

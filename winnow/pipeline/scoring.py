@@ -45,7 +45,6 @@ from winnow.pipeline.collate import (
     FeatBatch,
     Featurizer,
     collate_columns,
-    example_key,  # noqa: F401  (the cache key; score_cache's docs name it here)
     length_groups,
 )
 from winnow.pipeline.layout import RunLayout, checkpoint_suffix
@@ -409,7 +408,7 @@ class _CheckpointPass:
             self.model = None
 
     def _key(self) -> tuple[Any, ...]:
-        return (str(self.path), str(self.device), self.use_bf16, self.recipe.scoring.compile)
+        return _model_key(self.recipe, self.path, self.device, self.use_bf16)
 
     def _score(self) -> None:
         if self.model is None:
@@ -462,11 +461,17 @@ _models: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 _models_lock = threading.Lock()
 
 
+def _model_key(recipe: Recipe, path: Path, device: torch.device, use_bf16: bool) -> tuple[Any, ...]:
+    """What a kept scoring model is found by: its checkpoint folder (immutable once written), device,
+    precision and compilation."""
+    return (str(path), str(device), use_bf16, recipe.scoring.compile)
+
+
 def _scoring_model(recipe: Recipe, path: Path, device: torch.device, use_bf16: bool) -> Any:
     """A checkpoint loaded for scoring: on ``device``, in eval mode, bf16 where the GPU has it, compiled
     when ``scoring.compile``. Taken from the models kept since an earlier shard when there (each is lent
     to one pass at a time: gradient scorers hook into the model), loaded otherwise."""
-    key = (str(path), str(device), use_bf16, recipe.scoring.compile)
+    key = _model_key(recipe, path, device, use_bf16)
     with _models_lock:
         model = _models.pop(key, None)
     if model is not None:
