@@ -1,14 +1,49 @@
-"""What the benchmarks that run ``winnow run`` in a subprocess sample while it runs: the RSS of its process
-tree and, where there is a GPU, its utilisation (bench_pipeline.py, bench_scale.py)."""
+"""What the benchmarks that run ``winnow run`` in a subprocess share: the RSS of its process tree and, where
+there is a GPU, its utilisation, sampled while it runs (bench_pipeline.py, bench_scale.py), and a Prefect
+server on loopback for the runs (bench_pipeline.py --server, smoke.py)."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def start_server(env: dict[str, str], work: Path) -> subprocess.Popen[bytes]:
+    """A Prefect server on 127.0.0.1 (``env`` gets its PREFECT_API_URL; its log is ``work/server.log``), as a
+    user who runs flows has one: a run then does not start and stop a temporary one. The caller stops it
+    (``terminate``)."""
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    log = open(work / "server.log", "w")  # noqa: SIM115  (open while the server runs)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    for _ in range(240):
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    env["PREFECT_API_URL"] = url
+                    print(f"prefect server at {url}", flush=True)
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit(f"the Prefect server did not start (see {work / 'server.log'})")
 
 
 def tree_rss(pid: int) -> float:

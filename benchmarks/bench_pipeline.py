@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._proc import Sampler  # noqa: E402
+from benchmarks._proc import Sampler, start_server  # noqa: E402
 from benchmarks.gpu_downstream import DOMAINS as _DOWNSTREAM  # noqa: E402
 from benchmarks.gpu_downstream import NOISE
 
@@ -215,36 +215,6 @@ def _kernels(a: argparse.Namespace, run_dir: Path, corpus_texts: list[str], devi
     return out
 
 
-def _start_server(env: dict[str, str], work: Path) -> subprocess.Popen[bytes]:
-    """A Prefect server on 127.0.0.1 for the run (``env`` gets its PREFECT_API_URL), as a user who runs
-    flows has one: the run then does not start and stop a temporary one."""
-    import socket
-    import urllib.request
-
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    log = open(work / "server.log", "w")  # noqa: SIM115  (open while the server runs)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    for _ in range(240):
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    env["PREFECT_API_URL"] = url
-                    print(f"prefect server at {url}", flush=True)
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit(f"bench_pipeline: the Prefect server did not start (see {work / 'server.log'})")
-
-
 def run(a: argparse.Namespace) -> dict[str, Any]:
     import pyarrow.parquet as pq
     import torch
@@ -264,7 +234,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")])
     )
-    server = _start_server(env, work) if a.server else None
+    server = start_server(env, work) if a.server else None
     cmd = [sys.executable, "-m", "winnow", "run", str(work / "recipe.yaml")]
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()

@@ -22,6 +22,7 @@ Writes ``eval_selection.json`` (every case) and prints a table of the distributi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -347,7 +348,8 @@ def main() -> None:
     from winnow.flows.run import temporary_prefect_server
 
     results: list[dict[str, Any]] = []
-    with temporary_prefect_server() as api:
+    given = os.environ.get("PREFECT_API_URL")  # a server of the caller's (benchmarks/smoke.py's)
+    with contextlib.nullcontext(given) if given else temporary_prefect_server() as api:
         os.environ["PREFECT_API_URL"] = api
         for name in comps:
             comp = COMPOSITIONS[name]

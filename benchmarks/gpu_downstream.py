@@ -502,7 +502,7 @@ def smoke(out: Path) -> None:
         configs=",".join(MIXTURES + SELECTIONS),
         seeds=[0],
         tokens=None,
-        budget_s=6.0,
+        budget_s=2.0,
         context=64,
         batch=4,
         lr=6e-4,

@@ -5,7 +5,8 @@ none of them rots between GPU sessions. CI runs this (``make bench-smoke``).
 
 Each script runs in its own process with a time limit, ``SMOKE_JOBS`` of them at once (default 2: CI's
 cores); the figures it prints mean nothing at these sizes, only that it ran to the end. Exit status 1 if
-any failed, naming it.
+any failed, naming it. One Prefect server on loopback serves every script's runs (PREFECT_API_URL), as a
+user's own server would: without it each ``winnow run`` process starts and stops a temporary one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks._proc import start_server  # noqa: E402
+
 LIMIT_S = 300
 
 
@@ -45,6 +50,8 @@ def main(argv: list[str]) -> int:
             HF_HUB_OFFLINE="1",
             CUDA_VISIBLE_DEVICES="",
         )
+        env.pop("PREFECT_API_URL", None)
+        server = start_server(env, Path(tmp))
 
         def one(p: Path) -> None:
             out = Path(tmp) / p.stem
@@ -67,8 +74,12 @@ def main(argv: list[str]) -> int:
                 failed.append(p.name)
                 print(tail, flush=True)
 
-        with ThreadPoolExecutor(max_workers=max(1, int(os.environ.get("SMOKE_JOBS", "2")))) as pool:
-            list(pool.map(one, chosen))
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, int(os.environ.get("SMOKE_JOBS", "2")))) as pool:
+                list(pool.map(one, chosen))
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
     print(f"{len(chosen) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
