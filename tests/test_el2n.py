@@ -351,6 +351,55 @@ def test_causal_lm_padding_matches_unpadded_reference(build):
     assert_close(alone, expected, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize(
+    "build", [_gpt2, _llama, _gemma2, _cohere], ids=["gpt2", "llama", "gemma2", "cohere"]
+)
+def test_deferred_pass_gives_sdpa_models_a_ready_mask_with_the_same_scores(build, monkeypatch):
+    """Inside checks.deferred (the pipeline's passes) an SDPA model gets a 4-D mask built by winnow: the same
+    scores as the unpadded reference, padded either side or not at all, and transformers never builds its
+    own mask (the step that asks the device whether the padding mask is all ones)."""
+    from transformers import masking_utils
+
+    from winnow.grads import checks
+
+    torch.manual_seed(0)
+    model = build()
+    seqs = _sequences()
+    scorer = get_scorer("el2n", vocab_chunk=13, token_chunk=5)
+    expected = _single_reference(model, seqs, "mean")
+    sdpa = model.config._attn_implementation == "sdpa"
+    if sdpa:
+
+        def refuse(*a, **k):
+            raise AssertionError("transformers built a mask from a 2-D one inside a deferred pass")
+
+        for name in ("find_packed_sequence_indices", "_ignore_causal_mask_sdpa", "sdpa_mask"):
+            monkeypatch.setattr(masking_utils, name, refuse)
+        monkeypatch.setattr(type(model), "warn_if_padding_and_no_attention_mask", refuse)
+    with checks.deferred():
+        for side in ("right", "left"):
+            ids, am = _pad(seqs, side)
+            got = scorer.score_batch(model, {"input_ids": ids, "attention_mask": am}, "causal_lm")["el2n"]
+            assert_close(got, expected, rtol=2e-5, atol=2e-6)
+        alone = torch.cat(
+            [scorer.score_batch(model, {"input_ids": s[None]}, "causal_lm")["el2n"] for s in seqs]
+        )
+    assert_close(alone, expected, rtol=2e-5, atol=2e-6)
+
+
+def test_ready_mask_is_causal_and_hides_padding_keys():
+    am = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])
+    m = el2n_mod.causal_mask_4d(am.shape, am, torch.device("cpu"))
+    assert m.shape == (2, 1, 4, 4) and m.dtype == torch.bool
+    for b in range(2):
+        for t in range(4):
+            for s_ in range(4):
+                want = (s_ <= t and bool(am[b, s_])) or s_ == t
+                assert bool(m[b, 0, t, s_]) == want
+    plain = el2n_mod.causal_mask_4d((3, 5), None, torch.device("cpu"))
+    assert plain.shape == (3, 1, 5, 5) and torch.equal(plain[1, 0], torch.ones(5, 5, dtype=torch.bool).tril())
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "max"])
 def test_causal_lm_reductions_match_model_logits(reduction):
     torch.manual_seed(1)

@@ -226,12 +226,27 @@ def causal_lm_hidden_states(
     With padding, ``position_ids`` are derived from ``attention_mask`` (cumsum - 1) so that left- and
     right-padded rows see the same positions as unpadded ones. An all-ones mask is dropped, which lets
     attention take its plain causal (flash) path.
+
+    Inside :func:`winnow.grads.checks.deferred` (the scoring pipeline's passes), a model whose attention is
+    PyTorch's SDPA gets a ready 4-D boolean mask (:func:`causal_mask_4d`) and its positions instead: a
+    transformers model builds its own mask from a 2-D one only after asking the device three questions
+    (does the unmasked input hold a pad id, is the padding mask all ones, are the positions packed), each
+    a wait for the GPU that stops the host from preparing the next batch. A 4-D mask is used as given.
     """
     base = _base_model(model)
     kwargs: dict[str, Any] = {"input_ids": input_ids}
+    if is_deferred() and _attn_implementation(base) == "sdpa" and _accepts(base, "position_ids"):
+        kwargs["attention_mask"] = causal_mask_4d(input_ids.shape, attention_mask, input_ids.device)
+        kwargs["position_ids"] = (
+            (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            if attention_mask is not None
+            else torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(
+                input_ids.shape[0], -1
+            )
+        )
     # inside checks.deferred() the mask is passed without asking the device whether it is all ones (the
     # same result, without the flash path); the scoring pipeline drops a mask it knows to be all ones
-    if attention_mask is not None and (is_deferred() or not bool(attention_mask.bool().all())):
+    elif attention_mask is not None and (is_deferred() or not bool(attention_mask.bool().all())):
         kwargs["attention_mask"] = attention_mask
         if _accepts(base, "position_ids"):
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -240,6 +255,27 @@ def causal_lm_hidden_states(
     out = base(**kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden
+
+
+def causal_mask_4d(
+    shape: torch.Size | tuple[int, ...], attention_mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """A (B, 1, T, T) boolean SDPA mask, True where query t may attend to key s: s <= t and key s is not
+    padding (``attention_mask`` (B, T), 1 on real tokens; None: no padding). Each position also attends
+    to itself, so a padding query's row is never empty (an empty row is NaN in SDPA; padding positions'
+    outputs are never scored)."""
+    B, T = int(shape[0]), int(shape[1])
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    if attention_mask is None:
+        return causal[None, None].expand(B, 1, T, T)
+    m = causal[None] & attention_mask.bool()[:, None, :]
+    return (m | torch.eye(T, dtype=torch.bool, device=device)[None])[:, None]
+
+
+def _attn_implementation(module: torch.nn.Module) -> str | None:
+    config = getattr(module, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    return impl if isinstance(impl, str) else None
 
 
 def _config_attr(model: torch.nn.Module, name: str) -> Any:
