@@ -15,7 +15,13 @@ warm: its best of 3 repeats the same shapes. This probe separates the candidate 
   those backends (``torch.nn.attention.sdpa_kernel``);
 * ``mask4d``: the pipeline's batches with a ready (B, 1, T, T) boolean causal-and-padding mask, which
   transformers uses as given (no ``padding_mask.all()`` host wait);
-* ``exact``: batches of rows of exactly one length (no padding and no mask anywhere; flash's causal path).
+* ``exact``: batches of rows of exactly one length (no padding and no mask anywhere; flash's causal path);
+* ``graphs``: the pipeline's batches padded to a multiple of 16, each (B, T) shape run as a CUDA graph
+  captured once (the 4-D mask path: no host wait inside), one replay per batch;
+* ``fed-*``: the pipeline's batches made from the text while scoring, as ``winnow run`` makes them:
+  ``fed-threads`` 8 featurizing threads (Rust tokenizer, then Python per row: a sha256 id, a preview,
+  a key) ahead of the scoring thread, ``fed-inline`` the same work in the scoring thread,
+  ``fed-switch`` threads with ``sys.setswitchinterval(1e-4)``, ``fed-graphs`` threads feeding CUDA graphs.
 
 For each: seconds cold and warm, real tokens/s warm and cold, batches, distinct (B, T) shapes. Written
 to ``$OUT/probe_feed.json``. Needs torch, transformers, tokenizers, pyarrow and numpy only (the GPU
@@ -56,7 +62,7 @@ def _texts(a: argparse.Namespace) -> list[str]:
     return [base[i % n] if i < n else f"{base[i % n]} [copy {i // n}]" for i in range(a.rows)]
 
 
-def _tokenize(texts: list[str], vocab: int, max_length: int) -> list[list[int]]:
+def _tokenize(texts: list[str], vocab: int, max_length: int) -> tuple[Any, list[list[int]]]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -69,7 +75,7 @@ def _tokenize(texts: list[str], vocab: int, max_length: int) -> list[list[int]]:
     )
     tok.train_from_iterator(texts[:50_000], trainer=trainer)
     tok.enable_truncation(max_length)
-    return [e.ids for e in tok.encode_batch(texts)]
+    return tok, [e.ids for e in tok.encode_batch(texts)]
 
 
 def _batch(rows: list[list[int]], multiple: int, mask: str, device: Any) -> dict[str, Any]:
@@ -125,9 +131,12 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=8192)
     ap.add_argument("--out", default=os.environ.get("OUT") or None)
     ap.add_argument("--smoke", action="store_true", help="tiny model and corpus on CPU")
+    ap.add_argument("--variants", default=None, help="comma-separated names to run (default: all)")
     a = ap.parse_args()
     if a.smoke:
         a.rows, a.max_length, a.batch_size, a.window = 300, 64, 16, 128
+        # one variant of each kind of feed and scoring (the backends and paddings only change arguments)
+        a.variants = a.variants or "kernel,pad16,mask4d,exact,graphs,fed-inline,fed-threads"
     elif not a.corpus:
         ap.error("--corpus is needed (bench_pipeline.py prepare makes one)")
     import torch
@@ -142,7 +151,8 @@ def main() -> None:
     out = Path(a.out or tempfile.mkdtemp(prefix="probe-feed-"))
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    enc = _tokenize(_texts(a), 512 if a.smoke else 32000, a.max_length)
+    texts = _texts(a)
+    tok, enc = _tokenize(texts, 512 if a.smoke else 32000, a.max_length)
     print(f"{len(enc)} rows tokenized in {time.perf_counter() - t:.1f} s", flush=True)
     size = dict(n_layer=2, n_head=2, n_embd=64) if a.smoke else dict(n_layer=12, n_head=12, n_embd=768)
     cfg = GPT2Config(
@@ -174,18 +184,120 @@ def main() -> None:
         w, bias, scale, cap = lm_head_params(model)
         return causal_lm_el2n(hidden, w, bias, b["input_ids"], am, logit_scale=scale, softcap=cap)
 
-    def run(batches: list[list[list[int]]], multiple: int, mask: str, ctx: Callable[[], Any]) -> float:
+    class Graphs:
+        """One CUDA graph per (B, T) batch shape, captured at its first batch (in a check block of its own:
+        the graph's checks are not the run's), replayed from static inputs."""
+
+        def __init__(self) -> None:
+            self.graphs: dict[tuple[int, ...], tuple[Any, Any, Any, Any]] = {}
+            self.pool: Any = None
+            self.causal = (
+                torch.ones(8192, 8192, dtype=torch.bool, device=device).tril()
+                if device.type == "cuda"
+                else None
+            )
+
+        def inner(self, ids: Any, am: Any) -> Any:
+            T = ids.shape[1]
+            m4 = (self.causal[:T, :T][None] & am.bool()[:, None, :])[:, None]
+            return score_4d({"input_ids": ids, "attention_mask": am, "mask4d": m4})
+
+        def __call__(self, b: dict[str, Any]) -> Any:
+            key = tuple(b["input_ids"].shape)
+            if key not in self.graphs:
+                sid, sm = b["input_ids"].clone(), b["attention_mask"].clone()
+                saved = checks._local.pending
+                checks._local.pending = {}
+                try:
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        self.inner(sid, sm)
+                    torch.cuda.current_stream().wait_stream(side)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=self.pool):
+                        out = self.inner(sid, sm)
+                finally:
+                    checks._local.pending = saved
+                self.pool = g.pool()
+                self.graphs[key] = (g, sid, sm, out)
+            g, sid, sm, out = self.graphs[key]
+            sid.copy_(b["input_ids"], non_blocking=True)
+            sm.copy_(b["attention_mask"], non_blocking=True)
+            g.replay()
+            return out.clone()
+
+    def fed(threads: int) -> Callable[[], Iterator[list[list[int]]]]:
+        """The pipeline's batches made from the text as they are scored: ``threads`` featurizing threads
+        (0: in the scoring thread), 512-row read batches, 2 per thread ahead."""
+        import hashlib
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        spec = tok.to_str()
+        local = threading.local()
+
+        def work(chunk: list[str]) -> list[list[int]]:
+            if not hasattr(local, "tok"):
+                from tokenizers import Tokenizer
+
+                local.tok = Tokenizer.from_str(spec)
+            ids = [e.ids for e in local.tok.encode_batch(chunk)]
+            for x, i in zip(chunk, ids, strict=True):  # what featurize does per row, in Python
+                _ = (
+                    hashlib.sha256(x.encode()).hexdigest(),
+                    x[:500],
+                    hashlib.sha256(repr(i).encode()).hexdigest(),
+                )
+            return ids
+
+        def gen() -> Iterator[list[list[int]]]:
+            chunks = [texts[o : o + 512] for o in range(0, len(texts), 512)]
+            buf: list[list[int]] = []
+
+            def drain(final: bool) -> Iterator[list[list[int]]]:
+                nonlocal buf
+                while len(buf) >= a.window or (final and buf):
+                    yield from _windows(buf[: a.window], a.window, a.batch_size)
+                    buf = buf[a.window :]
+
+            if threads == 0:
+                for c in chunks:
+                    buf += work(c)
+                    yield from drain(False)
+            else:
+                with ThreadPoolExecutor(threads) as pool:
+                    futs = [pool.submit(work, c) for c in chunks[: 2 * threads]]
+                    nxt = len(futs)
+                    while futs:
+                        f = futs.pop(0)
+                        if nxt < len(chunks):
+                            futs.append(pool.submit(work, chunks[nxt]))
+                            nxt += 1
+                        buf += f.result()
+                        yield from drain(False)
+            yield from drain(True)
+
+        return gen
+
+    def run(
+        batches: Callable[[], Any], multiple: int, mask: str, ctx: Callable[[], Any], graphs: Graphs | None
+    ) -> tuple[float, int]:
         sync()
         t0 = time.perf_counter()
+        real = 0
         with ctx(), checks.deferred(), torch.inference_mode():
-            for rows in batches:
+            for rows in batches():
+                real += sum(map(len, rows))
                 b = _batch(rows, multiple, mask, device)
-                if "mask4d" in b:
+                if graphs is not None:
+                    graphs(b)
+                elif "mask4d" in b:
                     score_4d(b)
                 else:
                     el2n.score_batch(model, b, "causal_lm")
         sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, real
 
     nothing = contextlib.nullcontext
     k = min(len(enc), 256 if a.smoke else 16384)
@@ -211,24 +323,58 @@ def main() -> None:
     def backends(*bs: Any) -> Callable[[], Any]:
         return lambda: sdpa_kernel(list(bs))
 
-    variants: list[tuple[str, list[list[list[int]]], int, str, Callable[[], Any]]] = [
-        ("kernel", kernel, 1, "always", nothing),
-        ("pipeline", pipe, 1, "needed", nothing),
-        ("pad16", pipe, 16, "needed", nothing),
-        ("pad64", pipe, 64, "needed", nothing),
-        ("efficient", pipe, 1, "needed", backends(SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)),
+    def fixed(batches: list[list[list[int]]]) -> Callable[[], Any]:
+        return lambda: iter(batches)
+
+    cuda = device.type == "cuda"
+    switch = sys.getswitchinterval()
+
+    @contextlib.contextmanager
+    def short_switch() -> Iterator[None]:
+        sys.setswitchinterval(1e-4)
+        try:
+            yield
+        finally:
+            sys.setswitchinterval(switch)
+
+    variants: list[tuple[str, Callable[[], Any], int, str, Callable[[], Any], bool]] = [
+        ("kernel", fixed(kernel), 1, "always", nothing, False),
+        ("pipeline", fixed(pipe), 1, "needed", nothing, False),
+        ("pad16", fixed(pipe), 16, "needed", nothing, False),
+        ("pad64", fixed(pipe), 64, "needed", nothing, False),
+        (
+            "efficient",
+            fixed(pipe),
+            1,
+            "needed",
+            backends(SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH),
+            False,
+        ),
         (
             "flash+efficient",
-            pipe,
+            fixed(pipe),
             1,
             "needed",
             backends(SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH),
+            False,
         ),
-        ("cudnn", pipe, 1, "needed", backends(SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)),
-        ("math", pipe, 1, "needed", backends(SDPBackend.MATH)),
-        ("mask4d", pipe, 1, "4d", nothing),
-        ("exact", exact, 1, "needed", nothing),
+        ("cudnn", fixed(pipe), 1, "needed", backends(SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH), False),
+        ("math", fixed(pipe), 1, "needed", backends(SDPBackend.MATH), False),
+        ("mask4d", fixed(pipe), 1, "4d", nothing, False),
+        ("exact", fixed(exact), 1, "needed", nothing, False),
+        ("graphs", fixed(pipe), 16, "always", nothing, cuda),
+        ("fed-inline", fed(0), 1, "needed", nothing, False),
+        ("fed-threads", fed(8), 1, "needed", nothing, False),
+        ("fed-threads-pad16", fed(8), 16, "needed", nothing, False),
+        ("fed-switch", fed(8), 1, "needed", short_switch, False),
+        ("fed-graphs", fed(8), 16, "always", nothing, cuda),
     ]
+    if a.variants:
+        want = set(a.variants.split(","))
+        unknown = want - {v[0] for v in variants}
+        if unknown:
+            raise SystemExit(f"probe_feed: unknown --variants {sorted(unknown)}")
+        variants = [v for v in variants if v[0] in want]
     res: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -236,12 +382,17 @@ def main() -> None:
         "real_tokens": int(sum(map(len, enc))),
         "variants": {},
     }
-    for name, batches, multiple, mask, ctx in variants:
-        real = sum(len(r) for b in batches for r in b)
-        shapes = {(len(b), -(-max(map(len, b)) // multiple) * multiple) for b in batches}
+    for name, batches, multiple, mask, ctx, use_graphs in variants:
+        made = list(batches()) if not name.startswith("fed") else None
+        shapes = (
+            len({(len(b), -(-max(map(len, b)) // multiple) * multiple) for b in made})
+            if made is not None
+            else None
+        )
+        graphs = Graphs() if use_graphs else None
         try:
-            cold = run(batches, multiple, mask, ctx)
-            warm = run(batches, multiple, mask, ctx)
+            cold, real = run(batches, multiple, mask, ctx, graphs)
+            warm, _ = run(batches, multiple, mask, ctx, graphs)
         except Exception as e:  # a backend that cannot run these shapes here (never in the smoke)
             if a.smoke:
                 raise
@@ -249,14 +400,16 @@ def main() -> None:
             print(name, "error:", res["variants"][name]["error"], flush=True)
             continue
         res["variants"][name] = {
-            "batches": len(batches),
-            "shapes": len(shapes),
+            "batches": len(made) if made is not None else None,
+            "shapes": shapes,
             "real_tokens": real,
             "cold_s": cold,
             "warm_s": warm,
             "cold_tokens_per_s": real / cold,
             "warm_tokens_per_s": real / warm,
         }
+        if graphs is not None:
+            res["variants"][name]["graphs"] = len(graphs.graphs)
         print(name, json.dumps(res["variants"][name]), flush=True)
     (out / "probe_feed.json").write_text(json.dumps(res, indent=2))
 
