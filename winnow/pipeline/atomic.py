@@ -56,6 +56,70 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+_NPY_HEADER = 128  # bytes of magic, length and header dict: room for any 2-D shape numpy can hold
+
+
+@contextlib.contextmanager
+def npy_rows(path: str | os.PathLike, dtype: Any, width: int) -> Iterator[Any]:
+    """Write a C-ordered 2-D ``.npy`` of ``width`` columns whose row count is not known in advance,
+    atomically: yields ``append(block)`` (a (rows, width) block, cast to ``dtype``); at the end of the block
+    the header gets the row count and the file is renamed onto ``path`` (on error nothing is left). Only a
+    block is ever held: the array is written as it comes (numpy reads the result with ``np.load``)."""
+    import numpy as np
+
+    dt = np.dtype(dtype)
+    rows = 0
+
+    def header(n: int) -> bytes:
+        d = repr({"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False, "shape": (n, width)})
+        body = d.encode("latin1").ljust(_NPY_HEADER - 10 - 1) + b"\n"
+        return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(header(0))
+
+        def append(block: Any) -> None:
+            nonlocal rows
+            a = np.ascontiguousarray(block, dtype=dt)
+            if a.ndim != 2 or a.shape[1] != width:
+                raise ValueError(f"{path}: a block of shape {a.shape}, expected (rows, {width})")
+            f.write(a.tobytes())
+            rows += a.shape[0]
+
+        yield append
+        f.seek(0)
+        f.write(header(rows))
+
+
+def read_npy_rows(path: str | os.PathLike, rows: Any, block: int = 65536) -> Iterator[Any]:
+    """The given rows (ascending int indices) of a 2-D ``.npy``, at most ``block`` at a time, each block an
+    in-memory array read by file offset as one span of at most 4 x ``block`` rows (nothing is
+    memory-mapped: only a block is held, however large the file)."""
+    import numpy as np
+
+    rows = np.asarray(rows, dtype=np.int64)
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dt = read(f)
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{path}: expected a C-ordered 2-D array, found shape {shape}")
+        head, width = f.tell(), shape[1]
+        i = 0
+        while i < len(rows):
+            # at most `block` rows, read as one span of at most 4 x `block` rows of the file
+            r0 = int(rows[i])
+            j = i + max(1, int(np.searchsorted(rows[i : i + block], r0 + 4 * block)))
+            want = rows[i:j]
+            r1 = int(want[-1]) + 1
+            f.seek(head + r0 * width * dt.itemsize)
+            span = np.fromfile(f, dt, count=(r1 - r0) * width).reshape(r1 - r0, width)
+            yield span[want - r0]
+            i = j
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -31,7 +31,8 @@ def kmeans_assign(X: np.ndarray, n_clusters: int, seed: int, niter: int = 20) ->
     Trains on a sample of at most ``256 * n_clusters`` rows drawn without replacement by
     ``numpy.random.default_rng(seed)`` (all rows when N is smaller), with faiss's own seed ``seed``
     for the initial centroids, for ``niter`` Lloyd iterations; then assigns every row to its nearest
-    centroid (L2). On the GPU when ``faiss.get_num_gpus() > 0``, else on the CPU. Deterministic for
+    centroid (L2), a chunk at a time: ``X`` may be a memory-mapped float16 file, of which only the sample
+    and one chunk are in memory as float32. On the GPU when ``faiss.get_num_gpus() > 0``, else on the CPU. Deterministic for
     a given seed on one machine. Some clusters may end up empty. Raises ``ValueError`` for bad
     arguments and ``WinnowError`` when faiss is not installed.
     """
@@ -41,7 +42,7 @@ def kmeans_assign(X: np.ndarray, n_clusters: int, seed: int, niter: int = 20) ->
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if not is_int(niter) or niter < 1:
         raise ValueError(f"niter must be an integer >= 1, got {niter!r}")
-    X = np.asarray(X)
+    X = np.asarray(X) if not isinstance(X, np.ndarray) else X  # a memory-mapped array stays mapped
     if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
         raise ValueError(f"X must be a non-empty 2-D (N, d) array, got shape {X.shape}")
     if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
@@ -49,17 +50,26 @@ def kmeans_assign(X: np.ndarray, n_clusters: int, seed: int, niter: int = 20) ->
     n, d = X.shape
     if n_clusters > n:
         raise ValueError(f"n_clusters={n_clusters} is more than the {n} rows of X")
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    if not np.isfinite(X).all():
-        raise ValueError("X has NaN or infinite entries")
+
+    def rows(a: int, b: int) -> np.ndarray:  # float32 rows a..b, one chunk in memory at a time
+        part = np.ascontiguousarray(X[a:b], dtype=np.float32)
+        if not np.isfinite(part).all():
+            raise ValueError("X has NaN or infinite entries")
+        return part
+
     if n_clusters == 1:
+        for a in range(0, n, _ASSIGN_CHUNK):
+            rows(a, a + _ASSIGN_CHUNK)
         return np.zeros(n, dtype=np.int64)
 
     faiss = _faiss()
     use_gpu = faiss.get_num_gpus() > 0
     n_train = min(n, 256 * n_clusters)
     rng = np.random.default_rng(seed)
-    train = X if n_train == n else X[np.sort(rng.choice(n, n_train, replace=False))]
+    pick = None if n_train == n else np.sort(rng.choice(n, n_train, replace=False))
+    train = rows(0, n) if pick is None else np.ascontiguousarray(X[pick], dtype=np.float32)
+    if not np.isfinite(train).all():
+        raise ValueError("X has NaN or infinite entries")
     # max_points_per_centroid: we sampled already, so faiss must not subsample again (with its own rng);
     # min_points_per_centroid=1: no warning on stderr for small samples; faiss seeds are 32-bit.
     km = faiss.Kmeans(
@@ -73,8 +83,9 @@ def kmeans_assign(X: np.ndarray, n_clusters: int, seed: int, niter: int = 20) ->
         verbose=False,
     )
     km.train(train)
+    del train
     labels = np.empty(n, dtype=np.int64)
     for a in range(0, n, _ASSIGN_CHUNK):
-        _, idx = km.index.search(X[a : a + _ASSIGN_CHUNK], 1)
+        _, idx = km.index.search(rows(a, a + _ASSIGN_CHUNK), 1)
         labels[a : a + _ASSIGN_CHUNK] = idx[:, 0]
     return labels

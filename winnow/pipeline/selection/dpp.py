@@ -57,7 +57,10 @@ def dpp_select(recipe: Any, run_dir: Any, df: Any) -> tuple[Any, dict[str, Any]]
     n = df.height
     k = budget(n, fraction=sel.fraction, count=sel.count)
     dev = resolve_device(d.device)
-    X = torch.from_numpy(load_embeddings(run_dir, df["id"].to_list()))
+    # partitioned: the merged float16 file memory-mapped, one cluster at a time read and sent to the device
+    # (never all vectors in memory); otherwise every vector on the device, float16 on the way there
+    half = d.clusters is not None or dev.type != "cpu"
+    X = torch.from_numpy(load_embeddings(run_dir, df["id"].to_list(), np.float16 if half else np.float32))
     if d.clusters is None:
         X = X.to(dev)
     quality = None

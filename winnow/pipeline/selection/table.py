@@ -65,7 +65,8 @@ def diversity_of(
     from winnow.selectors.dpp import isotropic_log_det_distance
 
     d = recipe.select.dpp
-    X = torch.from_numpy(load_embeddings(run_dir, df["id"].to_list())).double()
+    # float16 as stored (memory-mapped when in the stored order): only the sampled rows are read and cast
+    X = torch.from_numpy(load_embeddings(run_dir, df["id"].to_list(), np.float16))
     m = int(min(kept.sum(), sample))
     kw = {"kernel": d.kernel, "kappa": d.kappa, "sigma": d.sigma, "size": m, "seeds": 3}
     return {
