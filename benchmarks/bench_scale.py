@@ -236,6 +236,7 @@ def main() -> None:
     a = p.parse_args()
     if a.smoke:
         a.rows, a.rows_per_file, a.shard_rows, a.man_pieces = [3000], 1000, 1000, 500
+    a.out = a.out.absolute()  # the runs start in it: a relative path would name the wrong place there
     a.out.mkdir(parents=True, exist_ok=True)
     t = time.time()
     texts = base_texts(a.man_pieces)
