@@ -106,3 +106,31 @@ def test_garbage_collection_keeps_what_a_version_needs(tmp_path, corpus, model_f
     assert set(files) == {fp1, fp2}
     assert len(files[fp1]) == 1 and files[fp1][0].startswith("shard-")  # a's file alone
     assert len(files[fp2]) == 2  # v0002's folder kept whole
+
+
+def test_refit_never_keeps_the_trained_tokenizer_and_proxy_so_new_rows_alone_are_scored(
+    tmp_path, corpus, refit
+):
+    """Periodic rescoring of a recipe that trains its tokenizer and proxy on the data: with ``refit: never``
+    a new input file is the only thing scored: the tokenizer and proxy of the first run stay, and every old
+    row's scores come from the cache (with the default, ``inputs``, both are trained again on the new
+    inputs and all 100 rows are scored again)."""
+    refit = "never"
+    rows = corpus_rows(corpus)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_rows(data / "a.jsonl", rows[:40])
+    write_rows(data / "b.jsonl", rows[40:90])
+    run = tmp_path / "run"
+    r = tiny_recipe(corpus, run)
+    r["data"]["source"] = f"{data}/*.jsonl"
+    r["model"]["tokenizer"]["train"]["refit"] = refit
+    r["train"].update(steps=4, seeds=[0], checkpoints=[4], refit=refit)
+    rec = write_recipe(tmp_path / "r.yaml", r)
+    assert main(["run", str(rec)]) == 0
+    tokenizers = sorted(p.name for p in run.glob("tokenizer-*"))
+    write_rows(data / "c.jsonl", rows[90:100])
+    assert main(["run", str(rec)]) == 0
+    v2 = _version(run, 2)
+    assert (v2["scored_rows"], v2["reused_rows"]) == (10, 90)
+    assert sorted(p.name for p in run.glob("tokenizer-*")) == tokenizers

@@ -272,7 +272,10 @@ class TokenizerStep(Step):
 
     def fingerprint(self, ctx: RunContext, input_fp: str = "") -> str:
         m = ctx.config.model
-        return fingerprint("tokenizer", m.tokenizer.model_dump(), m.task, m.max_length, input_fp)
+        t = m.tokenizer.train
+        # refit never: the tokenizer the folder trained first stays when the inputs change
+        data = input_fp if t is None or t.refit == "inputs" else None
+        return fingerprint("tokenizer", m.tokenizer.model_dump(), m.task, m.max_length, data)
 
     def run(self, ctx: RunContext, fp: str, **_: Any) -> str:
         from winnow.pipeline.sources import sample_texts

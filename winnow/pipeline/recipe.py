@@ -72,6 +72,11 @@ class TokenizerTrain(Strict):
     vocab_size: int = Field(default=4096, ge=64)
     min_frequency: int = Field(default=2, ge=1)
     max_rows: int = Field(default=50_000, gt=0, description="rows of the data to train on")
+    refit: Literal["inputs", "never"] = Field(
+        default="inputs",
+        description="inputs: train again when the input files change; never: keep the tokenizer the run "
+        "folder trained first (periodic rescoring: new rows are scored, old ones read from the cache)",
+    )
 
 
 class TokenizerConfig(Strict):
@@ -111,6 +116,11 @@ class TrainConfig(Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     checkpoints: list[int] | None = Field(default=None, description="steps to save (default: the last step)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    refit: Literal["inputs", "never"] = Field(
+        default="inputs",
+        description="inputs: train the proxy again when the input files change; never: keep the proxy the "
+        "run folder trained first (periodic rescoring: new rows are scored, old ones read from the cache)",
+    )
 
     @model_validator(mode="after")
     def _checkpoints(self) -> TrainConfig:

@@ -106,8 +106,9 @@ def model_loss(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.T
 def train_fingerprint(recipe: Recipe, input_fp: str, tokenizer_fp: str | None, model_fp: str) -> str:
     t = recipe.train.model_dump(exclude={"seeds", "checkpoints", "device"})
     # train.steps 0: the checkpoint is the loaded (or seeded random) model; the data does not enter it, so
-    # new rows keep the model's fingerprint (and the scores cached under it)
-    data = input_fp if recipe.train.steps > 0 else None
+    # new rows keep the model's fingerprint (and the scores cached under it). train.refit never: the proxy
+    # trained on the inputs of the folder's first run stays the proxy when they change
+    data = input_fp if recipe.train.steps > 0 and recipe.train.refit == "inputs" else None
     return fingerprint(
         "train", t, recipe.model.model_dump(exclude={"tokenizer"}), data, tokenizer_fp, model_fp
     )
