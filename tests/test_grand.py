@@ -75,3 +75,29 @@ def test_grand_parameters_are_checked():
         get_scorer("grand", parameters=3)
     with pytest.raises(ValueError, match="unknown parameter 'params'"):
         get_scorer("grand", params="all")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_grand_inside_a_deferred_pass_gives_sdpa_models_a_ready_mask_and_the_same_norms(side, monkeypatch):
+    """The pipeline scores inside checks.deferred: there an SDPA model gets winnow's 4-D mask (transformers'
+    own mask builders, which ask the device, are refused here) and the per-example gradient norms are the
+    per-example loop's, padded either side."""
+    from transformers import masking_utils
+
+    from tests.grads._harness import LENGTHS, gpt2, llama, seqs, text_batch
+    from winnow.grads import checks
+
+    def refuse(*a, **k):
+        raise AssertionError("transformers built a mask from a 2-D one inside a deferred pass")
+
+    for build in (gpt2, llama):
+        model = build(0).eval()
+        assert model.config._attn_implementation == "sdpa"
+        batch = text_batch(seqs(LENGTHS, 1), side)
+        ref = _reference_norms(model, batch, "causal_lm")
+        with monkeypatch.context() as m:
+            for name in ("find_packed_sequence_indices", "_ignore_causal_mask_sdpa", "sdpa_mask"):
+                m.setattr(masking_utils, name, refuse)
+            with checks.deferred():
+                got = get_scorer("grand").score_batch(model, batch, "causal_lm")["grand"]
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-7)

@@ -20,6 +20,8 @@ from torch import nn
 from winnow.grads.checks import is_deferred, require
 
 __all__ = [
+    "attn_implementation",
+    "causal_mask_4d",
     "classification_inputs",
     "model_logits",
     "next_token_losses",
@@ -127,6 +129,28 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk_elements: int =
 # per-example losses
 
 
+def causal_mask_4d(
+    shape: torch.Size | tuple[int, ...], attention_mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """A (B, 1, T, T) boolean SDPA mask, True where query t may attend to key s: s <= t and key s is not
+    padding (``attention_mask`` (B, T), 1 on real tokens; None: no padding). Each position also attends
+    to itself, so a padding query's row is never empty (an empty row is NaN in SDPA; padding positions'
+    outputs are never scored)."""
+    B, T = int(shape[0]), int(shape[1])
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    if attention_mask is None:
+        return causal[None, None].expand(B, 1, T, T)
+    m = causal[None] & attention_mask.bool()[:, None, :]
+    return (m | torch.eye(T, dtype=torch.bool, device=device)[None])[:, None]
+
+
+def attn_implementation(module: nn.Module) -> str | None:
+    """``config._attn_implementation`` of a transformers model ("sdpa", "eager", ...), or None."""
+    config = getattr(module, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    return impl if isinstance(impl, str) else None
+
+
 def next_token_losses(
     model: nn.Module, batch: Mapping[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,9 +161,13 @@ def next_token_losses(
     input_ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     kwargs: dict[str, Any] = {"input_ids": input_ids}
-    # inside checks.deferred() a mask is taken as padding without asking the device (the same result)
+    # inside checks.deferred() a mask is taken as padding without asking the device (the same result),
+    # and an SDPA model gets it ready in 4-D (transformers would ask the device while building its own)
     padded = mask is not None and (is_deferred() or not bool(mask.bool().all()))
-    if padded:
+    ready = is_deferred() and attn_implementation(model) == "sdpa" and _accepts(model, "position_ids")
+    if ready:
+        kwargs["attention_mask"] = causal_mask_4d(input_ids.shape, mask, input_ids.device)
+    elif padded:
         kwargs["attention_mask"] = mask
     if _accepts(model, "position_ids"):
         kwargs["position_ids"] = (

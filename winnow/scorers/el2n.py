@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from winnow.grads.checks import is_deferred, require
+from winnow.grads.losses import attn_implementation, causal_mask_4d
 from winnow.scorers.base import (
     Param,
     Scorer,
@@ -235,7 +236,7 @@ def causal_lm_hidden_states(
     """
     base = _base_model(model)
     kwargs: dict[str, Any] = {"input_ids": input_ids}
-    if is_deferred() and _attn_implementation(base) == "sdpa" and _accepts(base, "position_ids"):
+    if is_deferred() and attn_implementation(base) == "sdpa" and _accepts(base, "position_ids"):
         kwargs["attention_mask"] = causal_mask_4d(input_ids.shape, attention_mask, input_ids.device)
         kwargs["position_ids"] = (
             (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -255,27 +256,6 @@ def causal_lm_hidden_states(
     out = base(**kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden
-
-
-def causal_mask_4d(
-    shape: torch.Size | tuple[int, ...], attention_mask: torch.Tensor | None, device: torch.device
-) -> torch.Tensor:
-    """A (B, 1, T, T) boolean SDPA mask, True where query t may attend to key s: s <= t and key s is not
-    padding (``attention_mask`` (B, T), 1 on real tokens; None: no padding). Each position also attends
-    to itself, so a padding query's row is never empty (an empty row is NaN in SDPA; padding positions'
-    outputs are never scored)."""
-    B, T = int(shape[0]), int(shape[1])
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    if attention_mask is None:
-        return causal[None, None].expand(B, 1, T, T)
-    m = causal[None] & attention_mask.bool()[:, None, :]
-    return (m | torch.eye(T, dtype=torch.bool, device=device)[None])[:, None]
-
-
-def _attn_implementation(module: torch.nn.Module) -> str | None:
-    config = getattr(module, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    return impl if isinstance(impl, str) else None
 
 
 def _config_attr(model: torch.nn.Module, name: str) -> Any:
