@@ -311,3 +311,42 @@ def test_causal_lm_takes_string_labels_as_metadata(tmp_path, corpus):
     feat = Featurizer(recipe_from_dict(r), None, None, None, vocab_size=100)
     exs = feat.featurize({"ids": [[1, 2, 3], [4, 5]], "kind": ["<b>news</b>", "blog"]}, "x.jsonl")
     assert [e.label_name for e in exs] == ["<b>news</b>", "blog"] and all(e.label is None for e in exs)
+
+
+def test_tokenizer_sample_takes_every_file_in_turn_one_open_at_a_time(tmp_path, corpus, monkeypatch):
+    """The tokenizer's training text: every input file contributes (a short file's share passes to the
+    next), the first ``max_rows`` texts of each file in file order, and only one file is open at a time
+    (round-robin over all files kept a read buffer per file open: memory grew with the file count)."""
+    import winnow.pipeline.sources as sources
+    from tests.conftest import corpus_rows, write_rows
+
+    rows = corpus_rows(corpus)
+    data = tmp_path / "data"
+    data.mkdir()
+    sizes = [30, 3, 30, 30, 30]  # the second file is short
+    a = 0
+    for i, n in enumerate(sizes):
+        write_rows(data / f"f{i}.jsonl", rows[a : a + n])
+        a += n
+    cfg = DataConfig(source=f"{data}/*.jsonl", text_column="text", read_batch_size=4)
+    shards = list_shards(cfg)
+    open_now, most = [0], [0]
+    real = sources.iter_raw_batches
+
+    def counted(data_cfg, shard):
+        open_now[0] += 1
+        most[0] = max(most[0], open_now[0])
+        try:
+            yield from real(data_cfg, shard)
+        finally:
+            open_now[0] -= 1
+
+    monkeypatch.setattr(sources, "iter_raw_batches", counted)
+    got = list(sources.sample_texts(cfg, shards, 50))
+    assert most[0] == 1 and open_now[0] == 0
+    # quotas: ceil(50/5)=10, then 3 (short), then ceil(37/3)=13, ceil(24/2)=12, 12
+    want, a = [], 0
+    for n, q in zip(sizes, [10, 3, 13, 12, 12], strict=True):
+        want += [r["text"] for r in rows[a : a + q]]
+        a += n
+    assert got == want
