@@ -24,6 +24,16 @@ def _recipe(corpus: Path, model: Path, data: Path, run: Path, scorers=("el2n",))
     return r
 
 
+def _two_files(tmp_path: Path, corpus: Path) -> tuple[list[dict], Path]:
+    """The corpus's rows, and a data folder of two files: a.jsonl (rows 0-39) and b.jsonl (40-89)."""
+    rows = corpus_rows(corpus)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_rows(data / "a.jsonl", rows[:40])
+    write_rows(data / "b.jsonl", rows[40:90])
+    return rows, data
+
+
 def _cache_files(run: Path) -> dict[str, list[str]]:
     root = run / "scores" / "cache"
     return {d.name: sorted(f.name for f in d.iterdir()) for d in sorted(root.iterdir())}
@@ -37,11 +47,7 @@ def test_a_shard_task_reads_only_its_own_cache_entries(tmp_path, corpus, model_f
     import winnow.pipeline.scoring as scoring
     from winnow.pipeline.score_cache import read_shard_cache, shard_cache_id
 
-    rows = corpus_rows(corpus)
-    data = tmp_path / "data"
-    data.mkdir()
-    write_rows(data / "a.jsonl", rows[:40])
-    write_rows(data / "b.jsonl", rows[40:90])
+    rows, data = _two_files(tmp_path, corpus)
     run = tmp_path / "run"
     rec = write_recipe(tmp_path / "r.yaml", _recipe(corpus, model_folder, data, run))
     assert main(["run", str(rec)]) == 0
@@ -108,19 +114,13 @@ def test_garbage_collection_keeps_what_a_version_needs(tmp_path, corpus, model_f
     assert len(files[fp2]) == 2  # v0002's folder kept whole
 
 
-def test_refit_never_keeps_the_trained_tokenizer_and_proxy_so_new_rows_alone_are_scored(
-    tmp_path, corpus, refit
-):
+def test_refit_never_keeps_the_trained_tokenizer_and_proxy_so_new_rows_alone_are_scored(tmp_path, corpus):
     """Periodic rescoring of a recipe that trains its tokenizer and proxy on the data: with ``refit: never``
     a new input file is the only thing scored: the tokenizer and proxy of the first run stay, and every old
     row's scores come from the cache (with the default, ``inputs``, both are trained again on the new
     inputs and all 100 rows are scored again)."""
     refit = "never"
-    rows = corpus_rows(corpus)
-    data = tmp_path / "data"
-    data.mkdir()
-    write_rows(data / "a.jsonl", rows[:40])
-    write_rows(data / "b.jsonl", rows[40:90])
+    rows, data = _two_files(tmp_path, corpus)
     run = tmp_path / "run"
     r = tiny_recipe(corpus, run)
     r["data"]["source"] = f"{data}/*.jsonl"
