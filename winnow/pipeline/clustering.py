@@ -42,7 +42,7 @@ def kmeans_assign(X: np.ndarray, n_clusters: int, seed: int, niter: int = 20) ->
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if not is_int(niter) or niter < 1:
         raise ValueError(f"niter must be an integer >= 1, got {niter!r}")
-    X = np.asarray(X) if not isinstance(X, np.ndarray) else X  # a memory-mapped array stays mapped
+    X = np.asarray(X)  # a memory-mapped array stays mapped (no copy)
     if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
         raise ValueError(f"X must be a non-empty 2-D (N, d) array, got shape {X.shape}")
     if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
