@@ -337,8 +337,13 @@ class RotatedSample:
         """The k x (m n) matrix of this map (float64; for tests: it has k m n entries)."""
         m, n = self.view
         f = self.to("cpu", torch.float64)
-        eye = torch.eye(m * n, dtype=torch.float64).view(m * n, m, n)
-        return f.project_matrices(eye).t()
+        cols = []
+        for j in range(0, m * n, 1024):  # the identity's rows a block at a time, never the D x D identity
+            c = min(1024, m * n - j)
+            eye = torch.zeros(c, m * n, dtype=torch.float64)
+            eye[torch.arange(c), torch.arange(j, j + c)] = 1.0
+            cols.append(f.project_matrices(eye.view(c, m, n)))
+        return torch.cat(cols).t()
 
 
 def _haar(d: int, gen: torch.Generator) -> torch.Tensor:
