@@ -3,6 +3,7 @@ deferred input checks give exactly what the plain path gives."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import datasets
@@ -13,7 +14,7 @@ import torch
 from tests.conftest import tiny_recipe
 from winnow.errors import WinnowError
 from winnow.grads import checks
-from winnow.pipeline import scoring
+from winnow.pipeline import feed, scoring
 from winnow.pipeline.collate import Columns, FeatBatch, Featurizer, collate_columns, example_key
 from winnow.pipeline.models import load_tokenizer, train_tokenizer
 from winnow.pipeline.recipe import DataConfig, Recipe
@@ -72,10 +73,10 @@ def test_processes_and_threads_feed_the_inline_batches_in_order(corpus, tmp_path
     feed's featurized batches, in order: ids, keys, rows parts and token columns."""
     recipe, feat = _featurizer(corpus, tmp_path, data__read_batch_size=5)
     shard = list_shards(recipe.data)[0]
-    inline = list(scoring._stream(recipe, shard, feat, 0))
+    inline = list(feed.stream(recipe, shard, feat, 0))
     assert len(inline) == 8  # 40 rows a file
     for workers, kind in ((3, "processes"), (2, "threads")):
-        got = list(scoring._stream(recipe, shard, feat, workers, kind))
+        got = list(feed.stream(recipe, shard, feat, workers, kind))
         assert len(got) == len(inline)
         for g, w in zip(got, inline, strict=True):
             assert g.ids == w.ids and g.keys == w.keys
@@ -94,8 +95,35 @@ def test_a_bad_row_in_a_worker_process_is_a_clear_error(corpus, tmp_path):
     (bad / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe, feat = _featurizer(bad, tmp_path, text_from=corpus, data__read_batch_size=4)
     shard = list_shards(recipe.data)[0]
-    with pytest.raises(WinnowError, match=r"a\.jsonl row 17: column 'text' holds int, expected text"):
-        list(scoring._stream(recipe, shard, feat, 2))
+    for kind in ("threads", "processes"):
+        with pytest.raises(WinnowError, match=r"a\.jsonl row 17: column 'text' holds int, expected text"):
+            list(feed.stream(recipe, shard, feat, 2, kind))
+    feed.release_pools()
+
+
+def test_featurizing_processes_live_as_long_as_the_run(corpus, tmp_path):
+    """The processes feed starts its workers once: shard after shard (and pass after pass) the same
+    processes featurize; a featurizer that differs starts new ones, and release_pools ends them."""
+    recipe, feat = _featurizer(corpus, tmp_path, data__read_batch_size=5)
+    shards = list_shards(recipe.data)
+    assert len(shards) >= 2
+    try:
+        for shard in shards:
+            want = list(feed.stream(recipe, shard, feat, 0))
+            got = list(feed.stream(recipe, shard, feat, 2, "processes"))
+            assert [g.keys for g in got] == [w.keys for w in want]
+        first = feed._pool
+        assert first is not None
+        pids = set(first.ex._processes)
+        list(feed.stream(recipe, shards[0], copy.deepcopy(feat), 2, "processes"))  # an equal featurizer
+        assert feed._pool is first and set(first.ex._processes) == pids
+        feat.max_length = 7  # another featurizer: other workers
+        got = list(feed.stream(recipe, shards[0], feat, 2, "processes"))
+        assert max(int(n) for g in got for n in g.columns.lengths) <= 7
+        assert feed._pool is not first
+    finally:
+        feed.release_pools()
+    assert feed._pool is None
 
 
 def test_columns_collate_as_the_featurizer_does(corpus, tmp_path):
@@ -216,7 +244,7 @@ def test_padding_to_a_multiple_changes_no_score(corpus, model_folder, tmp_path):
     recipe, _ = _featurizer(corpus, tmp_path)
     feat = Featurizer(recipe, load_tokenizer(model_folder), None, None)
     shard = list_shards(recipe.data)[0]
-    cols = Columns.concat([fb.columns for fb in scoring._stream(recipe, shard, feat, 0)])
+    cols = Columns.concat([fb.columns for fb in feed.stream(recipe, shard, feat, 0)])
     model = load_checkpoint(model_folder, "causal_lm").eval()
     scorers = [get_scorer("el2n")]
 

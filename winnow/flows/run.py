@@ -119,6 +119,7 @@ class _Graph:
 # -- the flow ------------------------------------------------------------------------------------
 @flow(name="winnow-run", log_prints=True, validate_parameters=False)
 def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, Any]]) -> dict[str, Any]:
+    from winnow.pipeline.feed import release_pools
     from winnow.pipeline.influence import influence_checkpoints, target_shards
     from winnow.pipeline.models import model_source_fingerprint, tokenizer_fingerprint, warm_imports
     from winnow.pipeline.score_merge import parts_fingerprint
@@ -214,6 +215,7 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
                 (tgt_handles if role == "target" else infl_handles).append(h)
     parts: list[ScorePart] = [g.result(h) for h in handles]
     release_models()  # the scoring models kept loaded from shard to shard
+    release_pools()  # and the featurizing processes, where scoring.loader is processes
     part_dicts = [p.to_dict() for p in parts]
     parts_fp = parts_fingerprint(parts)
     emb_fp = None

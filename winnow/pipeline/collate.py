@@ -178,6 +178,23 @@ class Featurizer:
         if tokenizer is not None and tokenizer.pad_token_id is not None:
             self.pad_id = int(tokenizer.pad_token_id)
 
+    def identity(self) -> str:
+        """What this featurizer makes of a row, as a sha256: two featurizers with the same identity give
+        the same examples (the recipe, the classes, the token ids' bounds and the tokenizer's own state;
+        a pickle is no such key: a tokenizer loaded twice pickles to different bytes)."""
+        import pickle
+
+        h = hashlib.sha256(self.r.model_dump_json().encode())
+        h.update(
+            repr((self.label_names, self.num_labels, self.vocab_size, self.max_length, self.pad_id)).encode()
+        )
+        backend = getattr(self.tok, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "to_str"):
+            h.update(backend.to_str().encode())
+        elif self.tok is not None:
+            h.update(pickle.dumps(self.tok))
+        return h.hexdigest()
+
     # -- rows -------------------------------------------------------------------------------
     def _label(self, value: Any, where: str) -> tuple[int, str]:
         col = self.data.label_column

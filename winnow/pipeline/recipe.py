@@ -234,8 +234,9 @@ class ScoringConfig(Strict):
     )
     loader: Literal["threads", "processes"] = Field(
         default="threads",
-        description="what the loader workers are: threads (the Rust tokenizer runs without the interpreter "
-        "lock) or processes (no lock shared at all, but every shard starts its own: seconds each)",
+        description="what the loader workers are: threads (start at once, but share the interpreter lock "
+        "with the thread that launches the model's kernels) or processes (started once a run, from a "
+        "forkserver; they share no lock with it); winnow/pipeline/feed.py",
     )
     bucket_rows: int | Literal["auto"] = Field(
         default="auto",

@@ -18,14 +18,11 @@ compaction and garbage collection: ``score_cache.py``; the merge of the parts: `
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +33,21 @@ import pyarrow.parquet as pq
 import torch
 
 import winnow
-from winnow.errors import WinnowError
 from winnow.grads import checks
 from winnow.pipeline.atomic import fingerprint, tmp_name
 from winnow.pipeline.collate import (
     ROWS_SCHEMA,
     Columns,
-    FeatBatch,
     Featurizer,
     collate_columns,
     length_groups,
 )
+from winnow.pipeline.feed import stream
 from winnow.pipeline.layout import RunLayout, checkpoint_suffix
 from winnow.pipeline.models import load_checkpoint, resolve_device
 from winnow.pipeline.recipe import Recipe
 from winnow.pipeline.score_cache import read_shard_cache, write_shard_cache
-from winnow.pipeline.sources import InputShard, iter_striped_batches
+from winnow.pipeline.sources import InputShard
 from winnow.pipeline.steps import Checkpoint, RunContext, ScorePart, Step, progress, register_step
 from winnow.pipeline.store import write_parquet
 from winnow.scorers import get_scorer
@@ -119,111 +115,6 @@ def bucket_rows(recipe: Recipe, device: torch.device) -> int:
     return int(b)
 
 
-@dataclass
-class _Failed:
-    """A featurizing process's error, handed to the consumer as data (its message, not a traceback)."""
-
-    message: str
-
-
-class _ShardFeed(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
-    """The shard's read batches featurized (:class:`FeatBatch`), in order. In a DataLoader with W worker
-    processes, worker w featurizes read batches w, w + W, ... (``iter_striped_batches``) and the loader
-    hands them back round-robin, which is their order."""
-
-    def __init__(self, recipe: Recipe, shard: InputShard, feat: Featurizer):
-        self.recipe, self.shard, self.feat = recipe, shard, feat
-
-    def __iter__(self) -> Iterator[FeatBatch | _Failed]:
-        info = torch.utils.data.get_worker_info()
-        stride, phase = (info.num_workers, info.id) if info is not None else (1, 0)
-        try:
-            for offset, raw in iter_striped_batches(self.recipe.data, self.shard, stride, phase):
-                yield FeatBatch.of(self.feat.featurize(raw, self.shard.location, offset))
-        except WinnowError as e:
-            if info is None:
-                raise
-            yield _Failed(str(e))
-
-
-def _worker_init(_: int) -> None:
-    # one thread each: the processes are the parallelism (a Rust tokenizer's own pool would oversubscribe)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    torch.set_num_threads(1)
-
-
-def _same(x: Any) -> Any:
-    return x
-
-
-def _feed_context() -> Any:
-    """Worker processes start from a forkserver with the featurizing modules already imported (a worker
-    starts in milliseconds, and never forks a process that holds CUDA or Prefect's threads); spawn where
-    there is no forkserver."""
-    import multiprocessing as mp
-
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(
-        ["winnow.pipeline.collate", "winnow.pipeline.sources", "datasets", "tokenizers"]
-    )
-    return ctx
-
-
-def _stream(
-    recipe: Recipe, shard: InputShard, feat: Featurizer, workers: int = 0, kind: str = "threads"
-) -> Iterator[FeatBatch]:
-    """The shard's read batches featurized, in order: inline (``workers`` 0), or by ``workers`` processes
-    (``kind`` "processes": a DataLoader, up to 4 read batches each ahead of the consumer) or threads
-    ("threads": each with its own copy of the featurizer, up to 2 read batches each ahead). Featurizing
-    (validation, ids, previews, tokenizing, keys) is Python per row: in processes it shares no interpreter
-    lock with the thread that launches the model's kernels; threads start at once and share memory."""
-    feed = _ShardFeed(recipe, shard, feat)
-    if workers <= 0:
-        yield from feed  # type: ignore[misc]
-        return
-    if kind == "threads":
-        yield from _threaded(recipe, shard, feat, workers)
-        return
-    loader = torch.utils.data.DataLoader(
-        feed,
-        batch_size=None,
-        num_workers=workers,
-        collate_fn=_same,
-        prefetch_factor=4,
-        worker_init_fn=_worker_init,
-        multiprocessing_context=_feed_context(),
-    )
-    for item in loader:
-        if isinstance(item, _Failed):
-            raise WinnowError(item.message)
-        yield item
-
-
-def _threaded(recipe: Recipe, shard: InputShard, feat: Featurizer, workers: int) -> Iterator[FeatBatch]:
-    """``workers`` threads featurizing read batches in order, fed by a reader thread (opening the shard and
-    reading it overlap the consumer's own work). A fast tokenizer is not safe to call from two threads at
-    once, so each has its own copy; its Rust encoder runs without the interpreter lock."""
-    from winnow.pipeline.background import ahead
-
-    local = threading.local()
-
-    def work(raw: dict[str, list], offset: int) -> FeatBatch:
-        if not hasattr(local, "feat"):
-            local.feat = copy.deepcopy(feat)
-        return FeatBatch.of(local.feat.featurize(raw, shard.location, offset))
-
-    with ThreadPoolExecutor(workers, thread_name_prefix="winnow-featurize") as pool:
-        jobs = (pool.submit(work, raw, off) for off, raw in iter_striped_batches(recipe.data, shard, 1, 0))
-        reader = ahead(jobs, 2 * workers, "winnow-read", on_drop=lambda f: f.cancel())
-        try:
-            for job in reader:
-                yield job.result()
-        finally:
-            reader.close()  # stops the reader and cancels the jobs it made that were never taken
-
-
 def score_shard(
     recipe: Recipe,
     run_dir: Path,
@@ -276,7 +167,7 @@ def score_shard(
                         for cols in kept:  # the first pass's examples, featurized once (see REUSE_BYTES)
                             pas.add(cols)
                     else:
-                        for fb in _stream(recipe, shard, feat, workers, recipe.scoring.loader):
+                        for fb in stream(recipe, shard, feat, workers, recipe.scoring.loader):
                             if ci == 0:
                                 rows_out.write(fb.rows)
                                 ids.extend(fb.ids)

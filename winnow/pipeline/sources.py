@@ -280,26 +280,39 @@ def iter_raw_batches(
             yield _with_domain(data, shard, dict(batch), len(next(iter(batch.values()))) if batch else 0)
 
 
+def iter_arrow_batches(
+    data: DataConfig, shard: InputShard, batch_size: int | None = None
+) -> Iterator[tuple[int, Any, Any]]:
+    """The read batches of one shard as Arrow tables, unconverted: (row offset, table, the dataset's
+    features). :func:`python_batch` turns one into what :func:`iter_raw_batches` gives, in any process."""
+    with _reading(shard):
+        ds = _shard_dataset(data, shard)
+        offset = 0
+        for table in ds.with_format("arrow").iter(batch_size=batch_size or data.read_batch_size):
+            yield offset, table, ds.features
+            offset += table.num_rows
+
+
+def python_batch(data: DataConfig, shard: InputShard, table: Any, features: Any) -> dict[str, list]:
+    """One Arrow read batch of :func:`iter_arrow_batches` as a column batch of Python values (by datasets'
+    formatter, so images decode as in :func:`iter_raw_batches`), with the shard's domain column."""
+    from datasets.formatting import PythonFormatter
+
+    with _reading(shard):
+        batch = dict(PythonFormatter(features=features).format_batch(table))
+    return _with_domain(data, shard, batch, table.num_rows)
+
+
 def iter_striped_batches(
     data: DataConfig, shard: InputShard, stride: int, phase: int, batch_size: int | None = None
 ) -> Iterator[tuple[int, dict[str, list]]]:
     """The read batches ``i`` of one shard with ``i % stride == phase``, as (row offset, column batch): the
-    same batches as :func:`iter_raw_batches`, for ``stride`` processes that each featurize one in
-    ``stride``. Every process reads the whole shard, but as Arrow tables: only its own batches are
-    converted to Python (by datasets' formatter, so images decode as in ``iter_raw_batches``)."""
-    from datasets.formatting import PythonFormatter
-
-    with _reading(shard):
-        ds = _shard_dataset(data, shard)
-        fmt = PythonFormatter(features=ds.features)
-        offset = 0
-        for i, table in enumerate(
-            ds.with_format("arrow").iter(batch_size=batch_size or data.read_batch_size)
-        ):
-            n = table.num_rows
-            if i % stride == phase:
-                yield offset, _with_domain(data, shard, dict(fmt.format_batch(table)), n)
-            offset += n
+    same batches as :func:`iter_raw_batches`, for ``stride`` consumers that each featurize one in
+    ``stride``. Each reads the whole shard, but as Arrow tables: only its own batches are converted to
+    Python."""
+    for i, (offset, table, features) in enumerate(iter_arrow_batches(data, shard, batch_size)):
+        if i % stride == phase:
+            yield offset, python_batch(data, shard, table, features)
 
 
 def sample_texts(data: DataConfig, shards: list[InputShard], max_rows: int) -> Iterator[str]:
