@@ -116,6 +116,7 @@ def _recipe(a: argparse.Namespace, inputs: Path, run_dir: Path, smoke: bool) -> 
             "loader_workers": a.loader_workers,
             "loader": a.loader,
             "bucket_rows": a.bucket_rows,
+            "pad_multiple": a.pad_multiple,
         },
         "select": {"method": "score", "score": a.scorer, "fraction": 0.5, "keep": "highest"},
         "output": {"dir": str(run_dir), "shard_max_rows": 100_000},
@@ -273,6 +274,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "loader_workers": a.loader_workers,
         "loader": a.loader,
         "bucket_rows": a.bucket_rows,
+        "pad_multiple": a.pad_multiple,
         "max_workers": a.max_workers,
         "server": a.server,
         "whole_run": {"wall_s": wall, "rows_per_s": a.rows / wall, **smp.window(t0, t0 + wall)},
@@ -320,6 +322,7 @@ def main() -> None:
         "--server", action="store_true", help="a Prefect server started before the run (a user's own)"
     )
     ap.add_argument("--bucket-rows", default="auto", type=lambda v: v if v == "auto" else int(v))
+    ap.add_argument("--pad-multiple", type=int, default=1, help="scoring.pad_multiple")
     ap.add_argument("--smoke", action="store_true", help="tiny corpus, model and run on CPU")
     a = ap.parse_args()
     if a.smoke:
