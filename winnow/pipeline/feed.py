@@ -10,7 +10,7 @@ the interpreter lock. Three ways to do it (``scoring.loader_workers``, ``scoring
   with the scoring thread: every torch call releases the lock and must win it back from a featurizing
   thread, up to a switch interval (5 ms) each time, so a busy featurizer stalls the kernel launches.
 - processes: W worker processes that live as long as the run (:func:`release_pools` ends them), each
-  holding one featurizer, unpickled once when it starts. A reader thread in the scoring process reads
+  holding one featurizer, handed to it once when it starts. A reader thread in the scoring process reads
   the shard's Arrow batches (C++, the lock released) and hands each one, as Arrow IPC bytes, to a
   worker, which converts it to Python and featurizes it; the batch comes back as numpy arrays, Arrow
   tables and two lists of strings. Nothing per row runs in the scoring process. Workers start from a
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import os
-import pickle
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -81,14 +80,14 @@ def _threaded(recipe: Recipe, shard: InputShard, feat: Featurizer, workers: int)
 _worker_feat: Featurizer | None = None  # in a worker process: the featurizer it was started with
 
 
-def _worker_start(blob: bytes) -> None:
+def _worker_start(feat: Featurizer) -> None:
     # one thread each: the processes are the parallelism (a Rust tokenizer's own pool would oversubscribe)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     import torch
 
     torch.set_num_threads(1)
     global _worker_feat
-    _worker_feat = pickle.loads(blob)  # the parent's own featurizer, handed over in memory
+    _worker_feat = feat  # the parent's own featurizer, handed over by multiprocessing when the worker starts
 
 
 def _worker_featurize(
@@ -127,10 +126,10 @@ def _context() -> Any:
 class _Pool:
     """W featurizing processes for one featurizer (``key``: its :meth:`Featurizer.identity`)."""
 
-    def __init__(self, key: str, blob: bytes, workers: int):
+    def __init__(self, key: str, feat: Featurizer, workers: int):
         self.key, self.workers = key, workers
         self.ex = ProcessPoolExecutor(
-            workers, mp_context=_context(), initializer=_worker_start, initargs=(blob,)
+            workers, mp_context=_context(), initializer=_worker_start, initargs=(feat,)
         )
 
     def close(self) -> None:
@@ -151,7 +150,7 @@ def _pool_for(feat: Featurizer, workers: int) -> _Pool:
             _pool.close()
             _pool = None
         if _pool is None:
-            _pool = _Pool(key, pickle.dumps(feat), workers)
+            _pool = _Pool(key, feat, workers)
         return _pool
 
 
