@@ -448,7 +448,8 @@ def train(args) -> None:
         tps = probe["tokens_per_s"]
         n_runs = len(configs) * len(args.seeds)
         per_run = args.budget_s / n_runs
-        n_tokens = int(tps * per_run * 0.85) // (B * (T + 1)) * (B * (T + 1))
+        # at least 10 steps a run: a busy machine's probe must not make the budget round down to nothing
+        n_tokens = max(10, int(tps * per_run * 0.85) // (B * (T + 1))) * (B * (T + 1))
         info.update(probe_tokens_per_s=tps, budget_s=args.budget_s)
         print(f"probe: {tps:,} tokens/s; {n_tokens:,} tokens per run", flush=True)
     info["tokens_per_run"] = n_tokens
