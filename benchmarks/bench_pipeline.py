@@ -117,6 +117,7 @@ def _recipe(a: argparse.Namespace, inputs: Path, run_dir: Path, smoke: bool) -> 
             "loader": a.loader,
             "bucket_rows": a.bucket_rows,
             "pad_multiple": a.pad_multiple,
+            "sdpa_backends": a.sdpa if a.sdpa in ("auto", "torch") else a.sdpa.split(","),
         },
         "select": {"method": "score", "score": a.scorer, "fraction": 0.5, "keep": "highest"},
         "output": {"dir": str(run_dir), "shard_max_rows": 100_000},
@@ -275,6 +276,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "loader": a.loader,
         "bucket_rows": a.bucket_rows,
         "pad_multiple": a.pad_multiple,
+        "sdpa_backends": a.sdpa,
         "max_workers": a.max_workers,
         "server": a.server,
         "whole_run": {"wall_s": wall, "rows_per_s": a.rows / wall, **smp.window(t0, t0 + wall)},
@@ -284,6 +286,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             "rows_per_s": a.rows / score_s,
             "real_tokens": real,
             "real_tokens_per_s": real / score_s,
+            "per_shard_s": [round(p["seconds"], 2) for p in sorted(provs, key=lambda p: p["started"])],
             **smp.window(lo, hi),
         },
     }
@@ -317,12 +320,15 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="scoring.compile: torch.compile the model")
     ap.add_argument("--loader-workers", default="auto", type=lambda v: v if v == "auto" else int(v))
     ap.add_argument("--max-workers", type=int, default=1, help="runner.max_workers: shards scored at once")
-    ap.add_argument("--loader", default="threads", choices=["threads", "processes"])
+    ap.add_argument("--loader", default="auto", choices=["auto", "threads", "processes"])
     ap.add_argument(
         "--server", action="store_true", help="a Prefect server started before the run (a user's own)"
     )
     ap.add_argument("--bucket-rows", default="auto", type=lambda v: v if v == "auto" else int(v))
     ap.add_argument("--pad-multiple", type=int, default=1, help="scoring.pad_multiple")
+    ap.add_argument(
+        "--sdpa", default="auto", help="scoring.sdpa_backends: auto, torch, or a comma-separated list"
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny corpus, model and run on CPU")
     a = ap.parse_args()
     if a.smoke:

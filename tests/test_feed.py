@@ -3,6 +3,7 @@ deferred input checks give exactly what the plain path gives."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -260,3 +261,54 @@ def test_padding_to_a_multiple_changes_no_score(corpus, model_folder, tmp_path):
     batch = collate_columns(cols, np.arange(5), "causal_lm", feat.pad_id, multiple=16)
     assert batch["input_ids"].shape[1] % 16 == 0
     np.testing.assert_allclose(scores(16), scores(1), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_kernels_change_no_score(corpus, model_folder, tmp_path):
+    """scoring.sdpa_backends picks the kernels SDPA may use while a window is scored: math alone gives
+    the scores torch's own choice gives, on real text and a real (small) GPT-2; the setting is torch's
+    again once the window is done; on CPU auto leaves torch's choice alone."""
+    from winnow.pipeline.models import load_checkpoint
+    from winnow.scorers import get_scorer
+
+    recipe, _ = _featurizer(corpus, tmp_path)
+    feat = Featurizer(recipe, load_tokenizer(model_folder), None, None)
+    shard = list_shards(recipe.data)[0]
+    cols = Columns.concat([fb.columns for fb in feed.stream(recipe, shard, feat, 0)])
+    model = load_checkpoint(model_folder, "causal_lm").eval()
+    cpu = torch.device("cpu")
+
+    def scores(backends):
+        r = recipe.model_copy(
+            update={"scoring": recipe.scoring.model_copy(update={"sdpa_backends": backends})}
+        )
+        with scoring.attention_kernels(r, cpu):
+            if backends == ["math"]:
+                assert not torch.backends.cuda.flash_sdp_enabled()
+                assert torch.backends.cuda.math_sdp_enabled()
+            parts = scoring._score_columns([get_scorer("el2n")], model, cols, feat, "causal_lm", cpu, 8)
+        out = np.full(len(cols), np.nan)
+        for idx, t in parts["el2n"]:
+            out[idx] = t.numpy()
+        return out
+
+    before = torch.backends.cuda.flash_sdp_enabled()
+    np.testing.assert_allclose(scores(["math"]), scores("torch"), rtol=1e-5, atol=1e-6)
+    assert torch.backends.cuda.flash_sdp_enabled() == before
+    assert recipe.scoring.sdpa_backends == "auto"
+    assert isinstance(scoring.attention_kernels(recipe, cpu), contextlib.nullcontext)
+
+
+def test_loader_and_attention_settings_resolve(corpus, tmp_path):
+    """auto: processes and no cuDNN attention on CUDA, threads and torch's choice elsewhere; an unknown
+    backend is refused naming the key."""
+    recipe = Recipe.model_validate(tiny_recipe(corpus, tmp_path / "run"))
+    assert scoring.loader_kind(recipe, torch.device("cpu")) == "threads"
+    assert scoring.loader_kind(recipe, torch.device("cuda")) == "processes"
+    over = tiny_recipe(corpus, tmp_path / "run")
+    over["scoring"] = {**over.get("scoring", {}), "loader": "threads", "sdpa_backends": ["efficient", "math"]}
+    r = Recipe.model_validate(over)
+    assert scoring.loader_kind(r, torch.device("cuda")) == "threads"
+    assert r.scoring.sdpa_backends == ["efficient", "math"]
+    over["scoring"]["sdpa_backends"] = ["fast"]
+    with pytest.raises(Exception, match="sdpa_backends"):
+        Recipe.model_validate(over)

@@ -229,14 +229,15 @@ class ScoringConfig(Strict):
     compile: bool = Field(default=False, description="torch.compile the model's body (GPU only)")
     loader_workers: int | Literal["auto"] = Field(
         default="auto",
-        description="threads (or processes, see loader) that tokenize and key read batches ahead of the "
-        "model (0: inline); auto: min(8, cores / 2) on CUDA, 0 on CPU",
+        description="workers (processes or threads, see loader) that tokenize and key read batches ahead "
+        "of the model (0: inline); auto: min(8, cores / 2) on CUDA, 0 on CPU",
     )
-    loader: Literal["threads", "processes"] = Field(
-        default="threads",
+    loader: Literal["auto", "threads", "processes"] = Field(
+        default="auto",
         description="what the loader workers are: threads (start at once, but share the interpreter lock "
         "with the thread that launches the model's kernels) or processes (started once a run, from a "
-        "forkserver; they share no lock with it); winnow/pipeline/feed.py",
+        "forkserver, ~8 s; they share no lock with it); auto: processes on CUDA, threads elsewhere; "
+        "winnow/pipeline/feed.py",
     )
     bucket_rows: int | Literal["auto"] = Field(
         default="auto",
@@ -248,6 +249,13 @@ class ScoringConfig(Strict):
         ge=1,
         description="a batch's length padded up to a multiple of this: fewer distinct shapes for the GPU "
         "libraries' per-shape plans and for compile, at the price of scoring the padding",
+    )
+    sdpa_backends: list[Literal["flash", "efficient", "cudnn", "math"]] | Literal["auto", "torch"] = Field(
+        default="auto",
+        min_length=1,
+        description="the attention kernels torch's scaled_dot_product_attention may pick while scoring; "
+        "auto: flash, efficient and math on CUDA (no cuDNN: its per-thread, per-shape plans cost 50-100 "
+        "ms for every new batch shape), torch's own choice on CPU; torch: torch's own choice everywhere",
     )
     embeddings: EmbeddingsConfig | None = None
     influence: InfluenceConfig | None = None

@@ -107,6 +107,38 @@ def loader_workers(recipe: Recipe, device: torch.device) -> int:
     return int(w)
 
 
+def loader_kind(recipe: Recipe, device: torch.device) -> str:
+    """``scoring.loader`` resolved: auto is processes on CUDA (RESULTS, "the scoring feed", run 5: 2.7-3.0 s
+    a steady 12,500-row shard against 3.3-5.0 s with threads, once cuDNN attention is out of the way),
+    threads elsewhere."""
+    kind = recipe.scoring.loader
+    if kind == "auto":
+        return "processes" if device.type == "cuda" else "threads"
+    return kind
+
+
+def attention_kernels(recipe: Recipe, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """``scoring.sdpa_backends`` as a context: the kernels torch's ``scaled_dot_product_attention`` may
+    pick while a window is scored. auto leaves cuDNN out on CUDA: its plans are built per batch shape
+    and cached per thread (``thread_local`` in ATen's ``cudnn/MHA.cpp``), 50-100 ms for each new shape,
+    which a one-pass scoring of dynamic lengths meets shard after shard (RESULTS, "the scoring feed");
+    mem-efficient attention takes the same padded, masked batches without a plan. The choice is torch's
+    global setting for as long as the context lasts (another task's model in those seconds sees it too)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    want = recipe.scoring.sdpa_backends
+    if want == "torch" or (want == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    names = ["flash", "efficient", "math"] if want == "auto" else list(want)
+    kinds = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    return sdpa_kernel([kinds[n] for n in names])
+
+
 def bucket_rows(recipe: Recipe, device: torch.device) -> int:
     """``scoring.bucket_rows`` resolved: auto is 8192 on CUDA, ``data.read_batch_size`` on CPU."""
     b = recipe.scoring.bucket_rows
@@ -167,7 +199,7 @@ def score_shard(
                         for cols in kept:  # the first pass's examples, featurized once (see REUSE_BYTES)
                             pas.add(cols)
                     else:
-                        for fb in stream(recipe, shard, feat, workers, recipe.scoring.loader):
+                        for fb in stream(recipe, shard, feat, workers, loader_kind(recipe, device)):
                             if ci == 0:
                                 rows_out.write(fb.rows)
                                 ids.extend(fb.ids)
@@ -307,16 +339,17 @@ class _CheckpointPass:
         cols = Columns.concat(self.waiting)
         self.waiting, self.n_waiting = [], 0
         r = self.recipe
-        parts = _score_columns(
-            self.scorers,
-            self.model,
-            cols,
-            self.feat,
-            r.model.task,
-            self.device,
-            r.scoring.batch_size,
-            r.scoring.pad_multiple,
-        )
+        with attention_kernels(r, self.device):
+            parts = _score_columns(
+                self.scorers,
+                self.model,
+                cols,
+                self.feat,
+                r.model.task,
+                self.device,
+                r.scoring.batch_size,
+                r.scoring.pad_multiple,
+            )
         self.windows.append((len(cols), parts))
 
 
