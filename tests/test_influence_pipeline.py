@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from tests.conftest import tiny_recipe, write_recipe
 from winnow.cli import main
@@ -54,7 +55,21 @@ def _precision(df: pl.DataFrame, col: str, frac: float = 0.05) -> float:
     return float((top["domain"] == TARGET_DOMAIN).mean())
 
 
+def _domain_auroc(df: pl.DataFrame, col: str) -> float:
+    """P(a target-domain row scores above another domain's row), ties counted half."""
+    from winnow.scorers.influence import auroc
+
+    pos = df.filter(pl.col("domain") == TARGET_DOMAIN)[col].to_numpy()
+    neg = df.filter(pl.col("domain") != TARGET_DOMAIN)[col].to_numpy()
+    return float(auroc(torch.tensor(pos), torch.tensor(neg)))
+
+
 def test_top_influence_is_the_target_domain(infl_run, capsys):
+    """The statistics asserted are the ones that hold for every training trajectory, not only seed 0's.
+    Measured over train seeds 0-4 of this recipe (2026-12-03, 60 steps): influence's domain AUROC over all
+    rows 0.835-0.881 (EL2N's 0.555-0.579), precision in the top 10% 0.68-0.80 (EL2N's 0.20-0.24, domain
+    share 0.27), in the top 5% (12 rows) 0.75-1.00, held-out target AUROC 0.752-0.908. The top 5% alone is
+    12 rows and moves by a row or two with the trajectory: at 120 steps seed 2 gave 0.50."""
     root, _, _ = infl_run
     run = root / "run"
     rows = pl.read_parquet(run / "scores" / "rows.parquet")
@@ -76,7 +91,15 @@ def test_top_influence_is_the_target_domain(infl_run, capsys):
             f"{p['influence']:.2f}, gradsim_target {p['gradsim_target']:.2f}, el2n {p['el2n']:.2f}, "
             f"self_influence {p['self_influence']:.2f}, random {rand:.2f} (domain share {base:.2f})"
         )
-    assert p["influence"] >= 0.8
+    auc = {c: _domain_auroc(df, c) for c in ("influence", "el2n")}
+    p10 = {c: _precision(df, c, 0.10) for c in ("influence", "el2n")}
+    with capsys.disabled():
+        print(
+            f"[influence] domain AUROC influence {auc['influence']:.3f}, el2n {auc['el2n']:.3f}; top 10% "
+            f"precision influence {p10['influence']:.2f}, el2n {p10['el2n']:.2f}"
+        )
+    assert auc["influence"] > 0.8 and auc["influence"] > auc["el2n"] + 0.2
+    assert p10["influence"] >= 0.6 and p10["influence"] > max(base, p10["el2n"]) + 0.3
     assert p["influence"] > rand + 0.3 and p["influence"] > p["el2n"] + 0.3
     # the selection is the top 5% by influence
     sel = pl.read_parquet(run / "selection.parquet").filter(pl.col("kept"))
@@ -93,7 +116,7 @@ def test_top_influence_is_the_target_domain(infl_run, capsys):
     prov = json.loads(pq.read_schema(run / "scores" / "influence.parquet").metadata[PROVENANCE_KEY])
     with capsys.disabled():
         print(f"[influence] held-out target AUROC {prov['heldout_target_auroc']:.3f}")
-    assert prov["heldout_target_auroc"] > 0.8
+    assert prov["heldout_target_auroc"] > 0.7  # winnow warns below 0.6
     assert not [m for m in summarize(run)["signal"] if m.startswith("influence")]
 
 
