@@ -152,6 +152,21 @@ def _adam_state(
     return sq, step, float(group["betas"][1]), float(group["eps"])
 
 
+FLUSH_BYTES = 1 << 26
+"""compute_features keeps up to this many bytes of unit features on the device between copies to the host."""
+
+
+def _flush(pending: list[Any], units: np.ndarray, norms: np.ndarray, sqn: np.ndarray) -> None:
+    """Copy the pending (rows, units, norms, sqnorms) batches to the host arrays in one copy each."""
+    if not pending:
+        return
+    at = np.concatenate([np.asarray(i, dtype=np.int64) for i, _, _, _ in pending])
+    units[at] = torch.cat([u for _, u, _, _ in pending]).cpu().numpy()
+    norms[at] = torch.cat([r for _, _, r, _ in pending]).cpu().numpy()
+    sqn[at] = torch.cat([q for _, _, _, q in pending]).cpu().numpy()
+    pending.clear()
+
+
 def compute_features(
     recipe: Recipe,
     run_dir: Path,
@@ -211,6 +226,9 @@ def compute_features(
             pre = adam_preconditioner(
                 eng.views, eng.kinds, {nm: p.numel() for nm, p in eng.params.items()}, sq, step, beta2, eps
             )
+        # results stay on the device until FLUSH_BYTES of them are pending, then come back in one copy:
+        # a copy per batch would make the host wait for every batch's kernels before queueing the next
+        pending: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]] = []
         with eng:
             for lo in range(0, n, cfg.batch_size):
                 idx = order[lo : lo + cfg.batch_size]
@@ -225,11 +243,14 @@ def compute_features(
                 eng.check = False  # the consistency check ran on the first batch
                 p = out["proj"].float()
                 nrm = p.norm(dim=1)
-                units[ci, idx] = (p / nrm.clamp_min(1e-30).unsqueeze(1)).cpu().numpy().astype(np.float16)
-                norms[ci, idx] = nrm.cpu().numpy()
-                sqn[ci, idx] = out["sqnorm"].float().cpu().numpy()
+                pending.append(
+                    (idx, (p / nrm.clamp_min(1e-30).unsqueeze(1)).half(), nrm, out["sqnorm"].float())
+                )
+                if len(pending) * len(idx) * k * 2 >= FLUSH_BYTES:
+                    _flush(pending, units[ci], norms[ci], sqn[ci])
                 if progress is not None:
                     progress(len(idx))
+            _flush(pending, units[ci], norms[ci], sqn[ci])
     return {
         "ids": [e.id for e in exs],
         "domains": [e.domain for e in exs],
