@@ -110,6 +110,23 @@ def test_scores_average_seeds_and_checkpoints_against_reference(first_run, corpu
     np.testing.assert_allclose(got, ref.mean(0), rtol=1e-4)
 
 
+def test_checkpoints_keep_where_training_time_went(first_run):
+    """Each checkpoint's state.json says where the proxy's seconds went (read by bench_pipeline)."""
+    _, run_dir = first_run
+    for seed in (0, 1):
+        states = sorted(
+            run_dir.glob(f"checkpoints/*/seed-{seed}/step-*/state.json"),
+            key=lambda p: int(p.parent.name.split("-")[1]),
+        )
+        assert len(states) == 2, states
+        first, last = (json.loads(p.read_text())["timing"] for p in states)
+        assert set(last) == {"init_s", "first_step_s", "steps_s", "save_s"}
+        assert all(v >= 0 for v in last.values())
+        assert last["init_s"] > 0 and last["first_step_s"] > 0
+        # the steps so far: more of them by the later checkpoint, which also counts the earlier's save
+        assert last["steps_s"] > first["steps_s"] > 0 and last["save_s"] > first["save_s"]
+
+
 def test_rerun_of_unchanged_recipe_skips_every_step(first_run):
     from winnow.flows.run import run_recipe
     from winnow.pipeline.recipe import load_recipe

@@ -19,6 +19,7 @@ import math
 import random
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,9 @@ def train_proxy(
         return result()
 
     device = resolve_device(tc.device)
+    # where the seconds go (kept in the last checkpoint's state.json, read by benchmarks/bench_pipeline.py)
+    timing: dict[str, float] = {"init_s": 0.0, "first_step_s": 0.0, "steps_s": 0.0, "save_s": 0.0}
+    t_init = time.perf_counter()
     model = init_model(recipe, seed, tokenizer, num_labels).to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -207,6 +211,7 @@ def train_proxy(
 
     def save(step: int) -> None:
         path = wanted[step]
+        t_save = time.perf_counter()
         with atomic_path(path) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)
             torch.save(
@@ -228,11 +233,14 @@ def train_proxy(
                         "examples_seen": step * tc.batch_size,
                         "loss_last20": sum(tail) / len(tail) if tail else None,
                         "lr": sched.get_last_lr()[0],
+                        "timing": {k: round(v, 3) for k, v in timing.items()},
                     },
                     indent=2,
                 )
             )
+        timing["save_s"] += time.perf_counter() - t_save
 
+    timing["init_s"] = time.perf_counter() - t_init
     if start == 0 and 0 in wanted and not _complete(wanted[0], train_fp):
         save(0)
     model.train()
@@ -245,7 +253,10 @@ def train_proxy(
     # the loss is read one step late: reading step k's loss waits for step k to finish, so step k + 1's
     # kernels are queued first and the device never idles between steps
     prev: tuple[int, torch.Tensor, dict[str, torch.Tensor]] | None = None
+    t_loop, saved_before = time.perf_counter(), timing["save_s"]
     for step in range(start + 1, tc.steps + 1):
+        if step == start + 2:
+            timing["first_step_s"] = time.perf_counter() - t_loop  # the first batch and step, queued
         batch = {k: v.to(device, non_blocking=pin) for k, v in next(batches).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model_loss(model, batch, recipe.model.task)
@@ -261,6 +272,7 @@ def train_proxy(
         if step in wanted and not _complete(wanted[step], train_fp):
             _record(prev, losses, recipe, seed, tc.batch_size, progress, tc.steps)
             prev = None
+            timing["steps_s"] = time.perf_counter() - t_loop - (timing["save_s"] - saved_before)
             save(step)
             fault_point(f"train:seed{seed}:step{step}")
     if prev is not None:
