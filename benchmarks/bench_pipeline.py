@@ -89,6 +89,19 @@ def _write_inputs(corpus: Path, rows: int, shards: int, where: Path) -> Path:
     return where
 
 
+def _write_target(corpus: Path, rows: int, where: Path) -> None:
+    """The influence target: the last ``rows`` rows of the corpus's first domain (the training rows
+    hold copies of them: the influence of a row on its own copy is what a user's target set has too)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(corpus)
+    first = t.column("domain")[0].as_py()
+    t = t.filter(pc.equal(t.column("domain"), first))
+    where.mkdir(parents=True, exist_ok=True)
+    pq.write_table(t.slice(max(0, t.num_rows - rows)), where / "target.parquet")
+
+
 def _recipe(a: argparse.Namespace, inputs: Path, run_dir: Path, smoke: bool) -> dict[str, Any]:
     L = a.max_length
     model = (
@@ -96,10 +109,10 @@ def _recipe(a: argparse.Namespace, inputs: Path, run_dir: Path, smoke: bool) -> 
         if smoke
         else {"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": max(1024, L)}
     )
-    scorer = {"name": a.scorer}
-    if a.scorer == "el2n":
+    scorer = {"name": "el2n" if a.scorer == "influence" else a.scorer}
+    if scorer["name"] == "el2n":
         scorer["params"] = {"reduction": "mean"}
-    return {
+    r: dict[str, Any] = {
         "name": "bench-pipeline",
         "data": {"source": str(inputs / "*.parquet"), "text_column": "text", "domain_column": "domain"},
         "model": {
@@ -123,6 +136,15 @@ def _recipe(a: argparse.Namespace, inputs: Path, run_dir: Path, smoke: bool) -> 
         "output": {"dir": str(run_dir), "shard_max_rows": 100_000},
         "runner": {"kind": "thread", "max_workers": a.max_workers},
     }
+    if a.scorer == "influence":  # LESS features of the last checkpoint against a held-out slice
+        r["scoring"]["influence"] = {
+            "target": str(inputs.parent / "target" / "*.parquet"),
+            "proj_dim": a.proj_dim,
+            "neighbours": 10,
+            "batch_size": a.batch_size,
+            "checkpoints": "last",
+        }
+    return r
 
 
 def _kernels(a: argparse.Namespace, run_dir: Path, corpus_texts: list[str], device: Any) -> dict[str, Any]:
@@ -136,7 +158,7 @@ def _kernels(a: argparse.Namespace, run_dir: Path, corpus_texts: list[str], devi
     tok_dir = sorted(run_dir.glob("tokenizer-*"))[0]
     ck = sorted((run_dir / "checkpoints").glob("*/seed-*/step-*"))[-1]
     tok = load_tokenizer(tok_dir)
-    n = min(len(corpus_texts), 256 if a.smoke else 16384)
+    n = min(len(corpus_texts), 256 if a.smoke else 4096 if a.scorer == "grand" else 16384)
     enc = tok(corpus_texts[:n], truncation=True, max_length=a.max_length)["input_ids"]
     order = sorted(range(n), key=lambda i: len(enc[i]))
     pad = tok.pad_token_id or 0
@@ -217,6 +239,92 @@ def _kernels(a: argparse.Namespace, run_dir: Path, corpus_texts: list[str], devi
     return out
 
 
+def _influence_engine(
+    a: argparse.Namespace, run_dir: Path, corpus_texts: list[str], device: Any
+) -> dict[str, Any]:
+    """The influence features' engine alone, as compute_features calls it (LESS's Adam update direction
+    from the checkpoint's optimizer state, bf16 autocast, projection to --proj-dim), on pre-collated,
+    length-sorted batches already on the device: examples/s."""
+    import torch
+
+    from winnow.grads import AdamUpdate, GradEngine, per_example_loss
+    from winnow.pipeline.influence import _adam_state
+    from winnow.pipeline.models import load_checkpoint, load_tokenizer
+
+    tok = load_tokenizer(sorted(run_dir.glob("tokenizer-*"))[0])
+    ck = sorted((run_dir / "checkpoints").glob("*/seed-*/step-*"), key=lambda p: int(p.name.split("-")[1]))[
+        -1
+    ]
+    n = min(len(corpus_texts), 64 if a.smoke else 2048)
+    enc = sorted(tok(corpus_texts[:n], truncation=True, max_length=a.max_length)["input_ids"], key=len)
+    pad = tok.pad_token_id or 0
+    batches = []
+    for k in range(0, n, a.batch_size):
+        grp = enc[k : k + a.batch_size]
+        T = max(1, max(map(len, grp)))
+        ids = torch.full((len(grp), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(grp), T), dtype=torch.long)
+        for j, e in enumerate(grp):
+            ids[j, : len(e)] = torch.tensor(e)
+            mask[j, : len(e)] = 1
+        batches.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+    model = load_checkpoint(ck, "causal_lm").to(device).eval()
+    eng = GradEngine(model, proj_dim=a.proj_dim, proj_seed=0, proj_kind="kfjlt")
+    sq, _, _, _ = _adam_state(ck, model)
+    avg, _, _, _ = _adam_state(ck, model, "exp_avg")
+    pre = {}
+    for nm, p_ in eng.params.items():
+        zero = torch.zeros_like(p_, dtype=torch.float32, device="cpu")
+        pre[nm] = AdamUpdate(avg.get(nm, zero).to(device), sq.get(nm, zero).to(device))
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def all_batches() -> None:
+        for b in batches:
+            with torch.autocast(**amp):
+                out = eng.compute(
+                    lambda b=b: per_example_loss(model, b, "causal_lm"),
+                    sqnorm=True,
+                    project=True,
+                    precondition=pre,
+                )
+            eng.check = False
+            out["proj"].float().norm(dim=1)
+
+    with eng:
+        all_batches()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        all_batches()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        s = time.perf_counter() - t
+    return {"influence_engine": {"rows": n, "seconds": s, "rows_per_s": n / s}}
+
+
+def _train_timing(run_dir: Path) -> dict[str, Any] | None:
+    """Proxy training's own seconds (init, first step, the other steps, saves) from its last checkpoint."""
+    last = sorted(
+        (run_dir / "checkpoints").glob("*/seed-*/step-*/state.json"),
+        key=lambda p: int(p.parent.name.split("-")[1]),
+    )
+    return json.loads(last[-1].read_text()).get("timing") if last else None
+
+
+def _influence_parts(run_dir: Path) -> list[dict[str, Any]]:
+    """The training-role influence feature parts' provenance (rows, seconds)."""
+    import pyarrow.parquet as pq
+
+    from winnow.pipeline.layout import PROVENANCE_KEY
+
+    out = []
+    for p in sorted((run_dir / "influence" / "parts").glob("featmeta-*.parquet")):
+        md = pq.read_schema(p).metadata or {}
+        prov = json.loads(md.get(PROVENANCE_KEY, b"{}"))
+        out.append({"rows": pq.read_metadata(p).num_rows, "seconds": float(prov["seconds"])})
+    return out
+
+
 def run(a: argparse.Namespace) -> dict[str, Any]:
     import pyarrow.parquet as pq
     import torch
@@ -226,6 +334,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-pipeline-work-"))
     inputs = _write_inputs(Path(a.corpus), a.rows, a.shards, work / "inputs")
+    if a.scorer == "influence":
+        _write_target(Path(a.corpus), a.target_rows, work / "target")
     run_dir = work / "run"
     recipe = _recipe(a, inputs, run_dir, a.smoke)
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -290,13 +400,37 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             **smp.window(lo, hi),
         },
     }
+    res["train_timing"] = _train_timing(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     texts = pq.read_table(a.corpus, columns=["text"]).column("text").to_pylist()
+    if a.scorer == "influence":
+        parts = _influence_parts(run_dir)
+        if not parts:
+            raise SystemExit(
+                f"bench_pipeline: no influence feature parts in {run_dir / 'influence' / 'parts'}"
+            )
+        f_rows, f_s = sum(p["rows"] for p in parts), sum(p["seconds"] for p in parts)
+        res["influence_features"] = {
+            "rows": f_rows,
+            "seconds": f_s,
+            "rows_per_s": f_rows / f_s,
+            "per_shard_s": [round(p["seconds"], 2) for p in parts],
+            "proj_dim": a.proj_dim,
+        }
+        res.update(_influence_engine(a, run_dir, texts, device))
+        res["influence_features"]["vs_engine"] = (
+            res["influence_features"]["rows_per_s"] / res["influence_engine"]["rows_per_s"]
+        )
+        a = argparse.Namespace(**{**vars(a), "scorer": "el2n"})  # the run's EL2N against its kernel
     res.update(_kernels(a, run_dir, texts, device))
     # the baseline is the faster of the kernel's two ways of being called (plain, or checks deferred)
     k = max(res["score_kernel"]["real_tokens_per_s"], res["score_kernel_deferred"]["real_tokens_per_s"])
     res["scoring"]["vs_kernel"] = res["scoring"]["real_tokens_per_s"] / k
     kernel_sum = a.train_steps * res["train_step_s"] + real / k
+    if "influence_engine" in res:  # and the features: every training and target row at the engine's speed
+        kernel_sum += (res["influence_features"]["rows"] + a.target_rows) / res["influence_engine"][
+            "rows_per_s"
+        ]
     res["whole_run"]["kernel_sum_s"] = kernel_sum
     res["whole_run"]["vs_kernel_sum"] = wall / kernel_sum
     (out / "bench_pipeline.json").write_text(json.dumps(res, indent=2))
@@ -314,7 +448,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--scorer", default="el2n", choices=["el2n", "grand"])
+    ap.add_argument(
+        "--scorer",
+        default="el2n",
+        choices=["el2n", "grand", "influence"],
+        help="influence: EL2N plus LESS features of the last checkpoint against --target-rows held-out rows",
+    )
+    ap.add_argument("--proj-dim", type=int, default=8192, help="influence: scoring.influence.proj_dim")
+    ap.add_argument("--target-rows", type=int, default=256, help="influence: target examples")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--train-steps", type=int, default=100)
     ap.add_argument("--compile", action="store_true", help="scoring.compile: torch.compile the model")
@@ -335,6 +476,7 @@ def main() -> None:
         out = Path(a.out or tempfile.mkdtemp())
         a.corpus = str(prepare(out / "corpus", 0.004))
         a.rows, a.shards, a.max_length, a.batch_size, a.train_steps = 300, 2, 64, 16, 4
+        a.proj_dim, a.target_rows = min(a.proj_dim, 256), min(a.target_rows, 16)
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         run(a)
         return
