@@ -312,3 +312,33 @@ def test_loader_and_attention_settings_resolve(corpus, tmp_path):
     over["scoring"]["sdpa_backends"] = ["fast"]
     with pytest.raises(Exception, match="sdpa_backends"):
         Recipe.model_validate(over)
+
+
+def test_train_sdpa_backends_reach_every_step_and_not_the_fingerprint(corpus, tmp_path, monkeypatch):
+    """train.sdpa_backends holds for every training step (math alone here: flash off inside each forward),
+    is torch's again afterwards, and leaves the training's fingerprint, and so its checkpoints, as they are."""
+    from winnow.pipeline import train
+
+    recipe, feat = _featurizer(corpus, tmp_path)
+    r = recipe.model_copy(
+        update={
+            "train": recipe.train.model_copy(
+                update={"steps": 4, "checkpoints": [4], "sdpa_backends": ["math"]}
+            )
+        }
+    )
+    auto = r.model_copy(update={"train": r.train.model_copy(update={"sdpa_backends": "auto"})})
+    assert train.train_fingerprint(r, "in", "tok", "m") == train.train_fingerprint(auto, "in", "tok", "m")
+    seen = []
+    plain = train.model_loss
+
+    def spy(model, batch, task):
+        seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+        return plain(model, batch, task)
+
+    monkeypatch.setattr(train, "model_loss", spy)
+    before = torch.backends.cuda.flash_sdp_enabled()
+    ckpts = train.train_proxy(r, tmp_path / "run", list_shards(r.data), feat, 0, "fp", feat.tok, None)
+    assert [c.step for c in ckpts] == [4]
+    assert seen == [(False, True)] * 4
+    assert torch.backends.cuda.flash_sdp_enabled() == before

@@ -116,6 +116,13 @@ class TrainConfig(Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     checkpoints: list[int] | None = Field(default=None, description="steps to save (default: the last step)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    sdpa_backends: list[Literal["flash", "efficient", "cudnn", "math"]] | Literal["auto", "torch"] = Field(
+        default="auto",
+        min_length=1,
+        description="the attention kernels torch's scaled_dot_product_attention may pick while the proxy "
+        "trains, as scoring.sdpa_backends: auto leaves cuDNN out on CUDA (its forward and backward plans are "
+        "built for every new batch length); not part of the training's fingerprint",
+    )
     refit: Literal["inputs", "never"] = Field(
         default="inputs",
         description="inputs: train the proxy again when the input files change; never: keep the proxy the "

@@ -124,9 +124,13 @@ def attention_kernels(recipe: Recipe, device: torch.device) -> contextlib.Abstra
     which a one-pass scoring of dynamic lengths meets shard after shard (RESULTS, "the scoring feed");
     mem-efficient attention takes the same padded, masked batches without a plan. The choice is torch's
     global setting for as long as the context lasts (another task's model in those seconds sees it too)."""
+    return sdpa_backends(recipe.scoring.sdpa_backends, device)
+
+
+def sdpa_backends(want: Any, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """``want`` (a recipe's ``sdpa_backends``: auto, torch or a list of names) as torch's sdpa_kernel context."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    want = recipe.scoring.sdpa_backends
     if want == "torch" or (want == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()
     names = ["flash", "efficient", "math"] if want == "auto" else list(want)
