@@ -89,6 +89,10 @@ def test_doremi_drives_random_characters_down(mix_corpus, capsys):
     assert set(w) == {"code", "prose", "licenses", "noise"}
     assert abs(sum(w.values()) - 1) < 1e-9
     assert w["noise"] == min(w.values()) and w["noise"] < 0.25 / k
+    # where its seconds went: reading the domains, the reference's 400 steps, the proxy's 200
+    t = mix["timing"]
+    assert set(t) == {"domains_s", "setup_s", "steps_s"} and min(t.values()) > 0
+    assert sum(t.values()) <= mix["seconds"] + 0.05
     run = mix_corpus / "run-doremi"
     traj = pl.read_parquet(run / "mixture_trajectory.parquet")
     assert traj.height == 201 and {"step", "entropy", "noise"} <= set(traj.columns)

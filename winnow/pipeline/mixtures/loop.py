@@ -35,6 +35,7 @@ from winnow.pipeline.layout import RunLayout
 from winnow.pipeline.mixtures.base import MIXTURE_METHODS, MixtureRun
 from winnow.pipeline.models import init_model, resolve_device
 from winnow.pipeline.recipe import Recipe
+from winnow.pipeline.scoring import sdpa_backends
 from winnow.pipeline.sources import InputShard, iter_raw_batches
 from winnow.pipeline.steps import RunContext, Step, progress, register_step
 from winnow.pipeline.store import write_parquet
@@ -233,6 +234,7 @@ def run_mixture(
     if done is not None:
         return done
     t0 = time.time()
+    timing: dict[str, float] = {}  # where the seconds went, kept in mixture.json (read by bench_pipeline)
     domains = load_domains(recipe, shards, feat, layout.mixture_tokens(tokens_fp or fp))
     names = list(domains)
     targets = list(m.target_domains)
@@ -257,6 +259,7 @@ def run_mixture(
     if problem:
         raise WinnowError(problem)
     rows: list[dict[str, Any]] = []
+    timing["domains_s"] = round(time.time() - t0, 3)
 
     def record(step: int, w: torch.Tensor | np.ndarray) -> None:
         w = np.asarray(w, dtype=np.float64)
@@ -283,23 +286,29 @@ def run_mixture(
         total = torch.zeros(k, dtype=torch.float64)
         record(0, alpha)
         start = min(max(1, method.average_from(run)), m.steps)
-        try:
-            method.setup(run)
-            for step in range(1, m.steps + 1):
-                lr_t = m.lr * f(step - 1)
-                for gr in opt.param_groups:
-                    gr["lr"] = lr_t
-                alpha = method.step(run, step, alpha, lr_t)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), m.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if step >= start:
-                    total += alpha
-                record(step, alpha)
-                if progress is not None:
-                    progress(m.method, step, m.steps)
-        finally:
-            method.close(run)
+        # the attention kernels the spine's proxy trains with (train.sdpa_backends: no cuDNN on CUDA by default)
+        with sdpa_backends(recipe.train.sdpa_backends, run.device):
+            try:
+                t_setup = time.time()
+                method.setup(run)  # DoReMi: the reference model's training
+                timing["setup_s"] = round(time.time() - t_setup, 3)
+                t_steps = time.time()
+                for step in range(1, m.steps + 1):
+                    lr_t = m.lr * f(step - 1)
+                    for gr in opt.param_groups:
+                        gr["lr"] = lr_t
+                    alpha = method.step(run, step, alpha, lr_t)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), m.grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if step >= start:
+                        total += alpha
+                    record(step, alpha)
+                    if progress is not None:
+                        progress(m.method, step, m.steps)
+                timing["steps_s"] = round(time.time() - t_steps, 3)
+            finally:
+                method.close(run)
         final = alpha.numpy()
         avg = (total / (m.steps - start + 1)).numpy()
         with atomic_path(layout.mixture_model) as tmp:
@@ -317,6 +326,7 @@ def run_mixture(
         "entropy": entropy(torch.as_tensor(out_w)),
         "steps": m.steps if method.trains else 0,
         "seconds": round(time.time() - t0, 2),
+        "timing": timing,
         "fingerprint": fp,
         "package_version": winnow.__version__,
     }
