@@ -136,6 +136,8 @@ def _recipe(a: argparse.Namespace, inputs: Path, run_dir: Path, smoke: bool) -> 
         "output": {"dir": str(run_dir), "shard_max_rows": 100_000},
         "runner": {"kind": "thread", "max_workers": a.max_workers},
     }
+    if a.mixture:  # a domain-mixture run beside the spine: its proxy (and DoReMi's reference) steps
+        r["mixture"] = {"method": a.mixture, "steps": a.mixture_steps, "batch_size": 16, "lr": 3e-3}
     if a.scorer == "influence":  # LESS features of the last checkpoint against a held-out slice
         r["scoring"]["influence"] = {
             "target": str(inputs.parent / "target" / "*.parquet"),
@@ -401,6 +403,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         },
     }
     res["train_timing"] = _train_timing(run_dir)
+    if a.mixture:
+        mj = json.loads(RunLayout(run_dir).mixture_json.read_text())
+        res["mixture"] = {"method": a.mixture, "steps": mj["steps"], "seconds": mj["seconds"], **mj["timing"]}
     device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     texts = pq.read_table(a.corpus, columns=["text"]).column("text").to_pylist()
     if a.scorer == "influence":
@@ -431,6 +436,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         kernel_sum += (res["influence_features"]["rows"] + a.target_rows) / res["influence_engine"][
             "rows_per_s"
         ]
+    if "mixture" in res:  # the proxy's steps (and DoReMi's reference: 2x as many) against the plain step
+        mx = res["mixture"]
+        mx["s_per_step"] = mx["steps_s"] / max(1, mx["steps"])
+        mx["vs_plain_step"] = mx["s_per_step"] / res["train_step_s"]
+        if a.mixture == "doremi":
+            mx["reference_s_per_step"] = mx["setup_s"] / (2 * max(1, mx["steps"]))
+            mx["reference_vs_plain_step"] = mx["reference_s_per_step"] / res["train_step_s"]
     res["whole_run"]["kernel_sum_s"] = kernel_sum
     res["whole_run"]["vs_kernel_sum"] = wall / kernel_sum
     (out / "bench_pipeline.json").write_text(json.dumps(res, indent=2))
@@ -454,6 +466,8 @@ def main() -> None:
         choices=["el2n", "grand", "influence"],
         help="influence: EL2N plus LESS features of the last checkpoint against --target-rows held-out rows",
     )
+    ap.add_argument("--mixture", default=None, choices=["doremi", "doge", "dga"], help="a mixture run beside")
+    ap.add_argument("--mixture-steps", type=int, default=100, help="mixture.steps")
     ap.add_argument("--proj-dim", type=int, default=8192, help="influence: scoring.influence.proj_dim")
     ap.add_argument("--target-rows", type=int, default=256, help="influence: target examples")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -477,6 +491,7 @@ def main() -> None:
         a.corpus = str(prepare(out / "corpus", 0.004))
         a.rows, a.shards, a.max_length, a.batch_size, a.train_steps = 300, 2, 64, 16, 4
         a.proj_dim, a.target_rows = min(a.proj_dim, 256), min(a.target_rows, 16)
+        a.mixture_steps = min(a.mixture_steps, 4)
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         run(a)
         return
