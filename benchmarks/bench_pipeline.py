@@ -80,9 +80,15 @@ def _write_inputs(corpus: Path, rows: int, shards: int, where: Path) -> Path:
         lo, hi = s * per, min(rows, (s + 1) * per)
         if lo >= hi:
             break
-        tx = [text[i % n] if i < n else f"{text[i % n]} [copy {i // n}]" for i in range(lo, hi)]
+        # fewer rows than the corpus: every (n / rows)-th row, so that every domain is in (the corpus is
+        # written domain after domain: its first 20,000 rows were all man-en, and a mixture run refused them)
+        src = [(i * n) // rows if rows < n else i % n for i in range(lo, hi)]
+        tx = [
+            text[j] if i < n else f"{text[j]} [copy {i // n}]"
+            for i, j in zip(range(lo, hi), src, strict=True)
+        ]
         pq.write_table(
-            pa.table({"text": tx, "domain": [dom[i % n] for i in range(lo, hi)]}),
+            pa.table({"text": tx, "domain": [dom[j] for j in src]}),
             where / f"part-{s:03d}.parquet",
             compression="zstd",
         )
