@@ -256,7 +256,7 @@ def _influence_engine(
     import torch
 
     from winnow.grads import AdamUpdate, GradEngine, per_example_loss
-    from winnow.pipeline.influence import _adam_state
+    from winnow.pipeline.influence import _adam_state, _load_optimizer
     from winnow.pipeline.models import load_checkpoint, load_tokenizer
 
     tok = load_tokenizer(sorted(run_dir.glob("tokenizer-*"))[0])
@@ -278,8 +278,9 @@ def _influence_engine(
         batches.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
     model = load_checkpoint(ck, "causal_lm").to(device).eval()
     eng = GradEngine(model, proj_dim=a.proj_dim, proj_seed=0, proj_kind="kfjlt")
-    sq, _, _, _ = _adam_state(ck, model)
-    avg, _, _, _ = _adam_state(ck, model, "exp_avg")
+    st = _load_optimizer(ck)
+    sq, _, _, _ = _adam_state(ck, model, st=st)
+    avg, _, _, _ = _adam_state(ck, model, "exp_avg", st=st)
     pre = {}
     for nm, p_ in eng.params.items():
         zero = torch.zeros_like(p_, dtype=torch.float32, device="cpu")

@@ -117,12 +117,8 @@ def features_fingerprint(
 
 
 # -- features --------------------------------------------------------------------------------------
-def _adam_state(
-    ckpt_dir: Path, model: torch.nn.Module, what: str = "exp_avg_sq"
-) -> tuple[dict[str, torch.Tensor], int, float, float]:
-    """``what`` (``exp_avg_sq`` or ``exp_avg``) by parameter name, the step, beta2 and eps from the
-    checkpoint's optimizer.pt (the training loop's parameter groups: matrices and embeddings first, then
-    vectors, each in named_parameters order)."""
+def _load_optimizer(ckpt_dir: Path) -> dict[str, Any]:
+    """The optimizer state in a checkpoint's optimizer.pt: tensors and plain values only."""
     path = ckpt_dir / "optimizer.pt"
     if not path.exists():
         raise WinnowError(
@@ -130,12 +126,24 @@ def _adam_state(
             f"state the proxy training saves (or set precondition: none)"
         )
     try:  # tensors and plain values only: a run folder is data, never code
-        st = torch.load(path, map_location="cpu", weights_only=True)["optimizer"]
+        return torch.load(path, map_location="cpu", weights_only=True)["optimizer"]
     except Exception:
         raise WinnowError(
             f"{path}: does not load as a tensor-only optimizer state (corrupt, or holding objects); "
             f"delete that checkpoint folder and rerun"
         ) from None
+
+
+def _adam_state(
+    ckpt_dir: Path, model: torch.nn.Module, what: str = "exp_avg_sq", st: dict[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], int, float, float]:
+    """``what`` (``exp_avg_sq`` or ``exp_avg``) by parameter name, the step, beta2 and eps from the
+    checkpoint's optimizer.pt (the training loop's parameter groups: matrices and embeddings first, then
+    vectors, each in named_parameters order). ``st``: that file's state already read by
+    :func:`_load_optimizer`, so that both moments cost one read of it."""
+    path = ckpt_dir / "optimizer.pt"
+    if st is None:
+        st = _load_optimizer(ckpt_dir)
     named = list(model.named_parameters())
     order = [n for n, p in named if p.ndim >= 2] + [n for n, p in named if p.ndim < 2]
     ids = [i for g in st["param_groups"] for i in g["params"]]
@@ -215,8 +223,10 @@ def compute_features(
             raise WinnowError(f"scoring.influence.parameters: {e}") from None
         pre = None
         if cfg.precondition == "less" and role == "train":
-            sq, _, _, _ = _adam_state(run_dir / ck.path, model)
-            avg, _, _, _ = _adam_state(run_dir / ck.path, model, "exp_avg")
+            st = _load_optimizer(run_dir / ck.path)  # both moments from one read of optimizer.pt
+            sq, _, _, _ = _adam_state(run_dir / ck.path, model, st=st)
+            avg, _, _, _ = _adam_state(run_dir / ck.path, model, "exp_avg", st=st)
+            del st
             pre = {}
             for nm, p_ in eng.params.items():
                 zero = torch.zeros_like(p_, dtype=torch.float32, device="cpu")
