@@ -8,6 +8,8 @@ Variants (all parameters, --seq tokens, random init, random tokens, fp32 weights
                 matmuls); the examples/s of the whole loop, and of its backward alone
   engine        GradEngine(proj_dim=k): one batched backward, the projection applied to the factors
   engine_adam   the same with an Adam preconditioner (rank one per matrix, from a synthetic state)
+  engine_less   the same with LESS's Adam update direction (winnow.grads.AdamUpdate, synthetic moments: the
+                pipeline's default scoring.influence.precondition), which materialises each example's gradient
 
 Quality: both projections' inner products against the exact inner products of the materialised
 gradients (from the LESS loop's buffer), as relative errors over all pairs of the first 16 examples.
@@ -29,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from winnow.grads import GradEngine, per_example_loss  # noqa: E402
+from winnow.grads import AdamUpdate, GradEngine, per_example_loss  # noqa: E402
 from winnow.scorers.influence import adam_preconditioner  # noqa: E402
 
 
@@ -169,6 +171,15 @@ def main() -> None:
         for kk, v in res.items()
         if kk.startswith("engine_adam_b") and "examples_per_s" in v
     )
+    best_less = max(
+        [
+            v["examples_per_s"]
+            for kk, v in res.items()
+            if kk.startswith("engine_less_b") and "examples_per_s" in v
+        ]
+        or [float("nan")]
+    )
+    res["engine_less_vs_engine"] = best_less / best
     res["engine_vs_less_way"] = best / res["less_way"]["examples_per_s"]
     res["engine_adam_vs_less_way"] = best_adam / res["less_way"]["examples_per_s"]
     res["engine_vs_less_backward_only"] = best / res["less_way_backward_only"]["examples_per_s"]
@@ -197,8 +208,17 @@ def _engine(a, res, model, ids, g, amp, device, k, kind, exact, scale) -> None:
     pre = {
         n: (tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)) for n, v in pre.items()
     }
+    # LESS's training-side features (the pipeline's default precondition): Adam's update direction from
+    # the checkpoint's moments and each example's own g^2, which needs each example's gradient materialised
+    less = {
+        n: AdamUpdate(
+            (torch.randn(p.shape, generator=g) * 1e-3).to(device),
+            (torch.rand(p.shape, generator=g) ** 2 * 1e-6).to(device),
+        )
+        for n, p in eng.params.items()
+    }
     for B in [4] if a.smoke else [16, 32, 64]:
-        for name, pc in (("engine", None), ("engine_adam", pre)):
+        for name, pc in (("engine", None), ("engine_adam", pre), ("engine_less", less)):
             batch = {"input_ids": ids[:B], "attention_mask": torch.ones_like(ids[:B])}
 
             def run(batch=batch, pc=pc):
