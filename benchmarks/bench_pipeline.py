@@ -155,6 +155,24 @@ def _recipe(a: argparse.Namespace, inputs: Path, run_dir: Path, smoke: bool) -> 
     return r
 
 
+def _sorted_batches(enc: list[list[int]], pad: int, batch_size: int, device: Any) -> list[dict[str, Any]]:
+    """Token-id lists as length-sorted, padded, masked batches already on ``device``."""
+    import torch
+
+    enc = sorted(enc, key=len)
+    batches = []
+    for k in range(0, len(enc), batch_size):
+        grp = enc[k : k + batch_size]
+        T = max(1, max(map(len, grp)))
+        ids = torch.full((len(grp), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(grp), T), dtype=torch.long)
+        for j, e in enumerate(grp):
+            ids[j, : len(e)] = torch.tensor(e)
+            mask[j, : len(e)] = 1
+        batches.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+    return batches
+
+
 def _kernels(a: argparse.Namespace, run_dir: Path, corpus_texts: list[str], device: Any) -> dict[str, Any]:
     """The scorer alone and the plain training step, on the run's checkpoint and tokenizer."""
     import torch
@@ -168,18 +186,7 @@ def _kernels(a: argparse.Namespace, run_dir: Path, corpus_texts: list[str], devi
     tok = load_tokenizer(tok_dir)
     n = min(len(corpus_texts), 256 if a.smoke else 4096 if a.scorer == "grand" else 16384)
     enc = tok(corpus_texts[:n], truncation=True, max_length=a.max_length)["input_ids"]
-    order = sorted(range(n), key=lambda i: len(enc[i]))
-    pad = tok.pad_token_id or 0
-    batches = []
-    for k in range(0, n, a.batch_size):
-        grp = [enc[i] for i in order[k : k + a.batch_size]]
-        T = max(1, max(map(len, grp)))
-        ids = torch.full((len(grp), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(grp), T), dtype=torch.long)
-        for j, e in enumerate(grp):
-            ids[j, : len(e)] = torch.tensor(e)
-            mask[j, : len(e)] = 1
-        batches.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+    batches = _sorted_batches(enc, tok.pad_token_id or 0, a.batch_size, device)
     real = sum(len(e) for e in enc)
     model = load_checkpoint(ck, "causal_lm").to(device).eval()
     if device.type == "cuda":
@@ -264,18 +271,8 @@ def _influence_engine(
         -1
     ]
     n = min(len(corpus_texts), 64 if a.smoke else 2048)
-    enc = sorted(tok(corpus_texts[:n], truncation=True, max_length=a.max_length)["input_ids"], key=len)
-    pad = tok.pad_token_id or 0
-    batches = []
-    for k in range(0, n, a.batch_size):
-        grp = enc[k : k + a.batch_size]
-        T = max(1, max(map(len, grp)))
-        ids = torch.full((len(grp), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(grp), T), dtype=torch.long)
-        for j, e in enumerate(grp):
-            ids[j, : len(e)] = torch.tensor(e)
-            mask[j, : len(e)] = 1
-        batches.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+    enc = tok(corpus_texts[:n], truncation=True, max_length=a.max_length)["input_ids"]
+    batches = _sorted_batches(enc, tok.pad_token_id or 0, a.batch_size, device)
     model = load_checkpoint(ck, "causal_lm").to(device).eval()
     eng = GradEngine(model, proj_dim=a.proj_dim, proj_seed=0, proj_kind="kfjlt")
     st = _load_optimizer(ck)

@@ -104,6 +104,11 @@ class ModelConfig(Strict):
         return self
 
 
+SdpaBackends = list[Literal["flash", "efficient", "cudnn", "math"]] | Literal["auto", "torch"]
+"""train.sdpa_backends, scoring.sdpa_backends: the kernels torch's scaled_dot_product_attention may pick
+(winnow.pipeline.scoring.sdpa_backends)."""
+
+
 class TrainConfig(Strict):
     """Proxy training: the "early in training" models that EL2N, GraNd and influence need."""
 
@@ -116,7 +121,7 @@ class TrainConfig(Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     checkpoints: list[int] | None = Field(default=None, description="steps to save (default: the last step)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    sdpa_backends: list[Literal["flash", "efficient", "cudnn", "math"]] | Literal["auto", "torch"] = Field(
+    sdpa_backends: SdpaBackends = Field(
         default="auto",
         min_length=1,
         description="the attention kernels torch's scaled_dot_product_attention may pick while the proxy "
@@ -257,7 +262,7 @@ class ScoringConfig(Strict):
         description="a batch's length padded up to a multiple of this: fewer distinct shapes for the GPU "
         "libraries' per-shape plans and for compile, at the price of scoring the padding",
     )
-    sdpa_backends: list[Literal["flash", "efficient", "cudnn", "math"]] | Literal["auto", "torch"] = Field(
+    sdpa_backends: SdpaBackends = Field(
         default="auto",
         min_length=1,
         description="the attention kernels torch's scaled_dot_product_attention may pick while scoring; "
