@@ -257,28 +257,34 @@ def train_proxy(
     t_loop, saved_before = time.perf_counter(), timing["save_s"]
     # the attention kernels (train.sdpa_backends): cuDNN's plans, built per batch length, cost a proxy on
     # dynamic lengths 0.21 s a step against 0.047 s for the plain step (RESULTS, "the scoring feed", run 6)
-    with sdpa_backends(tc.sdpa_backends, device):
-        for step in range(start + 1, tc.steps + 1):
-            if step == start + 2:
-                timing["first_step_s"] = time.perf_counter() - t_loop  # the first batch and step, queued
-            batch = {k: v.to(device, non_blocking=pin) for k, v in next(batches).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model_loss(model, batch, recipe.model.task)
-            loss.backward()
-            if prev is not None:
-                _record(prev, losses, recipe, seed, tc.batch_size, progress, tc.steps)
-            prev = (step, loss.detach(), batch)
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if step in wanted and not _complete(wanted[step], train_fp):
-                _record(prev, losses, recipe, seed, tc.batch_size, progress, tc.steps)
-                prev = None
-                timing["steps_s"] = time.perf_counter() - t_loop - (timing["save_s"] - saved_before)
-                save(step)
-                fault_point(f"train:seed{seed}:step{step}")
+    try:
+        with sdpa_backends(tc.sdpa_backends, device):
+            for step in range(start + 1, tc.steps + 1):
+                if step == start + 2:
+                    timing["first_step_s"] = time.perf_counter() - t_loop  # the first batch and step, queued
+                batch = {k: v.to(device, non_blocking=pin) for k, v in next(batches).items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss = model_loss(model, batch, recipe.model.task)
+                loss.backward()
+                if prev is not None:
+                    _record(prev, losses, recipe, seed, tc.batch_size, progress, tc.steps)
+                prev = (step, loss.detach(), batch)
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                if step in wanted and not _complete(wanted[step], train_fp):
+                    _record(prev, losses, recipe, seed, tc.batch_size, progress, tc.steps)
+                    prev = None
+                    timing["steps_s"] = time.perf_counter() - t_loop - (timing["save_s"] - saved_before)
+                    save(step)
+                    fault_point(f"train:seed{seed}:step{step}")
+    finally:
+        # the feed's thread stops first, then the endless example stream closes its shard readers now,
+        # not at the interpreter's exit (where a reader's error handler found its module torn down)
+        batches.close()
+        stream.close()
     if prev is not None:
         _record(prev, losses, recipe, seed, tc.batch_size, progress, tc.steps)
     return result()
