@@ -256,7 +256,7 @@ def train_proxy(
     prev: tuple[int, torch.Tensor, dict[str, torch.Tensor]] | None = None
     t_loop, saved_before = time.perf_counter(), timing["save_s"]
     # the attention kernels (train.sdpa_backends): cuDNN's plans, built per batch length, cost a proxy on
-    # dynamic lengths 0.21 s a step against 0.047 s for the plain step (RESULTS, "the scoring feed", run 6)
+    # dynamic lengths 0.21 s a step against 0.047 s for the plain step (RESULTS, `winnow run` on the GPU, run 6)
     try:
         with sdpa_backends(tc.sdpa_backends, device):
             for step in range(start + 1, tc.steps + 1):
