@@ -45,7 +45,10 @@ def _run(tmp: Path, name: str, rec: dict) -> dict[str, str]:
 
 
 def _store(run: Path) -> dict[str, pl.DataFrame]:
-    return {f: pl.read_parquet(run / "scores" / f"{f}.parquet") for f in ("el2n", "loss", "rows", "previews")}
+    return {
+        f: pl.read_parquet(run / "scores" / f"{f}.parquet")
+        for f in ("el2n", "loss", "rows", "previews", "order")
+    }
 
 
 def _same_store(a: Path, b: Path) -> None:
@@ -65,6 +68,11 @@ def test_store_has_previews_apart_and_no_parts_left(tmp_path, corpus, model_fold
     texts = {r["id"]: r["text"] for r in corpus_rows(corpus)[:150]}
     assert all(texts[i].startswith(p) for i, p in store["previews"].iter_rows())
     assert store["rows"].height == 150 and not list((run / "scores" / "parts").glob("*"))
+    # every input row's shard and id, in source order (what emit reads instead of hashing the source)
+    ids = [r["id"] for r in corpus_rows(corpus)[:150]]  # data.id_column: the corpus's own ids
+    assert store["order"].columns == ["shard", "id"]
+    assert store["order"]["id"].to_list() == ids
+    assert store["order"]["shard"].to_list() == [k // 50 for k in range(150)]
     # the report reads the previews for the rows it shows
     from winnow.report.load import _load, _previews
 

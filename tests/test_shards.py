@@ -101,6 +101,68 @@ def test_emit_names_the_file_whose_row_has_no_selection(tmp_path, corpus, model_
     assert (run / "shards").is_dir() and not list(run.glob("emit-scratch*")) and not list(run.glob("*.tmp-*"))
 
 
+def _emit_inputs(rec: dict, run: Path, model: Path):
+    from winnow.pipeline.recipe import recipe_from_dict
+    from winnow.pipeline.steps import RunContext
+
+    recipe = recipe_from_dict(rec)
+    ctx = RunContext(rec, str(run), [s.to_dict() for s in _shards(recipe)]).with_tokenizer(str(model))
+    return recipe, ctx.input_shards(), ctx.featurizer()[0]
+
+
+def test_emit_takes_the_ids_from_the_order_file_and_without_it_writes_the_same_shards(
+    tmp_path, corpus, model_folder, data, monkeypatch
+):
+    """With scores/order.parquet the input files are read once and nothing is hashed; a store without it
+    (merged by a winnow before the file) has its ids hashed from the source, into the same shards."""
+    import shutil
+
+    import winnow.pipeline.collate as collate
+    from winnow.pipeline.shards import emit_shards
+
+    run = tmp_path / "run"
+    rec = _recipe(corpus, model_folder, data, run)
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", rec))]) == 0
+    man = json.loads((run / "manifest.json").read_text())
+    first = pl.concat([pl.read_parquet(run / s["path"]) for s in man["shards"]])
+    recipe, shards, feat = _emit_inputs(rec, run, model_folder)
+    fps = {"recipe": "r", "input": "i", "model": "m"}
+    hashed = []
+    real = collate.content_id
+    monkeypatch.setattr(collate, "content_id", lambda v: hashed.append(1) or real(v))
+    shutil.rmtree(run / "shards")
+    emit_shards(recipe, run, shards, feat, fps)
+    assert not hashed, "ids came from scores/order.parquet"
+    again = json.loads((run / "manifest.json").read_text())
+    assert pl.concat([pl.read_parquet(run / s["path"]) for s in again["shards"]]).equals(first)
+    (run / "scores" / "order.parquet").unlink()
+    shutil.rmtree(run / "shards")
+    emit_shards(recipe, run, shards, feat, fps)
+    assert len(hashed) == 190, "every source row hashed once"
+    fallback = json.loads((run / "manifest.json").read_text())
+    assert pl.concat([pl.read_parquet(run / s["path"]) for s in fallback["shards"]]).equals(first)
+    assert fallback["counts"] == man["counts"] and fallback["input"]["shards"] == man["input"]["shards"]
+
+
+def test_emit_refuses_an_input_file_that_changes_while_it_is_read(
+    tmp_path, corpus, model_folder, data, monkeypatch
+):
+    import shutil
+
+    import winnow.pipeline.shards as shards_mod
+
+    run = tmp_path / "run"
+    rec = _recipe(corpus, model_folder, data, run)
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", rec))]) == 0
+    recipe, shards, feat = _emit_inputs(rec, run, model_folder)
+    calls = iter(range(1000))
+    monkeypatch.setattr(shards_mod, "_stat", lambda shard: (next(calls), 0))  # size and mtime move on
+    shutil.rmtree(run / "shards")
+    with pytest.raises(WinnowError, match=r"part-000\.jsonl: changed while its shards were written"):
+        shards_mod.emit_shards(recipe, run, shards, feat, {"recipe": "", "input": "", "model": ""})
+    assert not (run / "shards").exists() and not list(run.glob("emit-scratch*"))
+
+
 def _shards(recipe):
     from winnow.pipeline.sources import list_shards
 

@@ -318,8 +318,21 @@ class Featurizer:
 
     def row_ids(self, batch: dict[str, list], where: str) -> list[str]:
         """The ids `featurize` gives these rows, without tokenizing (for re-reading the source)."""
+        check_columns(self.data, list(batch), where)
+        return self.ids_of(batch, where)
+
+    def id_columns(self) -> list[str]:
+        """The one column the rows' ids are made of (:meth:`ids_of` reads nothing else)."""
         d = self.data
-        check_columns(d, list(batch), where)
+        if d.id_column is not None:
+            return [d.id_column]
+        col = d.image_column if self.task == "image_classification" else d.input_ids_column or d.text_column
+        assert col is not None  # the recipe's validation requires one
+        return [col]
+
+    def ids_of(self, batch: dict[str, list], where: str) -> list[str]:
+        """:meth:`row_ids` of a batch whose columns were checked (it may hold the :meth:`id_columns` alone)."""
+        d = self.data
         if d.id_column is not None:
             return [str(v) for v in batch[d.id_column]]
         if self.task == "image_classification":

@@ -13,6 +13,7 @@ here too, with the parser the report uses.
       checkpoints/<fp12>/seed-S/step-K/            proxy checkpoints (model.safetensors, state.json, ...)
       scores/<scorer>.parquet  scores/rows.parquet the score store
       scores/previews.parquet                     id, preview: read by the report alone
+      scores/order.parquet                        shard, id of every input row in source order: read by emit
       scores/parts/{scores,rows}-<shard>-<fp12>.parquet      per input shard, until merged (then removed)
       scores/cache/<fp16>/shard-<id12>.parquet    content-keyed score cache, one compacted file per shard
       embeddings/{embeddings.npy, ids.parquet, parts/}        select.method dpp
@@ -127,16 +128,22 @@ class RunLayout:
         """id, preview (the first 500 characters of each row's text): read by the report alone."""
         return self.score_file("previews")
 
+    @property
+    def order(self) -> Path:
+        """shard, id of every input row, in source order, repeats included: what emit needs of the source
+        besides its rows, so that it reads the source once and hashes nothing (written by merge-scores)."""
+        return self.score_file("order")
+
     def store_files(self) -> list[Path]:
         """The files of the store that are not score files (rows.parquet, previews.parquet)."""
         return [self.rows, self.previews]
 
     def score_files(self) -> list[Path]:
-        """Every score file of the store (not rows or previews, not an unfinished write)."""
+        """Every score file of the store (not rows, previews or order, not an unfinished write)."""
         return sorted(
             p
             for p in self.scores.glob("*.parquet")
-            if p.stem not in ("rows", "previews") and ".tmp-" not in p.name
+            if p.stem not in ("rows", "previews", "order") and ".tmp-" not in p.name
         )
 
     @property

@@ -6,7 +6,9 @@ the rows' text:
 
 - ``scores/<scorer>.parquet``: id and the scorer's columns of every part, in shard order;
 - ``scores/rows.parquet``: id, domain, label, n_tokens;
-- ``scores/previews.parquet``: id, preview (read by the report alone).
+- ``scores/previews.parquet``: id, preview (read by the report alone);
+- ``scores/order.parquet``: shard, id of every row in source order, repeats kept (read by emit, which
+  then reads the source once and hashes nothing).
 
 Rows are de-duplicated by id (the first occurrence kept; with ``data.id_column`` a repeated id is an
 error naming it). Each output records in its provenance, under ``parts``, the slice of its rows each
@@ -219,6 +221,11 @@ def merge_parts(
     for out, cols in ((rows_out, ROW_COLUMNS), (previews_out, PREVIEW_COLUMNS)):
         lf = merged(out, lambda p: p.rows_file, lambda p, cols=cols: cols)
         queries.append((lf, out, {"step_fingerprint": step_fingerprint, PARTS_KEY: slices}))
+    order = _order_query(layout, parts, slices, step_fingerprint)
+    if order is not None:
+        queries.append(order)
+    else:  # a part's ids in source order are nowhere (a folder of a winnow before this file): emit hashes
+        layout.order.unlink(missing_ok=True)
     staged: list[tuple[Path, Path]] = []
     try:
         for lf, out, prov in queries:
@@ -286,6 +293,31 @@ class MergeScoresStep(Step):
         the two merges again, and removes them)."""
         gone = all(not ctx.layout.path(f).exists() for f in result.get("removed_parts", []))
         return gone and made_by(ctx.root, result["files"], fp)
+
+
+def _order_query(
+    layout: RunLayout, parts: list[ScorePart], slices: list[dict[str, Any]], step_fingerprint: str | None
+) -> tuple[pl.LazyFrame, Path, dict[str, Any]] | None:
+    """``scores/order.parquet``: (shard, id) of every row of every part, in shard and source order,
+    repeats kept (the rows parts are in source order), with each part's slice in its provenance so that
+    a later merge reads an unchanged shard's slice back. None when a part's rows file is gone and the
+    current order file does not hold it (then emit reads every row's id from the source, as before)."""
+    out = layout.order
+    old = absorbed_slices(out)
+    if not all(layout.path(p.rows_file).exists() or p.scores in old for p in parts):
+        return None
+    frames, order_slices, start = [], [], 0
+    for p, sl in zip(parts, slices, strict=True):
+        frames.append(
+            _source(layout, p, p.rows_file, out, ["id"]).select(
+                pl.lit(p.shard, pl.Int32).alias("shard"), "id"
+            )
+        )
+        n = int(sl["rows"])
+        order_slices.append({"scores": p.scores, "rows": n, "start": start, "end": start + n, "whole": True})
+        start += n
+    prov = {"step_fingerprint": step_fingerprint, PARTS_KEY: order_slices}
+    return pl.concat(frames), out, prov
 
 
 def parts_fingerprint(parts: list[ScorePart]) -> str:

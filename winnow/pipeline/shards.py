@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import winnow
@@ -28,20 +29,30 @@ from winnow.pipeline.collate import Featurizer
 from winnow.pipeline.faults import fault_point
 from winnow.pipeline.layout import RunLayout
 from winnow.pipeline.recipe import Recipe
-from winnow.pipeline.sources import InputShard, check_unchanged, iter_raw_batches
+from winnow.pipeline.sources import (
+    InputShard,
+    check_columns,
+    check_unchanged,
+    iter_arrow_batches,
+    python_batch,
+)
 from winnow.pipeline.steps import RunContext, Step, register_step
 from winnow.pipeline.store import read_provenance, read_schema, sink_parquet
 
 
 class _Roller:
-    """Writes tables into numbered parquet files, starting a new one at the row or byte cap."""
+    """Writes tables into numbered parquet files, starting a new one at the row or byte cap. Rows are
+    written in row groups of up to ``group_rows`` (a read batch of 512 rows would make a file of 512-row
+    groups, slow for every reader of the shards)."""
 
-    def __init__(self, folder: Path, max_rows: int, max_bytes: int):
-        self.folder, self.max_rows, self.max_bytes = folder, max_rows, max_bytes
+    def __init__(self, folder: Path, max_rows: int, max_bytes: int, group_rows: int = 1 << 16):
+        self.folder, self.max_rows, self.max_bytes, self.group_rows = folder, max_rows, max_bytes, group_rows
         self.files: list[Path] = []
         self.writer: pq.ParquetWriter | None = None
         self.schema: pa.Schema | None = None
         self.rows = self.bytes = 0
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
 
     def _open(self, schema: pa.Schema) -> None:
         self.close()
@@ -49,6 +60,12 @@ class _Roller:
         self.files.append(path)
         self.writer = pq.ParquetWriter(path, schema, compression="zstd")
         self.schema, self.rows, self.bytes = schema, 0, 0
+
+    def _flush(self) -> None:
+        if self.pending:
+            assert self.writer is not None
+            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=self.group_rows)
+            self.pending, self.pending_rows = [], 0
 
     def write(self, table: pa.Table) -> None:
         while table.num_rows:
@@ -62,19 +79,22 @@ class _Roller:
             per_row = max(1, table.nbytes // max(1, table.num_rows))
             room = min(self.max_rows - self.rows, max(1, (self.max_bytes - self.bytes) // per_row))
             head, table = table.slice(0, room), table.slice(room)
-            assert self.writer is not None
-            self.writer.write_table(head)
+            self.pending.append(head)
+            self.pending_rows += head.num_rows
+            if self.pending_rows >= self.group_rows:
+                self._flush()
             self.rows += head.num_rows
             self.bytes += head.nbytes
 
     def close(self) -> None:
         if self.writer is not None:
+            self._flush()
             self.writer.close()
             self.writer = None
 
 
 class _Lookup:
-    """The emit lookup (shard, pos, id, kept, weight, domain, label, score columns), in source order, read
+    """The emit lookup (shard, id, kept, weight, domain, label, score columns), in source order, read
     back in runs of any length as the source's batches come."""
 
     def __init__(self, path: Path):
@@ -98,43 +118,83 @@ class _Lookup:
         self.buf, self.have = rest.to_batches(), rest.num_rows
         return head
 
+    def exhausted(self) -> bool:
+        return self.have == 0 and next(self.batches, None) is None
 
-_IDS_SCHEMA = pa.schema([("shard", pa.int32()), ("pos", pa.int64()), ("id", pa.string())])
+
+_IDS_SCHEMA = pa.schema([("shard", pa.int32()), ("id", pa.string())])
 
 
-def _read_ids(recipe: Recipe, shards: list[InputShard], feat: Featurizer, path: Path) -> list[dict[str, Any]]:
-    """Pass 1: every row's id, with its shard and position, to ``path``; the input shards' rows."""
-    reserved = {"weight", *recipe.output.score_columns}
-    shard_rows = []
+def _check_batch(recipe: Recipe, shard: InputShard, names: list[str]) -> None:
+    """A read batch's columns: those the recipe names, none that winnow adds."""
+    clash = {"weight", *recipe.output.score_columns} & set(names)
+    if clash:
+        raise WinnowError(
+            f"{shard.location}: column(s) {', '.join(sorted(clash))} clash with the "
+            f"columns winnow adds; rename them in the data"
+        )
+    extra = [recipe.data.domain_column] if shard.domain is not None and recipe.data.domain_column else []
+    check_columns(recipe.data, [*names, *extra], shard.location)
+
+
+def _batch_ids(
+    recipe: Recipe, shard: InputShard, feat: Featurizer, table: pa.Table, features: Any
+) -> list[str]:
+    """The ids of one Arrow read batch: its id column alone made Python values (decoded as the scoring
+    feed decodes it), hashed as :meth:`Featurizer.row_ids` hashes it."""
+    cols = feat.id_columns()
+    sub_features = None
+    if features is not None:
+        from datasets import Features
+
+        sub_features = Features({c: features[c] for c in cols if c in features})
+    return feat.ids_of(python_batch(recipe.data, shard, table.select(cols), sub_features), shard.location)
+
+
+def _with_domain(recipe: Recipe, shard: InputShard, table: pa.Table) -> pa.Table:
+    """A ``data.source: {domain: source}`` shard's rows get their domain as a column (as the feed's)."""
+    col = recipe.data.domain_column
+    if shard.domain is None or col is None:
+        return table
+    if col in table.column_names:
+        table = table.drop_columns([col])
+    return table.append_column(col, pa.array([shard.domain] * table.num_rows, type=pa.string()))
+
+
+def _read_ids(recipe: Recipe, shards: list[InputShard], feat: Featurizer, path: Path) -> None:
+    """Every row's id, with its shard, to ``path``, in source order: for a store without
+    ``scores/order.parquet`` (merged by a winnow before it)."""
     with pq.ParquetWriter(path, _IDS_SCHEMA, compression="zstd") as w:
         for si, shard in enumerate(shards):
             check_unchanged(shard)
-            n_shard = 0
-            for raw in iter_raw_batches(recipe.data, shard):
-                clash = reserved & set(raw)
-                if clash:
-                    raise WinnowError(
-                        f"{shard.location}: column(s) {', '.join(sorted(clash))} clash with the "
-                        f"columns winnow adds; rename them in the data"
-                    )
-                ids = feat.row_ids(raw, shard.location)
-                n = len(ids)
-                pos = pa.array(np.arange(n_shard, n_shard + n), type=pa.int64())
+            for _, table, features in iter_arrow_batches(recipe.data, shard):
+                _check_batch(recipe, shard, table.column_names)
+                ids = _batch_ids(recipe, shard, feat, table, features)
                 w.write_table(
                     pa.Table.from_arrays(
-                        [pa.array(np.full(n, si, dtype=np.int32)), pos, pa.array(ids, type=pa.string())],
+                        [pa.array(np.full(len(ids), si, dtype=np.int32)), pa.array(ids, type=pa.string())],
                         schema=_IDS_SCHEMA,
                     )
                 )
-                n_shard += n
-            shard_rows.append(
-                {
-                    "path": shard.location,
-                    "sha256": shard.fingerprint if shard.kind != "hub" else None,
-                    "rows": n_shard,
-                }
-            )
-    return shard_rows
+
+
+def _order_current(layout: RunLayout) -> bool:
+    """Whether ``scores/order.parquet`` is the one the store's current merge wrote."""
+    if not layout.order.exists() or not layout.rows.exists():
+        return False
+    try:
+        mine = (read_provenance(layout.order) or {}).get("step_fingerprint")
+        rows = (read_provenance(layout.rows) or {}).get("step_fingerprint")
+    except Exception:  # noqa: BLE001  (unreadable: emit reads the ids from the source instead)
+        return False
+    return mine is not None and mine == rows
+
+
+def _stat(shard: InputShard) -> tuple[int, int] | None:
+    if shard.kind != "file":
+        return None
+    st = os.stat(shard.location)
+    return st.st_size, st.st_mtime_ns
 
 
 def _join(recipe: Recipe, layout: RunLayout, ids: Path, out: Path) -> None:
@@ -169,7 +229,7 @@ def _join(recipe: Recipe, layout: RunLayout, ids: Path, out: Path) -> None:
             want = [c for c in cols if found[c] == f]
             look = look.join(pl.scan_parquet(f).select(["id", *want]), on="id", how="left")
     plan = pl.scan_parquet(ids).join(look, on="id", how="left", maintain_order="left")
-    sink_parquet(plan.select(["shard", "pos", "id", "kept", "weight", "domain", "label", *cols]), out)
+    sink_parquet(plan.select(["shard", "id", "kept", "weight", "domain", "label", *cols]), out)
 
 
 def _group_table(lookup: Path, column: str) -> dict[str, list[float]]:
@@ -197,22 +257,31 @@ def emit_shards(
 ) -> dict[str, Any]:
     """The selected rows, streamed from the source again, into ``shards/`` and ``manifest.json``.
 
-    Out of core: pass 1 reads every row's id (``_read_ids``); one streaming join of those ids with the
-    selection and the store gives every row its kept flag, weight, domain, label and score columns, in
-    source order, on disk (``_join``); pass 2 reads the source again and takes the joined rows alongside,
-    batch by batch. Memory is set by the read batch and the join's hash table of the selection, never by
-    a lookup per batch (the implementation before joined each 512-row batch against the whole
-    selection: quadratic in rows)."""
+    Out of core, one pass over the source: merge-scores wrote every row's shard and id in source order
+    (``scores/order.parquet``); one streaming join of those ids with the selection and the store gives every
+    row its kept flag, weight, domain, label and score columns, in source order, on disk (``_join``); then
+    the source's Arrow read batches are taken (never made Python values) with the joined rows alongside.
+    An input file's bytes are checked against its sha256 before it is read and its size and mtime after,
+    so its ids need not be hashed again; rows of other sources (Arrow folders, the Hub) are hashed and
+    checked against the joined ids batch by batch. A store merged before ``order.parquet`` existed has its
+    ids read from the source first (``_read_ids``). Memory is set by the read batch and the join's hash
+    table of the selection, never by a lookup per batch (the implementation before joined each 512-row
+    batch against the whole selection: quadratic in rows)."""
     out = recipe.output
     layout = RunLayout(run_dir)
     input_rows = written = 0
     final = layout.shards
     scratch = tmp_name(layout.root / "emit-scratch")
     scratch.mkdir(parents=True)
+    shard_rows: list[dict[str, Any]] = []
     try:
-        shard_rows = _read_ids(recipe, shards, feat, scratch / "ids.parquet")
+        if _order_current(layout):
+            ids_path = layout.order
+        else:
+            ids_path = scratch / "ids.parquet"
+            _read_ids(recipe, shards, feat, ids_path)
         lookup = scratch / "lookup.parquet"
-        _join(recipe, layout, scratch / "ids.parquet", lookup)
+        _join(recipe, layout, ids_path, lookup)
         missing = (
             pl.scan_parquet(lookup).filter(pl.col("kept").is_null()).select("shard", "id").head(1).collect()
         )
@@ -228,15 +297,25 @@ def emit_shards(
             roller = _Roller(tmp, out.shard_max_rows, out.shard_max_bytes)
             rows = _Lookup(lookup)
             try:
-                for shard in shards:
-                    for raw in iter_raw_batches(recipe.data, shard):
-                        table = pa.Table.from_pydict(raw)
+                for si, shard in enumerate(shards):
+                    check_unchanged(shard)
+                    before, n_shard = _stat(shard), 0
+                    for _, table, features in iter_arrow_batches(recipe.data, shard):
+                        _check_batch(recipe, shard, table.column_names)
                         j = rows.take(table.num_rows)
-                        ids = feat.row_ids(raw, shard.location)
-                        if ids != j.column("id").to_pylist():
+                        shard_col = j.column("shard")
+                        if pc.min(shard_col).as_py() != si or pc.max(shard_col).as_py() != si:
+                            raise WinnowError(
+                                f"{shard.location}: has other rows than when it was scored; rerun `winnow run`"
+                            )
+                        if (
+                            before is None
+                            and _batch_ids(recipe, shard, feat, table, features) != j.column("id").to_pylist()
+                        ):
                             raise WinnowError(
                                 f"{shard.location}: changed while its shards were written; rerun `winnow run`"
                             )
+                        table = _with_domain(recipe, shard, table)
                         kept = j.column("kept").to_numpy(zero_copy_only=False).astype(bool)
                         mask = np.ones(len(kept), dtype=bool) if out.include_pruned else kept
                         weight = np.where(kept, j.column("weight").to_numpy(zero_copy_only=False), 0.0)
@@ -248,7 +327,23 @@ def emit_shards(
                             table = table.append_column(c, pa.array(v[idx], type=pa.float64()))
                         roller.write(table)
                         written += len(idx)
-                        input_rows += len(kept)
+                        n_shard += len(kept)
+                    if before is not None and _stat(shard) != before:
+                        raise WinnowError(
+                            f"{shard.location}: changed while its shards were written; rerun `winnow run`"
+                        )
+                    input_rows += n_shard
+                    shard_rows.append(
+                        {
+                            "path": shard.location,
+                            "sha256": shard.fingerprint if shard.kind != "hub" else None,
+                            "rows": n_shard,
+                        }
+                    )
+                if not rows.exhausted():
+                    raise WinnowError(
+                        "emit: the source has fewer rows than when its ids were read; rerun `winnow run`"
+                    )
             finally:
                 roller.close()
             if written == 0:
