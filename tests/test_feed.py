@@ -342,3 +342,33 @@ def test_train_sdpa_backends_reach_every_step_and_not_the_fingerprint(corpus, tm
     assert [c.step for c in ckpts] == [4]
     assert seen == [(False, True)] * 4
     assert torch.backends.cuda.flash_sdp_enabled() == before
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_feeds_processes_start_while_the_proxy_trains_and_end_with_the_run(corpus, tmp_path, monkeypatch):
+    """scoring.loader processes: the run starts its featurizing processes in the background once it has a
+    tokenizer and a proxy to train, the score tasks use those (no second pool), and the run ends them;
+    the scores are those of the threads feed."""
+    import polars as pl
+
+    from winnow.flows.run import run_recipe
+
+    made = []
+    real_init = feed._Pool.__init__
+
+    def spy(self, *a, **k):
+        import threading
+
+        made.append(threading.current_thread().name)
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(feed._Pool, "__init__", spy)
+    out = {}
+    for kind in ("processes", "threads"):
+        over = {"scoring__loader": kind, "scoring__loader_workers": 2, "train__seeds": [0]}
+        recipe = Recipe.model_validate(tiny_recipe(corpus, tmp_path / kind, **over))
+        run_recipe(recipe)
+        assert feed._pool is None  # ended with the run
+        out[kind] = pl.read_parquet(tmp_path / kind / "scores" / "el2n.parquet")
+    assert made == ["winnow-feed-prewarm"]  # one pool, started beside the training; threads start none
+    assert out["processes"].equals(out["threads"])

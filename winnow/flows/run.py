@@ -116,9 +116,32 @@ class _Graph:
         return self.steps[name].fingerprint(self.ctx, **inputs)
 
 
+def _prewarm_feed(ctx: RunContext) -> None:
+    """Where scoring featurizes in processes (``scoring.loader``, auto on CUDA), start them now."""
+    from winnow.pipeline.feed import prewarm
+    from winnow.pipeline.models import resolve_device
+    from winnow.pipeline.scoring import loader_kind, loader_workers
+
+    recipe = ctx.config
+    device = resolve_device(recipe.scoring.device)
+    workers = loader_workers(recipe, device)
+    if workers > 0 and loader_kind(recipe, device) == "processes":
+        prewarm(ctx.featurizer()[0], workers)
+
+
 # -- the flow ------------------------------------------------------------------------------------
 @flow(name="winnow-run", log_prints=True, validate_parameters=False)
 def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, Any]]) -> dict[str, Any]:
+    from winnow.pipeline.feed import release_pools
+
+    try:
+        return _spine(recipe_d, run_dir, shard_ds)
+    finally:  # a run that fails ends its featurizing processes too (`winnow serve` outlives its runs)
+        release_pools()
+
+
+def _spine(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The flow's body: the steps in order, each a task (see :class:`_Graph`)."""
     from winnow.pipeline.feed import release_pools
     from winnow.pipeline.influence import influence_checkpoints, target_shards
     from winnow.pipeline.models import model_source_fingerprint, tokenizer_fingerprint, warm_imports
@@ -169,6 +192,8 @@ def run_flow(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, An
         )
         for s in recipe.train.seeds
     ]
+    if any(h[0] != "cached" for h in handles):  # the GPU trains: the feed's processes start meanwhile
+        _prewarm_feed(ctx)
     ckpts = [c for h in handles for c in g.result(h)]
     ck_dicts = [c.to_dict() for c in ckpts]
 

@@ -9,7 +9,8 @@ the interpreter lock. Three ways to do it (``scoring.loader_workers``, ``scoring
   from two threads at once). They start at once and share memory, but they share the interpreter lock
   with the scoring thread: every torch call releases the lock and must win it back, and a featurizing
   thread that holds it can make the kernel launches wait (up to a switch interval, 5 ms, each time).
-- processes: W worker processes that live as long as the run (:func:`release_pools` ends them), each
+- processes: W worker processes that live as long as the run (:func:`prewarm` starts them while the proxy
+  trains, :func:`release_pools` ends them), each
   holding one featurizer, handed to it once when it starts. A reader thread in the scoring process reads
   the shard's Arrow batches (C++, the lock released) and hands each one, as Arrow IPC bytes, to a
   worker, which converts it to Python and featurizes it; the batch comes back as numpy arrays, Arrow
@@ -155,6 +156,29 @@ def _pool_for(feat: Featurizer, workers: int) -> _Pool:
         if _pool is None:
             _pool = _Pool(key, feat, workers)
         return _pool
+
+
+def _worker_ready() -> int:
+    return os.getpid()
+
+
+def prewarm(feat: Featurizer, workers: int) -> threading.Thread:
+    """Start the run's featurizing processes in a background thread, while the proxy trains: the
+    forkserver's imports and each worker's copy of the tokenizer (~3-8 s on the H200) are then done when
+    the first shard is scored, instead of that shard waiting for them. An error here is left to the
+    score tasks, which start the processes themselves and report it."""
+
+    def start() -> None:
+        try:
+            pool = _pool_for(feat, workers)
+            for _ in range(workers):  # one job each: the executor starts a process per job it cannot place
+                pool.ex.submit(_worker_ready)
+        except Exception:  # noqa: BLE001  (the score tasks meet it again and say what it is)
+            pass
+
+    t = threading.Thread(target=start, name="winnow-feed-prewarm", daemon=True)
+    t.start()
+    return t
 
 
 def release_pools() -> None:
