@@ -22,7 +22,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(UV) || $(BIN)/python -m pip install $(QUIET) "uv==$(UV_VERSION)"
-	$(UV) pip sync --quiet --python $(BIN)/python --require-hashes --find-links $(LOCAL_WHEELS) $(LOCK)
+	$(UV) pip sync --quiet --compile-bytecode --python $(BIN)/python --require-hashes --find-links $(LOCAL_WHEELS) $(LOCK)
 	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 
