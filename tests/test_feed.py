@@ -372,3 +372,48 @@ def test_the_feeds_processes_start_while_the_proxy_trains_and_end_with_the_run(c
         out[kind] = pl.read_parquet(tmp_path / kind / "scores" / "el2n.parquet")
     assert made == ["winnow-feed-prewarm"]  # one pool, started beside the training; threads start none
     assert out["processes"].equals(out["threads"])
+
+
+def test_gradient_scorers_are_kept_with_the_model_from_shard_to_shard(
+    corpus, model_folder, tmp_path, monkeypatch
+):
+    """GraNd over several shards in one process builds its gradient engine once (hooks and first-batch check
+    on the kept model once, not once a shard, where each shard used to add its own hooks to the kept
+    model), and its scores are those of every shard scored from a fresh start."""
+    import polars as pl
+
+    from winnow.pipeline.layout import RunLayout
+    from winnow.pipeline.steps import Checkpoint
+    from winnow.scorers import grand
+
+    recipe = Recipe.model_validate(
+        tiny_recipe(corpus, tmp_path / "run", scoring__scorers=[{"name": "grand"}], select__score="grand")
+    )
+    feat = Featurizer(recipe, load_tokenizer(model_folder), None, None)
+    run_dir = tmp_path / "run"
+    ck = Checkpoint(seed=0, step=0, path=str(model_folder), fingerprint="f")
+    shards = list_shards(recipe.data)[:3]
+    made = []
+    real = grand.GradEngine
+    monkeypatch.setattr(grand, "GradEngine", lambda *a, **k: made.append(1) or real(*a, **k))
+
+    def scores(fp: str, fresh: bool) -> list[list[float]]:
+        out = []
+        for sh in shards:
+            if fresh:
+                scoring.release_models()
+            part = scoring.score_shard(recipe, run_dir, sh, [ck], feat, fp)
+            out.append(pl.read_parquet(RunLayout(run_dir).path(part.scores)).get_column("grand").to_list())
+        return out
+
+    scoring.release_models()
+    try:
+        kept = scores("a", fresh=False)
+        assert len(made) == 1 and len(shards) == 3
+        again = scores("b", fresh=True)
+        assert len(made) == 4
+    finally:
+        scoring.release_models()
+    assert not scoring._model_scorers
+    for k, f in zip(kept, again, strict=True):
+        assert len(k) >= 10 and np.allclose(k, f, rtol=1e-5, atol=1e-7)

@@ -21,6 +21,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -340,6 +341,7 @@ class _CheckpointPass:
     def _score(self) -> None:
         if self.model is None:
             self.model = _scoring_model(self.recipe, self.path, self.device, self.use_bf16)
+            self.scorers = _scorers_for(self.model, self.recipe, self.scorers)
         cols = Columns.concat(self.waiting)
         self.waiting, self.n_waiting = [], 0
         r = self.recipe
@@ -387,6 +389,8 @@ up to this many bytes of parameters, least recently used first out; one is alway
 
 _models: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 _models_lock = threading.Lock()
+# the scorers each kept model was scored with, by the scorer specs' fingerprint (see _scorers_for)
+_model_scorers: weakref.WeakKeyDictionary[Any, dict[str, list[Any]]] = weakref.WeakKeyDictionary()
 
 
 def _model_key(recipe: Recipe, path: Path, device: torch.device, use_bf16: bool) -> tuple[Any, ...]:
@@ -423,13 +427,24 @@ def _release_model(key: tuple[Any, ...], model: Any) -> None:
         _models[key] = model
         _models.move_to_end(key)
         while len(_models) > 1 and sum(size(m) for m in _models.values()) > MODEL_CACHE_BYTES:
-            _models.popitem(last=False)
+            _, old = _models.popitem(last=False)
+            _model_scorers.pop(old, None)
+
+
+def _scorers_for(model: Any, recipe: Recipe, fresh: list[Any]) -> list[Any]:
+    """The scorers that scored with this kept model before (same scorer specs), else ``fresh``, kept with it:
+    a gradient scorer's engine (its hooks on the model, the first batch's consistency check) is then made
+    once per model and run, not once per shard. A model is lent to one pass at a time, so are its scorers."""
+    key = fingerprint([s.model_dump(mode="json") for s in recipe.scoring.scorers])
+    with _models_lock:
+        return _model_scorers.setdefault(model, {}).setdefault(key, fresh)
 
 
 def release_models() -> None:
-    """Forget the scoring models kept between shards (the end of a run's scoring)."""
+    """Forget the scoring models kept between shards, and their scorers (the end of a run's scoring)."""
     with _models_lock:
         _models.clear()
+        _model_scorers.clear()
 
 
 def _score_columns(
