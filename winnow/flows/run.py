@@ -37,7 +37,7 @@ from winnow.pipeline.preflight import check_run_dir, preflight, prepare_run_dir
 from winnow.pipeline.recipe import Recipe
 from winnow.pipeline.run_lock import RunLock
 from winnow.pipeline.sources import InputShard, shards_fingerprint
-from winnow.pipeline.steps import RunContext, ScorePart, all_steps, read_record, write_record
+from winnow.pipeline.steps import RunContext, ScorePart, all_steps, gpu_slot, read_record, write_record
 
 
 # -- running steps ------------------------------------------------------------------------------
@@ -56,7 +56,9 @@ def _no_retry_for_user_errors(task: Any, task_run: Any, state: Any) -> bool:
 @task(persist_result=False, retries=1, retry_delay_seconds=1, retry_condition_fn=_no_retry_for_user_errors)
 def step_task(step: str, ctx: dict[str, Any], fp: str, inputs: dict[str, Any]) -> Any:
     """Run one step (threads or Ray workers: steps are reached by name, so they pickle by reference)."""
-    return all_steps()[step].run(RunContext.from_dict(ctx), fp, **inputs)
+    s, c = all_steps()[step], RunContext.from_dict(ctx)
+    with gpu_slot(s.device(c), c.config.runner.tasks_per_gpu):
+        return s.run(c, fp, **inputs)
 
 
 class _Graph:

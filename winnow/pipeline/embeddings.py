@@ -267,6 +267,9 @@ class EmbedStep(Step):
     name = "embed"
     result = EmbeddingPart
 
+    def device(self, ctx: RunContext) -> str:
+        return ctx.config.scoring.embeddings.device if ctx.config.scoring.embeddings else "cpu"
+
     def fingerprint(self, ctx: RunContext, shard: Any = None, ckpts: Any = ()) -> str:
         return embed_fingerprint(ctx.config, shard, [Checkpoint.of(c) for c in ckpts])
 

@@ -591,6 +591,9 @@ class FeaturesStep(Step):
     name = "influence-features"
     result = FeaturePart
 
+    def device(self, ctx: RunContext) -> str:
+        return ctx.config.scoring.influence.device if ctx.config.scoring.influence else "cpu"
+
     def fingerprint(
         self,
         ctx: RunContext,

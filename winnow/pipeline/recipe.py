@@ -410,6 +410,12 @@ class OutputConfig(Strict):
 class RunnerConfig(Strict):
     kind: Literal["thread", "ray"] = "thread"
     max_workers: int = Field(default=2, gt=0)
+    tasks_per_gpu: int = Field(
+        default=1,
+        gt=0,
+        description="tasks of one process that use a GPU at once (scoring, training, features, embeddings, "
+        "mixture); more wait for a slot while CPU steps run beside them",
+    )
     ray_address: str | None = Field(default=None, description="ray address; default: start a local Ray")
     torch_threads: int | None = Field(default=None, gt=0, description="torch threads per task")
 

@@ -481,6 +481,9 @@ class ScoreStep(Step):
     name = "score"
     result = ScorePart
 
+    def device(self, ctx: RunContext) -> str:
+        return ctx.config.scoring.device
+
     def fingerprint(
         self, ctx: RunContext, shard: Any = None, ckpts: Any = (), tok_fp: str | None = None
     ) -> str:

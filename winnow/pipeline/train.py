@@ -350,6 +350,9 @@ class TrainStep(Step):
     result = Checkpoint
     many = True
 
+    def device(self, ctx: RunContext) -> str:
+        return ctx.config.train.device
+
     def fingerprint(self, ctx: RunContext, train_fp: str = "", seed: int = 0) -> str:
         return fingerprint(train_fp, seed, ctx.config.train.checkpoint_steps())
 

@@ -355,6 +355,9 @@ class MixtureStep(Step):
 
     name = "mixture"
 
+    def device(self, ctx: RunContext) -> str:
+        return ctx.config.mixture.device if ctx.config.mixture else "cpu"
+
     def fingerprint(self, ctx: RunContext, input_fp: str = "", tok_fp: str | None = None) -> str:
         return mixture_fingerprint(ctx.config, input_fp, tok_fp)
 
