@@ -46,8 +46,10 @@ def start_server(env: dict[str, str], work: Path) -> subprocess.Popen[bytes]:
     raise SystemExit(f"the Prefect server did not start (see {work / 'server.log'})")
 
 
-def tree_rss(pid: int) -> float:
-    """RSS in bytes of process ``pid`` and all its descendants (from /proc; 0 where there is none)."""
+def tree_rss(pid: int, by_role: dict[str, float] | None = None) -> float:
+    """RSS in bytes of process ``pid`` and all its descendants (from /proc; 0 where there is none). With
+    ``by_role``, each role's sum is written there too: ``main`` (``pid`` itself), ``prefect server`` (a
+    descendant running uvicorn or ``prefect server``), ``workers`` (any other descendant)."""
     kids: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for d in Path("/proc").glob("[0-9]*"):
@@ -60,11 +62,21 @@ def tree_rss(pid: int) -> float:
         p = int(d.name)
         kids.setdefault(int(fields.get("PPid", "0")), []).append(p)
         rss[p] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-    total, todo = 0, [pid]
+    total, todo = 0, [(pid, "main")]
     while todo:
-        p = todo.pop()
+        p, role = todo.pop()
+        if p != pid and role == "workers" and by_role is not None:
+            try:
+                cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                cmd = b""
+            if b"uvicorn" in cmd or b"prefect server" in cmd:
+                role = "prefect server"
         total += rss.get(p, 0)
-        todo += kids.get(p, [])
+        if by_role is not None:
+            by_role[role] = by_role.get(role, 0.0) + rss.get(p, 0)
+        # a server's own children stay the server's
+        todo += [(k, role if role == "prefect server" else "workers") for k in kids.get(p, [])]
     return float(total)
 
 
@@ -73,6 +85,7 @@ class Sampler:
 
     def __init__(self, pid: int, dt: float = 0.2):
         self.pid, self.dt, self.peak = pid, dt, 0.0
+        self.role_peaks: dict[str, float] = {}  # each role's own peak RSS in bytes (see tree_rss)
         self.samples: list[tuple[float, float | None, float]] = []  # (time, gpu %, rss bytes)
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
@@ -86,7 +99,10 @@ class Sampler:
         except Exception:  # noqa: BLE001  (no GPU, no NVML: RSS only)
             handle = None
         while not self._stop.is_set():
-            rss = tree_rss(self.pid)
+            roles: dict[str, float] = {}
+            rss = tree_rss(self.pid, roles)
+            for role, b in roles.items():
+                self.role_peaks[role] = max(self.role_peaks.get(role, 0.0), b)
             util = float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu) if handle is not None else None
             self.samples.append((time.time(), util, float(rss)))
             self.peak = max(self.peak, float(rss))

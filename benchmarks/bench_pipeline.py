@@ -403,6 +403,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             "real_tokens": real,
             "real_tokens_per_s": real / score_s,
             "per_shard_s": [round(p["seconds"], 2) for p in sorted(provs, key=lambda p: p["started"])],
+            # each shard's own marks (seconds from its start: first featurized batch, last launch, device
+            # drained) and what came after them (frames, cache, part files)
+            "per_shard_marks": [
+                {**p.get("marks", {}), "seconds": p["seconds"]}
+                for p in sorted(provs, key=lambda p: p["started"])
+            ],
             **smp.window(lo, hi),
         },
     }

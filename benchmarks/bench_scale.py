@@ -239,6 +239,8 @@ def run_size(rows: int, a: argparse.Namespace, texts: list[tuple[str, str]], out
         "wall_s": round(wall, 1),
         "rows_per_s": round(rows / wall, 1),
         "peak_rss_gib": round(peak.peak / 2**30, 3),
+        # each process role's own peak (the CLI's process, the temporary Prefect server, any other child)
+        "role_peak_rss_gib": {k: round(v / 2**30, 3) for k, v in sorted(peak.role_peaks.items())},
         "stages_s": step_times(run / "summary.md"),
         "stage_peak_rss_gib": {},
         "input_bytes": input_bytes,

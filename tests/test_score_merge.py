@@ -78,6 +78,12 @@ def test_store_has_previews_apart_and_no_parts_left(tmp_path, corpus, model_fold
 
     some = store["rows"]["id"].to_list()[:3]
     assert _previews(_load(run), some) == {i: texts[i][:500] for i in some}
+    # each removed part's timing outlives it, its phases in order (first batch, last launch, device drained)
+    timing = json.loads((run / "scores" / "timing.json").read_text())
+    assert len(timing) == 3
+    for t in timing.values():
+        m = t["marks"]
+        assert 0 <= m["first_batch"] <= m["streamed@0"] <= m["finished@0"] <= t["seconds"]
 
 
 def test_rescoring_one_shard_merges_the_others_from_the_store(tmp_path, corpus, model_folder):

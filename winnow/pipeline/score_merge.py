@@ -67,12 +67,13 @@ TIMING_FILE = "scores/timing.json"  # each part's score-step timing, outliving t
 
 
 def _timing(prov: dict[str, Any]) -> dict[str, Any]:
-    """The score step's ``started`` and ``seconds`` from a part's provenance."""
-    return {k: prov[k] for k in ("started", "seconds") if k in prov}
+    """The score step's ``started``, ``seconds`` and ``marks`` (phases, seconds from the start) from a
+    part's provenance."""
+    return {k: prov[k] for k in ("started", "seconds", "marks") if k in prov}
 
 
 def _read_timing(path: Path) -> dict[str, Any]:
-    """The timing file's {part: {started, seconds}} (empty when missing or unreadable: timing only)."""
+    """The timing file's {part: {started, seconds, marks}} (empty when missing or unreadable: timing only)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -191,6 +191,9 @@ def score_shard(
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     workers, window = loader_workers(recipe, device), bucket_rows(recipe, device)
     kept: list[Columns] | None = [] if len(ckpts) > 1 else None
+    # seconds from the start to: the first featurized batch, each pass's last launch and its one wait for the
+    # device (a shard's fixed costs, against its kernel time: RESULTS, run 8)
+    marks: dict[str, float] = {}
     held = 0
     try:
         for ci, ck in enumerate(ckpts):
@@ -205,6 +208,7 @@ def score_shard(
                             pas.add(cols)
                     else:
                         for fb in stream(recipe, shard, feat, workers, loader_kind(recipe, device)):
+                            marks.setdefault("first_batch", time.time() - t0)
                             if ci == 0:
                                 rows_out.write(fb.rows)
                                 ids.extend(fb.ids)
@@ -226,7 +230,9 @@ def score_shard(
                                         kept = None  # too large to hold: later passes read the shard again
                             if progress is not None:
                                 progress(len(fb.keys))
+                    marks[f"streamed@{ci}"] = time.time() - t0
                     got = pas.finish()
+                    marks[f"finished@{ci}"] = time.time() - t0
                 finally:
                     pas.release()
             chunks = {col + ckpt_suffix(ck): arrs for col, arrs in got.items()}
@@ -267,6 +273,7 @@ def score_shard(
         "fingerprint": fp,
         "started": round(t0, 3),
         "seconds": round(time.time() - t0, 3),
+        "marks": {k: round(v, 3) for k, v in marks.items()},
         "scored": scored,
         "reused": len(keys) - scored,
     }
