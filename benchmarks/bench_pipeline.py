@@ -331,6 +331,17 @@ def _influence_parts(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _between_shards(provs: list[dict[str, Any]]) -> list[float]:
+    spans = []
+    for p in provs:
+        m = p.get("marks", {})
+        if "finished@0" in m:
+            start = p["started"] + m.get("slot@0", m.get("first_batch", 0.0))
+            spans.append((start, p["started"] + m["finished@0"]))
+    spans.sort()
+    return [round(b[0] - a[1], 3) for a, b in zip(spans, spans[1:])]
+
+
 def run(a: argparse.Namespace) -> dict[str, Any]:
     import pyarrow.parquet as pq
     import torch
@@ -409,6 +420,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                 {**p.get("marks", {}), "seconds": p["seconds"]}
                 for p in sorted(provs, key=lambda p: p["started"])
             ],
+            # the device's idle seconds between one shard's last result and the next shard's first launch
+            # (its slot, or its first featurized batch where a score task held the GPU for all of it)
+            "between_shards_s": _between_shards(provs),
             **smp.window(lo, hi),
         },
     }

@@ -462,3 +462,74 @@ def test_gpu_steps_take_turns_on_one_gpu(corpus, tmp_path, monkeypatch):
     got = {name: s.device(ctx) for name, s in all_steps().items()}
     assert got["train"] == "cuda" and got["score"] == "cpu"
     assert {n for n, d in got.items() if d != "cpu"} == {"train"}
+
+
+def test_a_score_task_holds_the_gpu_slot_only_while_its_pass_computes(corpus, model_folder, tmp_path):
+    """A score step takes its GPU slot itself (the task runner does not): from its first window's launch
+    to the device's last result, so that another shard's task reads its cache and featurizes its first
+    window while this one scores, and writes its parts after; a shard whose every row is cached takes no
+    slot at all."""
+    import threading
+    import time
+
+    from winnow.pipeline.layout import RunLayout
+    from winnow.pipeline.score_cache import read_shard_cache
+    from winnow.pipeline.steps import Checkpoint, all_steps
+    from winnow.pipeline.store import read_provenance
+
+    steps = all_steps()
+    assert steps["score"].own_slot and not steps["train"].own_slot
+    recipe = Recipe.model_validate(tiny_recipe(corpus, tmp_path / "run"))
+    feat = Featurizer(recipe, load_tokenizer(model_folder), None, None)
+    run_dir = tmp_path / "run"
+    ck = Checkpoint(seed=0, step=0, path=str(model_folder), fingerprint="f")
+    shards = list_shards(recipe.data)[:2]
+    sem, events, lock = threading.BoundedSemaphore(1), [], threading.Lock()
+
+    def slot_for(sh):
+        scores_path, rows_path = scoring.part_paths(run_dir, sh, "a")
+
+        @contextlib.contextmanager
+        def slot():
+            with sem:
+                with lock:
+                    events.append(("in", sh.index, time.time(), scores_path.exists() or rows_path.exists()))
+                time.sleep(0.3)  # the other task's featurizing happens meanwhile
+                yield
+                with lock:
+                    events.append(("out", sh.index, time.time(), scores_path.exists()))
+
+        return slot
+
+    parts = {}
+
+    def work(sh):
+        parts[sh.index] = scoring.score_shard(
+            recipe, run_dir, sh, [ck], feat, "a", cache_fp="c", slot=slot_for(sh)
+        )
+
+    scoring.release_models()
+    try:
+        ts = [threading.Thread(target=work, args=(sh,)) for sh in shards]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert len(parts) == 2
+        # one pass each, one at a time: in, out, in, out; no part file yet on either side of the pass
+        assert [e[0] for e in events] == ["in", "out", "in", "out"]
+        assert not any(e[3] for e in events)
+        first, second = events[0][1], events[2][1]
+        prov = read_provenance(RunLayout(run_dir).path(parts[second].scores))
+        assert prov is not None
+        # the second task had featurized its first batch before the first one gave the slot back
+        assert prov["started"] + prov["marks"]["first_batch"] < events[1][2]
+        assert prov["marks"]["first_batch"] <= prov["marks"]["slot@0"] <= prov["marks"]["finished@0"]
+        assert read_shard_cache(RunLayout(run_dir), "c", shards[0]) is not None
+        events.clear()
+        again = scoring.score_shard(
+            recipe, run_dir, shards[0], [ck], feat, "b", cache_fp="c", slot=slot_for(shards[0])
+        )
+        assert again.scored == 0 and again.reused == parts[shards[0].index].rows and events == []
+    finally:
+        scoring.release_models()

@@ -57,7 +57,7 @@ def _no_retry_for_user_errors(task: Any, task_run: Any, state: Any) -> bool:
 def step_task(step: str, ctx: dict[str, Any], fp: str, inputs: dict[str, Any]) -> Any:
     """Run one step (threads or Ray workers: steps are reached by name, so they pickle by reference)."""
     s, c = all_steps()[step], RunContext.from_dict(ctx)
-    with gpu_slot(s.device(c), c.config.runner.tasks_per_gpu):
+    with contextlib.nullcontext() if s.own_slot else gpu_slot(s.device(c), c.config.runner.tasks_per_gpu):
         return s.run(c, fp, **inputs)
 
 

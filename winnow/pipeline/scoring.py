@@ -161,9 +161,13 @@ def score_shard(
     fp: str,
     progress: Callable[[int], None] | None = None,
     cache_fp: str | None = None,
+    slot: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> ScorePart:
     """Score one shard; write its score and rows parts atomically; return its part (``scored``: examples
-    scored now, ``reused``: examples whose scores came from the cache under ``cache_fp``)."""
+    scored now, ``reused``: examples whose scores came from the cache under ``cache_fp``). ``slot``: the
+    GPU slot each checkpoint's pass holds from its first launch to its last result (``gpu_slot``), so that
+    the cache read and the first window's featurizing before it, and the frames and files after it,
+    overlap another task's scoring."""
     scores_path, rows_path = part_paths(run_dir, shard, fp)
     if scores_path.exists() and rows_path.exists():
         n = pq.read_metadata(rows_path).num_rows
@@ -191,15 +195,16 @@ def score_shard(
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     workers, window = loader_workers(recipe, device), bucket_rows(recipe, device)
     kept: list[Columns] | None = [] if len(ckpts) > 1 else None
-    # seconds from the start to: the first featurized batch, each pass's last launch and its one wait for the
-    # device (a shard's fixed costs, against its kernel time: RESULTS, run 8)
+    # seconds from the start to: the first featurized batch, each pass's GPU slot (got once its first window
+    # is featurized), last launch and its one wait for the device (a shard's fixed costs, against its kernel
+    # time: RESULTS, runs 8-9)
     marks: dict[str, float] = {}
     held = 0
     try:
         for ci, ck in enumerate(ckpts):
             if ci > 0 and not todo:
                 break  # the first pass found nothing new: no other checkpoint needs loading
-            pas = _CheckpointPass(recipe, run_dir / ck.path, scorers, feat, device, use_bf16, window)
+            pas = _CheckpointPass(recipe, run_dir / ck.path, scorers, feat, device, use_bf16, window, slot)
             # on an accelerator the input checks of the whole pass are evaluated once, at its end
             with checks.deferred() if device.type != "cpu" else contextlib.nullcontext():
                 try:
@@ -235,6 +240,8 @@ def score_shard(
                     marks[f"finished@{ci}"] = time.time() - t0
                 finally:
                     pas.release()
+                if pas.slot_at is not None:
+                    marks[f"slot@{ci}"] = pas.slot_at - t0
             chunks = {col + ckpt_suffix(ck): arrs for col, arrs in got.items()}
             for col, arrs in chunks.items():
                 per_ckpt[col] = [np.concatenate(arrs)] if arrs else [np.zeros(0)]
@@ -296,7 +303,7 @@ class _CheckpointPass:
     the scores stay there until one copy back at the end of the pass (the caller defers the scorers' input
     checks over the same span, ``winnow.grads.checks``), so the host reads, collates and launches window
     k + 1 while the device computes window k. The model comes from :func:`_scoring_model` at the first
-    window and goes back to the kept ones at ``release``."""
+    window and goes back to the kept ones at ``release``; ``slot`` (a GPU slot) is held over the same span."""
 
     def __init__(
         self,
@@ -307,9 +314,12 @@ class _CheckpointPass:
         device: torch.device,
         use_bf16: bool,
         window: int,
+        slot: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     ):
         self.recipe, self.path, self.scorers, self.feat = recipe, path, scorers, feat
         self.device, self.use_bf16, self.window = device, use_bf16, window
+        self.slot, self.held = slot, contextlib.ExitStack()
+        self.slot_at: float | None = None  # when the slot was got
         self.model: Any = None
         self.waiting: list[Columns] = []
         self.n_waiting = 0
@@ -337,16 +347,22 @@ class _CheckpointPass:
         return chunks
 
     def release(self) -> None:
-        """The model back to the kept ones (whether the pass finished or failed)."""
-        if self.model is not None:
-            _release_model(self._key(), self.model)
-            self.model = None
+        """The model back to the kept ones, then the slot (whether the pass finished or failed)."""
+        try:
+            if self.model is not None:
+                _release_model(self._key(), self.model)
+                self.model = None
+        finally:
+            self.held.close()
 
     def _key(self) -> tuple[Any, ...]:
         return _model_key(self.recipe, self.path, self.device, self.use_bf16)
 
     def _score(self) -> None:
         if self.model is None:
+            if self.slot is not None and self.slot_at is None:
+                self.held.enter_context(self.slot())  # before the model: a kept one is the slot holder's
+                self.slot_at = time.time()
             self.model = _scoring_model(self.recipe, self.path, self.device, self.use_bf16)
             self.scorers = _scorers_for(self.model, self.recipe, self.scorers)
         cols = Columns.concat(self.waiting)
@@ -487,6 +503,7 @@ class ScoreStep(Step):
 
     name = "score"
     result = ScorePart
+    own_slot = True  # the GPU slot around each pass's device span only (gpu_slot)
 
     def device(self, ctx: RunContext) -> str:
         return ctx.config.scoring.device
@@ -513,6 +530,7 @@ class ScoreStep(Step):
                 fp,
                 progress=bar.update,
                 cache_fp=cache_fp,
+                slot=lambda: self.slot(ctx),
             )
         finally:
             bar.close()

@@ -197,6 +197,8 @@ class Step(abc.ABC):
     many: ClassVar[bool] = False  # run() returns a list of results
     retries: ClassVar[int] = 1
     cached: ClassVar[bool] = True  # False: run every time (versions compare with what is on disk)
+    # True: the step takes its GPU slot itself, around the part that computes on the device (see gpu_slot)
+    own_slot: ClassVar[bool] = False
 
     @abc.abstractmethod
     def fingerprint(self, ctx: RunContext, **inputs: Any) -> str:
@@ -208,8 +210,13 @@ class Step(abc.ABC):
 
     def device(self, ctx: RunContext) -> str:
         """The recipe's device setting the step computes on (``auto``, ``cpu``, ``cuda``); a step that
-        computes on a GPU says so, and then holds one of :func:`gpu_slot`'s slots while it runs."""
+        computes on a GPU says so, and then holds one of :func:`gpu_slot`'s slots while it runs (the whole
+        task, or where ``own_slot`` says so, the part the step itself wraps in :meth:`slot`)."""
         return "cpu"
+
+    def slot(self, ctx: RunContext) -> contextlib.AbstractContextManager[None]:
+        """One of the step's GPU slots (:func:`gpu_slot` for its device), for a step with ``own_slot``."""
+        return gpu_slot(self.device(ctx), ctx.config.runner.tasks_per_gpu)
 
     def present(self, ctx: RunContext, result: Any, fp: str) -> bool:
         """Whether a cached result's files are on disk and were made by this fingerprint."""
@@ -304,8 +311,10 @@ def gpu_slot(device: str, per_gpu: int) -> Iterator[None]:
     resolves to while a step computes on it; nothing for the CPU. With the thread runner's default two
     workers, two score tasks used to share one GPU: on the H200, 10^6 rows of EL2N took 240 s of scoring
     at 65% GPU against 174 s at 89% one at a time (RESULTS, run 8): the two launching threads share the
-    interpreter lock and the feed, and neither keeps the device busy. Under Ray a worker is its own
-    process: its GPU is Ray's ``num_gpus`` to give, not this."""
+    interpreter lock and the feed, and neither keeps the device busy. A score task holds it only from its
+    first window's launch to the device's last result (``own_slot``): the next shard's task reads its
+    cache and featurizes its first window, and the last one writes its parts, while another scores.
+    Under Ray a worker is its own process: its GPU is Ray's ``num_gpus`` to give, not this."""
     from winnow.pipeline.models import resolve_device
 
     dev = resolve_device(device)
