@@ -28,6 +28,7 @@ peak RSS and the ratios to the kernels.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -131,6 +132,7 @@ def _recipe(a: argparse.Namespace, inputs: Path, run_dir: Path, smoke: bool) -> 
         "scoring": {
             "scorers": [scorer],
             "batch_size": a.batch_size,
+            "batch_tokens": a.batch_tokens,
             "compile": a.compile,
             "loader_workers": a.loader_workers,
             "loader": a.loader,
@@ -155,14 +157,18 @@ def _recipe(a: argparse.Namespace, inputs: Path, run_dir: Path, smoke: bool) -> 
     return r
 
 
-def _sorted_batches(enc: list[list[int]], pad: int, batch_size: int, device: Any) -> list[dict[str, Any]]:
-    """Token-id lists as length-sorted, padded, masked batches already on ``device``."""
+def _sorted_batches(
+    enc: list[list[int]], pad: int, batch_size: int, device: Any, tokens: int = 0
+) -> list[dict[str, Any]]:
+    """Token-id lists as length-sorted, padded, masked batches already on ``device``, grouped as the
+    pipeline groups them (``batch_size`` rows, or ``tokens`` padded tokens a batch: ``length_groups``)."""
     import torch
 
-    enc = sorted(enc, key=len)
+    from winnow.pipeline.collate import length_groups
+
     batches = []
-    for k in range(0, len(enc), batch_size):
-        grp = enc[k : k + batch_size]
+    for idx in length_groups(np.array([len(e) for e in enc]), batch_size, tokens):
+        grp = [enc[i] for i in idx]
         T = max(1, max(map(len, grp)))
         ids = torch.full((len(grp), T), pad, dtype=torch.long)
         mask = torch.zeros((len(grp), T), dtype=torch.long)
@@ -171,6 +177,15 @@ def _sorted_batches(enc: list[list[int]], pad: int, batch_size: int, device: Any
             mask[j, : len(e)] = 1
         batches.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
     return batches
+
+
+def _tokens(a: argparse.Namespace, device: Any) -> int:
+    """--batch-tokens as the run resolves it (``scoring.batch_tokens``)."""
+    from winnow.pipeline.scoring import AUTO_BATCH_TOKENS
+
+    if a.batch_tokens == "auto":
+        return AUTO_BATCH_TOKENS if device.type == "cuda" and a.scorer == "el2n" else 0
+    return int(a.batch_tokens)
 
 
 def _kernels(a: argparse.Namespace, run_dir: Path, corpus_texts: list[str], device: Any) -> dict[str, Any]:
@@ -186,7 +201,7 @@ def _kernels(a: argparse.Namespace, run_dir: Path, corpus_texts: list[str], devi
     tok = load_tokenizer(tok_dir)
     n = min(len(corpus_texts), 256 if a.smoke else 4096 if a.scorer == "grand" else 16384)
     enc = tok(corpus_texts[:n], truncation=True, max_length=a.max_length)["input_ids"]
-    batches = _sorted_batches(enc, tok.pad_token_id or 0, a.batch_size, device)
+    batches = _sorted_batches(enc, tok.pad_token_id or 0, a.batch_size, device, _tokens(a, device))
     real = sum(len(e) for e in enc)
     model = load_checkpoint(ck, "causal_lm").to(device).eval()
     if device.type == "cuda":
@@ -223,6 +238,14 @@ def _kernels(a: argparse.Namespace, run_dir: Path, corpus_texts: list[str], devi
     out["score_kernel"]["rows_per_s"] = n / s
     out["score_kernel"]["real_tokens_per_s"] = real / s
     out["score_kernel_deferred"] = {"seconds": sd, "rows_per_s": n / sd, "real_tokens_per_s": real / sd}
+    out["score_kernel"]["batch_tokens"] = _tokens(a, device)
+    out["score_kernel"]["batches"] = len(batches)
+    sweep = {}
+    for t in a.kernel_tokens:  # the kernel (deferred) at other batchings: 0 is --batch-size rows a batch
+        batches = _sorted_batches(enc, tok.pad_token_id or 0, a.batch_size, device, t)
+        sweep[str(t)] = real / best(score_deferred)
+    if sweep:
+        out["kernel_by_batch_tokens"] = sweep
     # the plain training step: AdamW, bf16 autocast, batch 16 x max_length of real tokens, fp32 weights
     model = load_checkpoint(ck, "causal_lm").to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
@@ -339,7 +362,7 @@ def _between_shards(provs: list[dict[str, Any]]) -> list[float]:
             start = p["started"] + m.get("slot@0", m.get("first_batch", 0.0))
             spans.append((start, p["started"] + m["finished@0"]))
     spans.sort()
-    return [round(b[0] - a[1], 3) for a, b in zip(spans, spans[1:])]
+    return [round(b[0] - a[1], 3) for a, b in itertools.pairwise(spans)]
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
@@ -390,7 +413,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     rows_t = pq.read_table(RunLayout(run_dir).rows, columns=["n_tokens"])
     real = int(np.asarray(rows_t.column("n_tokens")).sum())
-    score_s = sum(p["seconds"] for p in provs)
+    # the scoring window (first shard's start to the last one's end): with runner.max_workers > 1 the score
+    # tasks overlap (each featurizes while another holds the GPU), so the sum of their times is no wall time
+    score_s = hi - lo
     res: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
@@ -398,6 +423,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "max_length": a.max_length,
         "scorer": a.scorer,
         "batch_size": a.batch_size,
+        "batch_tokens": a.batch_tokens,
         "train_steps": a.train_steps,
         "loader_workers": a.loader_workers,
         "loader": a.loader,
@@ -409,7 +435,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "whole_run": {"wall_s": wall, "rows_per_s": a.rows / wall, **smp.window(t0, t0 + wall)},
         "scoring": {
             "seconds": score_s,
-            "window_s": hi - lo,
+            "task_seconds_sum": sum(p["seconds"] for p in provs),
             "rows_per_s": a.rows / score_s,
             "real_tokens": real,
             "real_tokens_per_s": real / score_s,
@@ -495,6 +521,18 @@ def main() -> None:
     ap.add_argument("--proj-dim", type=int, default=8192, help="influence: scoring.influence.proj_dim")
     ap.add_argument("--target-rows", type=int, default=256, help="influence: target examples")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument(
+        "--batch-tokens",
+        default="auto",
+        type=lambda v: v if v == "auto" else int(v),
+        help="scoring.batch_tokens (0: --batch-size rows a batch); the kernel baseline is batched the same",
+    )
+    ap.add_argument(
+        "--kernel-tokens",
+        default=[],
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        help="comma-separated batch_tokens to time the kernel at as well (0: --batch-size rows)",
+    )
     ap.add_argument("--train-steps", type=int, default=100)
     ap.add_argument("--compile", action="store_true", help="scoring.compile: torch.compile the model")
     ap.add_argument("--loader-workers", default="auto", type=lambda v: v if v == "auto" else int(v))

@@ -263,6 +263,74 @@ def test_padding_to_a_multiple_changes_no_score(corpus, model_folder, tmp_path):
     np.testing.assert_allclose(scores(16), scores(1), rtol=1e-5, atol=1e-6)
 
 
+def _ref_token_groups(lengths, budget, multiple):
+    """Plain greedy reference: walk the rows by length, close a group when one more row would make rows x
+    padded longest exceed the budget."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups, cur = [], []
+    for i in order:
+        longest = -(-max(1, lengths[i]) // multiple) * multiple
+        if cur and (len(cur) + 1) * longest > budget:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    return groups + ([cur] if cur else [])
+
+
+def test_token_budget_batches_are_the_greedy_groups_and_change_no_score(corpus, model_folder, tmp_path):
+    """scoring.batch_tokens groups length-sorted rows by padded tokens (rows x longest, one row at least):
+    the groups are the plain greedy ones, every row once, within the budget; the EL2N scores are those of
+    batch_size batches; auto is the budget on CUDA for forward scorers only, never for images."""
+    from winnow.pipeline.collate import length_groups
+    from winnow.pipeline.models import load_checkpoint
+    from winnow.scorers import get_scorer
+
+    rng = np.random.default_rng(0)
+    for lengths, budget, multiple in [
+        (rng.integers(1, 300, 1000), 2048, 1),
+        (rng.integers(1, 300, 777), 4096, 16),
+        (np.array([5000, 3, 3, 3]), 100, 1),  # a row longer than the budget is a group of its own
+        (np.zeros(0, np.int64), 64, 1),
+    ]:
+        got = length_groups(lengths, 8, budget, multiple)
+        assert [g.tolist() for g in got] == _ref_token_groups(lengths.tolist(), budget, multiple)
+        if len(lengths):
+            assert sorted(np.concatenate(got).tolist()) == list(range(len(lengths)))
+        for g in got:
+            longest = -(-max(1, int(lengths[g].max())) // multiple) * multiple
+            assert len(g) == 1 or len(g) * longest <= budget
+
+    recipe, _ = _featurizer(corpus, tmp_path)
+    feat = Featurizer(recipe, load_tokenizer(model_folder), None, None)
+    shard = list_shards(recipe.data)[0]
+    cols = Columns.concat([fb.columns for fb in feed.stream(recipe, shard, feat, 0)])
+    model = load_checkpoint(model_folder, "causal_lm").eval()
+    scorers = [get_scorer("el2n")]
+
+    def scores(tokens):
+        parts = scoring._score_columns(
+            scorers, model, cols, feat, "causal_lm", torch.device("cpu"), 8, 1, tokens
+        )
+        out = np.full(len(cols), np.nan)
+        for idx, t in parts["el2n"]:
+            out[idx] = t.numpy()
+        return out, len(parts["el2n"])
+
+    by_rows, n_rows = scores(0)
+    by_tokens, n_tok = scores(int(cols.lengths.max()) * 24)
+    assert n_tok < n_rows  # larger batches of the short rows
+    np.testing.assert_allclose(by_tokens, by_rows, rtol=1e-5, atol=1e-6)
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert scoring.batch_tokens(recipe, cuda, scorers) == scoring.AUTO_BATCH_TOKENS
+    assert scoring.batch_tokens(recipe, cpu, scorers) == 0
+    assert scoring.batch_tokens(recipe, cuda, [get_scorer("grand")]) == 0
+    fixed = recipe.model_copy(update={"scoring": recipe.scoring.model_copy(update={"batch_tokens": 999})})
+    assert scoring.batch_tokens(fixed, cpu, scorers) == 999
+    with pytest.raises(ValueError, match="scoring.batch_tokens"):
+        Recipe.model_validate(tiny_recipe(corpus, tmp_path / "bad", scoring__batch_tokens=-1))
+
+
 def test_attention_kernels_change_no_score(corpus, model_folder, tmp_path):
     """scoring.sdpa_backends picks the kernels SDPA may use while a window is scored: math alone gives
     the scores torch's own choice gives, on real text and a real (small) GPT-2; the setting is torch's
@@ -519,7 +587,7 @@ def test_a_score_task_holds_the_gpu_slot_only_while_its_pass_computes(corpus, mo
         # one pass each, one at a time: in, out, in, out; no part file yet on either side of the pass
         assert [e[0] for e in events] == ["in", "out", "in", "out"]
         assert not any(e[3] for e in events)
-        first, second = events[0][1], events[2][1]
+        second = events[2][1]
         prov = read_provenance(RunLayout(run_dir).path(parts[second].scores))
         assert prov is not None
         # the second task had featurized its first batch before the first one gave the slot back

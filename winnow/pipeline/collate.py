@@ -392,11 +392,28 @@ def _image_array(raw: Any, shape: list[int] | None, where: str, col: str) -> np.
     return arr
 
 
-def length_groups(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Positions grouped ``batch_size`` at a time in length order (stable): similar lengths together, so
-    that little padding is scored."""
+def length_groups(
+    lengths: np.ndarray, batch_size: int, batch_tokens: int = 0, multiple: int = 1
+) -> list[np.ndarray]:
+    """Positions grouped in length order (stable), similar lengths together so that little padding is
+    scored: ``batch_size`` at a time, or with ``batch_tokens`` > 0 as many as fit that many padded tokens
+    (rows x the group's longest, rounded up to ``multiple`` as :func:`collate_columns` pads it; one row
+    at least)."""
     order = np.argsort(lengths, kind="stable")
-    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    if batch_tokens <= 0:
+        return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    padded = np.maximum(1, lengths[order].astype(np.int64))
+    padded = -(-padded // multiple) * multiple
+    groups, k, n = [], 0, len(order)
+    while k < n:
+        # lengths ascend, so rows x the last row's length grows with the rows taken: the first that
+        # overflows ends the group
+        span = padded[k : k + batch_tokens]
+        cost = np.arange(1, len(span) + 1) * span
+        take = max(1, int(np.searchsorted(cost, batch_tokens, side="right")))
+        groups.append(order[k : k + take])
+        k += take
+    return groups
 
 
 def collate_columns(

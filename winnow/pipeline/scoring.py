@@ -144,6 +144,25 @@ def sdpa_backends(want: Any, device: torch.device) -> contextlib.AbstractContext
     return sdpa_kernel([kinds[n] for n in names])
 
 
+AUTO_BATCH_TOKENS = 16384
+"""``scoring.batch_tokens: auto`` on CUDA: EL2N's pipeline on the H200 scored 629k real tokens/s at 128
+rows a batch (~14k tokens) against 512k at 64 rows (the host's launches and Python per batch were the limit;
+RESULTS, run 9)."""
+
+
+def batch_tokens(recipe: Recipe, device: torch.device, scorers: list[Any]) -> int:
+    """``scoring.batch_tokens`` resolved: auto is :data:`AUTO_BATCH_TOKENS` on CUDA when no scorer needs
+    gradients (their memory grows with the rows a batch), 0 (``batch_size`` rows a batch) otherwise; always
+    0 for images (they have no tokens)."""
+    b = recipe.scoring.batch_tokens
+    if recipe.model.task == "image_classification":
+        return 0
+    if b == "auto":
+        grads = any(getattr(s, "needs_grad", False) for s in scorers)
+        return AUTO_BATCH_TOKENS if device.type == "cuda" and not grads else 0
+    return int(b)
+
+
 def bucket_rows(recipe: Recipe, device: torch.device) -> int:
     """``scoring.bucket_rows`` resolved: auto is 8192 on CUDA, ``data.read_batch_size`` on CPU."""
     b = recipe.scoring.bucket_rows
@@ -378,6 +397,7 @@ class _CheckpointPass:
                 self.device,
                 r.scoring.batch_size,
                 r.scoring.pad_multiple,
+                batch_tokens(r, self.device, self.scorers),
             )
         self.windows.append((len(cols), parts))
 
@@ -479,13 +499,15 @@ def _score_columns(
     device: torch.device,
     bs: int,
     multiple: int = 1,
+    tokens: int = 0,
 ) -> dict[str, list[tuple[np.ndarray, torch.Tensor]]]:
-    """Queue the examples' batches, length-sorted, through the scorers; return each column's (positions,
-    scores) per batch, the scores still on ``device``. Batches are copied from pinned memory without
-    waiting, and a batch without padding carries no mask to test."""
+    """Queue the examples' batches, length-sorted (``bs`` rows a batch, or ``tokens`` padded tokens: see
+    :func:`length_groups`), through the scorers; return each column's (positions, scores) per batch, the
+    scores still on ``device``. Batches are copied from pinned memory without waiting, and a batch without
+    padding carries no mask to test."""
     accel = device.type != "cpu"
     parts: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {}
-    for idx in length_groups(cols.lengths, bs):
+    for idx in length_groups(cols.lengths, bs, tokens, multiple):
         cpu = collate_columns(cols, idx, task, feat.pad_id, multiple=multiple)
         batch = {k: (v.pin_memory() if accel else v).to(device, non_blocking=accel) for k, v in cpu.items()}
         for s in scorers:
