@@ -2,8 +2,8 @@
 run's outputs byte for byte with no process left behind; and two runs on one folder at once, of which
 one is refused and nothing is mixed.
 
-``make test`` runs the first WINNOW_FAULT_KILLS (default 2) of the fixed seed list and
-WINNOW_FAULT_RACES (default 2) races; ``make test-faults`` runs all 20 and 10."""
+``make test`` runs the first WINNOW_FAULT_KILLS (default 1) of the fixed seed list and
+WINNOW_FAULT_RACES (default 1) race; ``make test-faults`` runs all 20 and 10."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from winnow.cli import main
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 SEEDS = [11, 23, 37, 41, 53, 67, 71, 89, 97, 101, 113, 127, 131, 149, 157, 163, 173, 181, 191, 199]
-KILLS = int(os.environ.get("WINNOW_FAULT_KILLS", "2"))
-RACES = int(os.environ.get("WINNOW_FAULT_RACES", "2"))
+KILLS = int(os.environ.get("WINNOW_FAULT_KILLS", "1"))
+RACES = int(os.environ.get("WINNOW_FAULT_RACES", "1"))
 
 
 def _env(**extra) -> dict:
