@@ -35,7 +35,7 @@ def _recipe(tmp_path: Path, corpus: Path, model: Path, data: Path, run: Path) ->
     return r
 
 
-def test_incremental_rescoring_writes_versions(tmp_path, corpus, model_folder, capsys):
+def test_incremental_rescoring_writes_versions(tmp_path, corpus, model_folder, capsys, monkeypatch):
     rows = _rows(corpus)
     first, extra = rows[:60], rows[60:75]
     data = tmp_path / "data"
@@ -44,10 +44,19 @@ def test_incremental_rescoring_writes_versions(tmp_path, corpus, model_folder, c
     run = tmp_path / "run"
     rec = write_recipe(tmp_path / "r.yaml", _recipe(tmp_path, corpus, model_folder, data, run))
 
+    import winnow.report
+
+    rendered, real = [], winnow.report.write_report
+    monkeypatch.setattr(
+        winnow.report, "write_report", lambda *a, **k: rendered.append(k.get("out")) or real(*a, **k)
+    )
     assert main(["run", str(rec)]) == 0
     v1 = json.loads((run / "v0001" / "version.json").read_text())
     assert (v1["version"], v1["rows"], v1["scored_rows"], v1["reused_rows"]) == (1, 60, 60, 0)
     assert v1["previous"] is None and v1["entered"] == v1["kept"]
+    # the first version's report compares with nothing: it is the run's own report, not rendered twice
+    assert rendered == [None]
+    assert (run / "v0001" / "report.html").read_bytes() == (run / "report.html").read_bytes()
     before = pl.read_parquet(run / "scores" / "el2n.parquet")
 
     # the same data again: nothing scored, the outputs unchanged, no new version

@@ -128,9 +128,20 @@ def write_version(
                 shutil.copy2(run_dir / f, tmp / f)
         if layout.shards.is_dir():
             _link_tree(layout.shards, frozen.shards)
-        write_report(run_dir, fingerprint=report_fingerprint, out=frozen.report, previous=prev_dir)
+        if prev_dir is None and _report_is(layout.report, report_fingerprint):
+            # the first version's report has nothing to compare with: it is the report step's own page
+            shutil.copy2(layout.report, frozen.report)
+        else:
+            write_report(run_dir, fingerprint=report_fingerprint, out=frozen.report, previous=prev_dir)
         write_json(tmp / VERSION_FILE, info)
     return dict(info, path=str(layout.version(n)), new=True)
+
+
+def _report_is(path: Path, fp: str | None) -> bool:
+    """Whether ``path`` is the report rendered for these outputs (its recorded fingerprint is ``fp``)."""
+    from winnow.report import report_fingerprint
+
+    return fp is not None and path.exists() and report_fingerprint(path) == fp
 
 
 @register_step
