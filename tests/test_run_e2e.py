@@ -161,11 +161,18 @@ def test_changing_the_selector_reuses_training_and_scores(first_run):
     assert man["selector"]["fraction"] == 0.25
     sel = pl.read_parquet(run_dir / "selection.parquet")
     assert set(sel.filter(pl.col("kept"))["weight"].unique().to_list()) == {1.0}
-    # back to the first recipe: the steps are cached, but selection.parquet, the shards and the report on
-    # disk were made by the other selector, so those steps are redone (their files record a fingerprint)
+    # back to the first recipe: the steps are cached, but selection.parquet and the shards on disk were
+    # made by the other selector, so those steps are redone (their files record a fingerprint); the report
+    # is a new one: it compares with the other selector's version, which these outputs follow
+    from winnow.pipeline.versions import list_versions
+
+    other = list_versions(run_dir)[-1]["name"]
     summary = run_recipe(load_recipe(recipe))
     states = {s["step"]: s["state"] for s in summary["steps"]}
-    assert states["select"] == states["emit shards"] == states["report"] == "Completed (cache stale)", states
+    assert states["select"] == states["emit shards"] == "Completed (cache stale)", states
+    assert (
+        states["report"] == "Completed" and f"Changes since {other}" in (run_dir / "report.html").read_text()
+    )
     assert all(v == "Cached" for k, v in states.items() if k.startswith(("train", "score", "merge"))), states
     assert pl.read_parquet(run_dir / "selection.parquet").equals(first_sel)
 

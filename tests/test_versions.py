@@ -83,6 +83,9 @@ def test_incremental_rescoring_writes_versions(tmp_path, corpus, model_folder, c
     assert (
         "Changes since v0001" in html and "Changes since" not in (run / "v0001" / "report.html").read_text()
     )
+    # the run's report is its version's (it compares with v0001 too), rendered once in each of the runs
+    assert (run / "report.html").read_text() == html
+    assert rendered == [None, None]
 
     # a changed scorer is a new cache fingerprint: every row is scored again
     r = _recipe(tmp_path, corpus, model_folder, data, run)

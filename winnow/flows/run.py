@@ -299,7 +299,7 @@ def _spine(recipe_d: dict[str, Any], run_dir: str, shard_ds: list[dict[str, Any]
     emit_fp = g.fingerprint("emit", select_fp=select_fp, fingerprints=fps)
     emitted = g.run("emit", "emit shards", emit_fp, fingerprints=fps)
     report_fp = g.fingerprint("report", emit_fp=emit_fp)
-    report = str(ctx.layout.path(g.run("report", "report", report_fp)))
+    report = str(ctx.layout.path(g.run("report", "report", report_fp, emit_fp=emit_fp)))
     scored = sum(p.scored for p in parts)
     reused = sum(p.reused for p in parts)
     logger.info(f"scored {scored} row(s), {reused} read back from the score cache")

@@ -128,8 +128,8 @@ def write_version(
                 shutil.copy2(run_dir / f, tmp / f)
         if layout.shards.is_dir():
             _link_tree(layout.shards, frozen.shards)
-        if prev_dir is None and _report_is(layout.report, report_fingerprint):
-            # the first version's report has nothing to compare with: it is the report step's own page
+        if _report_is(layout.report, report_fingerprint):
+            # the report step's page already compares with this version's previous one (report/step.py)
             shutil.copy2(layout.report, frozen.report)
         else:
             write_report(run_dir, fingerprint=report_fingerprint, out=frozen.report, previous=prev_dir)
