@@ -236,31 +236,39 @@ def test_scoring_models_are_kept_from_shard_to_shard(corpus, model_folder, tmp_p
     assert not scoring._models
 
 
+def _el2n_by_row(cols, feat, model, multiple=1, tokens=0):
+    """EL2N of every example of ``cols`` on CPU in 8-row batches (or ``tokens`` a batch), by position; and
+    how many batches that took."""
+    from winnow.scorers import get_scorer
+
+    parts = scoring._score_columns(
+        [get_scorer("el2n")], model, cols, feat, "causal_lm", torch.device("cpu"), 8, multiple, tokens
+    )
+    out = np.full(len(cols), np.nan)
+    for idx, t in parts["el2n"]:
+        out[idx] = t.numpy()
+    return out, len(parts["el2n"])
+
+
 def test_padding_to_a_multiple_changes_no_score(corpus, model_folder, tmp_path):
     """scoring.pad_multiple pads a batch's length up to a multiple (masked): every EL2N score is what the
     unpadded batches give, on real text and a real (small) GPT-2."""
     from winnow.pipeline.models import load_checkpoint
-    from winnow.scorers import get_scorer
 
     recipe, _ = _featurizer(corpus, tmp_path)
     feat = Featurizer(recipe, load_tokenizer(model_folder), None, None)
     shard = list_shards(recipe.data)[0]
     cols = Columns.concat([fb.columns for fb in feed.stream(recipe, shard, feat, 0)])
     model = load_checkpoint(model_folder, "causal_lm").eval()
-    scorers = [get_scorer("el2n")]
-
-    def scores(multiple):
-        parts = scoring._score_columns(
-            scorers, model, cols, feat, "causal_lm", torch.device("cpu"), 8, multiple
-        )
-        out = np.full(len(cols), np.nan)
-        for idx, t in parts["el2n"]:
-            out[idx] = t.numpy()
-        return out
 
     batch = collate_columns(cols, np.arange(5), "causal_lm", feat.pad_id, multiple=16)
     assert batch["input_ids"].shape[1] % 16 == 0
-    np.testing.assert_allclose(scores(16), scores(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        _el2n_by_row(cols, feat, model, multiple=16)[0],
+        _el2n_by_row(cols, feat, model)[0],
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def _ref_token_groups(lengths, budget, multiple):
@@ -306,18 +314,8 @@ def test_token_budget_batches_are_the_greedy_groups_and_change_no_score(corpus, 
     cols = Columns.concat([fb.columns for fb in feed.stream(recipe, shard, feat, 0)])
     model = load_checkpoint(model_folder, "causal_lm").eval()
     scorers = [get_scorer("el2n")]
-
-    def scores(tokens):
-        parts = scoring._score_columns(
-            scorers, model, cols, feat, "causal_lm", torch.device("cpu"), 8, 1, tokens
-        )
-        out = np.full(len(cols), np.nan)
-        for idx, t in parts["el2n"]:
-            out[idx] = t.numpy()
-        return out, len(parts["el2n"])
-
-    by_rows, n_rows = scores(0)
-    by_tokens, n_tok = scores(int(cols.lengths.max()) * 24)
+    by_rows, n_rows = _el2n_by_row(cols, feat, model)
+    by_tokens, n_tok = _el2n_by_row(cols, feat, model, tokens=int(cols.lengths.max()) * 24)
     assert n_tok < n_rows  # larger batches of the short rows
     np.testing.assert_allclose(by_tokens, by_rows, rtol=1e-5, atol=1e-6)
 
